@@ -1,0 +1,117 @@
+"""Conversation -> `input_ids` + `labels`, with one sentinel id per media item.
+
+Each `<image>` / `<video>` / `<audio>` placeholder becomes a single negative sentinel id (LLaVA's trick);
+`XLLM` later replaces it by that item's `num_tokens` interface embeddings. Labels are the token ids on
+assistant replies and -100 everywhere else. Lengths are counted *after* expansion, so truncation to
+`max_length` knows where each modality span lies and never cuts into one.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from xllm.data.records import BadSampleError
+from xllm.data.templates import Message, render_segments
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ConversationProcessor:
+    """Tokenizes conversations for one model: its tokenizer, template and modality token counts.
+
+    Args:
+        tokenizer: the LLM's tokenizer.
+        template: `tokenizer`, `vicuna_v1` or `glm4` (see `xllm.data.templates`).
+        sentinels: modality -> negative id standing for one media item in `input_ids`.
+        num_tokens: modality -> LLM tokens one item expands to.
+        max_length: longest expanded sequence (text + modality tokens).
+        system_prompt: optional system message added to every conversation.
+    """
+
+    tokenizer: PreTrainedTokenizerBase
+    template: str
+    sentinels: dict[str, int]
+    num_tokens: dict[str, int]
+    max_length: int = 2048
+    system_prompt: str | None = None
+
+    def __post_init__(self) -> None:
+        placeholders = "|".join(re.escape(f"<{m}>") for m in self.sentinels)
+        self._split = re.compile(f"({placeholders})") if placeholders else None
+
+    def _tokenize_segments(self, segments: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
+        ids: list[int] = []
+        labels: list[int] = []
+        for text, supervised in segments:
+            pieces = self._split.split(text) if self._split else [text]
+            for piece in pieces:
+                if not piece:
+                    continue
+                modality = piece[1:-1] if self._split and self._split.fullmatch(piece) else None
+                if modality is not None:
+                    ids.append(self.sentinels[modality])
+                    labels.append(IGNORE_INDEX)
+                    continue
+                piece_ids = self.tokenizer(piece, add_special_tokens=False)["input_ids"]
+                ids.extend(piece_ids)
+                labels.extend(piece_ids if supervised else [IGNORE_INDEX] * len(piece_ids))
+        return ids, labels
+
+    def expanded_length(self, ids: list[int]) -> int:
+        by_sentinel = {s: self.num_tokens[m] for m, s in self.sentinels.items()}
+        return sum(by_sentinel.get(i, 1) for i in ids)
+
+    def encode(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Tokenize a normalized record; raise `BadSampleError` if it cannot fit `max_length` whole."""
+        messages = [Message(t["from"], t["value"]) for t in record["conversations"]]
+        segments = render_segments(messages, self.tokenizer, self.template, self.system_prompt)
+        ids, labels = self._tokenize_segments(segments)
+        length = self.expanded_length(ids)
+        truncated = False
+        if length > self.max_length:
+            ids, labels = self._truncate(record, ids, labels, length)
+            truncated = True
+        if all(label == IGNORE_INDEX for label in labels):
+            raise BadSampleError(record["source"], record["id"], "no assistant tokens after tokenization", "empty_conversation")
+        return {"input_ids": ids, "labels": labels, "truncated": truncated}
+
+    def _truncate(self, record: dict[str, Any], ids: list[int], labels: list[int], length: int):
+        sentinel_set = set(self.sentinels.values())
+        budget = self.max_length
+        keep = 0
+        for token in ids:
+            cost = self.expanded_length([token])
+            if cost > budget:
+                break
+            budget -= cost
+            keep += 1
+        dropped = ids[keep:]
+        if any(token in sentinel_set for token in dropped):
+            raise BadSampleError(
+                record["source"], record["id"],
+                f"{length} tokens (with media) exceed max_length={self.max_length}, and truncating would cut a "
+                "media item; raise max_length or shorten the conversation",
+                "too_long",
+            )
+        if all(label == IGNORE_INDEX for label in labels[:keep]):
+            raise BadSampleError(
+                record["source"], record["id"],
+                f"{length} tokens (with media) exceed max_length={self.max_length}, and no assistant token "
+                "survives truncation; raise max_length or shorten the prompt",
+                "too_long",
+            )
+        return ids[:keep], labels[:keep]
+
+    def encode_prompt(self, conversations: list[dict[str, str]]) -> list[int]:
+        """Token ids of a prompt ending in the assistant cue, for generation (the last turn is a user turn)."""
+        messages = [Message(t["from"], t["value"]) for t in conversations]
+        segments = render_segments(
+            messages, self.tokenizer, self.template, self.system_prompt, add_generation_prompt=True
+        )
+        ids, _ = self._tokenize_segments(segments)
+        return ids

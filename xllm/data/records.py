@@ -1,0 +1,163 @@
+"""Reading the LLaVA-style JSON/JSONL conversation format, with errors that name the file, line and record.
+
+```json
+{"id": "0999999", "image": "my_data/hongyadong.jpg",
+ "conversations": [{"from": "human", "value": "<image>\\n这张照片拍摄于哪里?"},
+                   {"from": "gpt", "value": "这是一张拍摄于重庆市洪崖洞景区的照片."}]}
+```
+`image` / `video` / `audio` hold a path or a list of paths; each needs exactly as many `<image>` /
+`<video>` / `<audio>` placeholders in the conversation. Paths resolve against the media root.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from xllm.data.templates import ROLE_NAMES
+
+OnBadSample = Literal["error", "skip"]
+
+
+class BadSampleError(ValueError):
+    """A record that cannot be used, with where it came from and why."""
+
+    def __init__(self, source: str, record_id: str | None, problem: str, reason: str = "other") -> None:
+        self.source, self.record_id, self.problem, self.reason = source, record_id, problem, reason
+        where = f"{source} (id {record_id})" if record_id is not None else source
+        super().__init__(f"{where}: {problem}")
+
+
+@dataclass
+class SkipCounter:
+    """Counts skipped samples by reason (logged by the training loop); keeps the first few messages."""
+
+    counts: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, error: BadSampleError) -> None:
+        self.counts[error.reason] += 1
+        if len(self.examples) < 5:
+            self.examples.append(str(error))
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+def _raw_records(path: Path) -> list[tuple[str, Any]]:
+    """(source, parsed-or-error) pairs. A JSON list file or JSONL, one object per line."""
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise BadSampleError(f"{path}:{err.lineno}", None, f"malformed JSON: {err.msg}", "malformed_json") from err
+        return [(f"{path}[{i}]", item) for i, item in enumerate(items)]
+    out: list[tuple[str, Any]] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        source = f"{path}:{number}"
+        try:
+            out.append((source, json.loads(line)))
+        except json.JSONDecodeError as err:
+            out.append((source, BadSampleError(source, None, f"malformed JSON line: {err.msg}", "malformed_json")))
+    return out
+
+
+def normalize_record(source: str, raw: Any, modalities: list[str], media_root: str | None) -> dict[str, Any]:
+    """Validate one parsed record and return `{"id", "source", "conversations", "media": {modality: [abs paths]}}`."""
+    if isinstance(raw, BadSampleError):
+        raise raw
+    if not isinstance(raw, dict):
+        raise BadSampleError(source, None, f"expected a JSON object, got {type(raw).__name__}", "malformed_record")
+    record_id = str(raw["id"]) if "id" in raw else None
+    conversations = raw.get("conversations")
+    if not isinstance(conversations, list) or not conversations:
+        raise BadSampleError(source, record_id, "empty or missing 'conversations'", "empty_conversation")
+    turns = []
+    for index, turn in enumerate(conversations):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or turn.get("from") not in ROLE_NAMES:
+            raise BadSampleError(
+                source, record_id,
+                f"turn {index} must be {{'from': one of {sorted(ROLE_NAMES)}, 'value': str}}, got {turn!r}",
+                "malformed_record",
+            )
+        turns.append({"from": ROLE_NAMES[turn["from"]], "value": turn["value"]})
+    if not any(t["from"] == "assistant" and t["value"].strip() for t in turns):
+        raise BadSampleError(source, record_id, "no non-empty assistant ('gpt') turn to learn from", "empty_conversation")
+
+    media: dict[str, list[str]] = {}
+    known = set(modalities)
+    for key in ("image", "video", "audio", "images", "videos", "audios"):
+        if key not in raw:
+            continue
+        modality = key.rstrip("s")
+        value = raw[key]
+        paths = [value] if isinstance(value, str) else value
+        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+            raise BadSampleError(source, record_id, f"'{key}' must be a path or a list of paths", "malformed_record")
+        if paths and modality not in known:
+            raise BadSampleError(
+                source, record_id, f"has '{key}' but the model has no {modality} interface", "unknown_modality"
+            )
+        media.setdefault(modality, []).extend(paths)
+
+    text = "".join(t["value"] for t in turns)
+    for modality in modalities:
+        placeholder = f"<{modality}>"
+        expected = len(media.get(modality, []))
+        found = text.count(placeholder)
+        if found != expected:
+            raise BadSampleError(
+                source, record_id,
+                f"{found} {placeholder} placeholder(s) but {expected} {modality} file(s)", "placeholder_mismatch",
+            )
+        for turn in turns:
+            if turn["from"] == "assistant" and placeholder in turn["value"]:
+                raise BadSampleError(
+                    source, record_id, f"{placeholder} inside an assistant turn is not supported", "malformed_record"
+                )
+
+    resolved: dict[str, list[str]] = {}
+    for modality, paths in media.items():
+        resolved[modality] = []
+        for path in paths:
+            full = path if os.path.isabs(path) or media_root is None else os.path.join(media_root, path)
+            if not os.path.isfile(full):
+                raise BadSampleError(source, record_id, f"{modality} file not found: {full}", "missing_media")
+            resolved[modality].append(full)
+    return {"id": record_id or source, "source": source, "conversations": turns, "media": resolved}
+
+
+def read_records(
+    path: str | Path,
+    modalities: list[str],
+    media_root: str | None = None,
+    on_bad_sample: OnBadSample = "error",
+    skipped: SkipCounter | None = None,
+) -> list[dict[str, Any]]:
+    """Read and validate every record of a JSON/JSONL file.
+
+    `on_bad_sample="error"` raises `BadSampleError` at the first bad record; `"skip"` drops it and counts
+    it in `skipped`. `media_root` defaults to the data file's folder.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    root = media_root if media_root is not None else str(path.parent)
+    records = []
+    for source, raw in _raw_records(path):
+        try:
+            records.append(normalize_record(source, raw, modalities, root))
+        except BadSampleError as err:
+            if on_bad_sample == "error":
+                raise
+            if skipped is not None:
+                skipped.add(err)
+    return records

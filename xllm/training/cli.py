@@ -1,0 +1,41 @@
+"""`python train.py fit --config configs/X.yaml` (also the `xllm-train` console script), via LightningCLI."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+from pytorch_lightning.cli import LightningCLI
+
+from xllm.training.datamodule import XLLMDataModule
+from xllm.training.module import XLLMModule
+
+
+class XLLMCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.set_defaults({"trainer.logger": _default_logger()})
+
+
+def _default_logger() -> dict:
+    # W&B runs offline (a local folder, no network) unless the user configures a project or a key.
+    project = os.environ.get("WANDB_PROJECT")
+    if not project and not os.environ.get("WANDB_API_KEY"):
+        os.environ.setdefault("WANDB_MODE", "offline")
+    return {
+        "class_path": "pytorch_lightning.loggers.WandbLogger",
+        "init_args": {"project": project or "xllm", "save_dir": "runs"},
+    }
+
+
+# The frozen LLM and encoders are in eval mode on purpose (frozen means frozen); Lightning warns about it.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+
+
+def main(args: list[str] | None = None) -> XLLMCLI:
+    return XLLMCLI(
+        XLLMModule, XLLMDataModule, save_config_kwargs={"overwrite": True}, args=args,
+    )
+
+
+if __name__ == "__main__":
+    main()
