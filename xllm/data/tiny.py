@@ -24,6 +24,9 @@ CHATML_TEMPLATE = (
 )
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
 SHAPES = ("square", "circle")
+# A 64-wide random LLM with the usual 0.02 init gives near-uniform logits that no input can move much;
+# 0.1 makes the frozen tiny LLM responsive enough that training its inputs visibly lowers the loss.
+TINY_INIT_RANGE = 0.1
 
 
 def build_tokenizer(out: Path, corpus: list[str]):
@@ -52,7 +55,7 @@ def build_llama(out: Path, tokenizer) -> None:
 
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, initializer_range=TINY_INIT_RANGE,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     LlamaForCausalLM(config).save_pretrained(out)
@@ -66,6 +69,7 @@ def build_glm(out: Path, tokenizer) -> None:
     config = GlmConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+        initializer_range=TINY_INIT_RANGE,
         bos_token_id=None, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
     )
     GlmForCausalLM(config).save_pretrained(out)

@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny random models and data, built once per session into a temp folder (offline)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from xllm.data.tiny import build_all
+from xllm.interfaces import ImageInterface
+from xllm.model import XLLM
+
+TINY_QFORMER = dict(
+    num_query_tokens=4, qformer_hidden_size=32, qformer_layers=2, qformer_heads=2, qformer_intermediate_size=64
+)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Path:
+    return build_all(tmp_path_factory.mktemp("tiny"))
+
+
+def make_image_interface(tiny: Path, **overrides) -> ImageInterface:
+    return ImageInterface(str(tiny / "vit"), **{**TINY_QFORMER, "dropout": 0.0, **overrides})
+
+
+def make_model(tiny: Path, llm: str = "llama", template: str = "vicuna_v1", **interface_overrides) -> XLLM:
+    torch.manual_seed(0)
+    return XLLM.from_paths(
+        str(tiny / llm), {"image": make_image_interface(tiny, **interface_overrides)}, template=template
+    )

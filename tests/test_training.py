@@ -1,0 +1,200 @@
+"""Training: frozen parts stay frozen, loss falls, adapters and checkpoints hold trainable tensors only."""
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import TINY_QFORMER, make_image_interface, make_model
+from xllm.adapters.io import load_adapter, save_adapter
+from xllm.data.collator import ConversationCollator
+from xllm.data.dataset import ConversationDataset, build_tokenized_dataset
+from xllm.llm import LoraSettings
+from xllm.training import XLLMDataModule, XLLMModule
+
+
+def fixed_batch(model, tiny, n=8, file="train_chat.jsonl"):
+    rows = build_tokenized_dataset(str(tiny / "data" / file), model.processor(max_length=256))
+    loaders = {m: i.media_loader() for m, i in model.interfaces.items()}
+    dataset = ConversationDataset(rows, loaders)
+    collate = ConversationCollator(model.tokenizer.pad_token_id, {m: i.collate_media for m, i in model.interfaces.items()})
+    return collate([dataset[i] for i in range(0, len(dataset), len(dataset) // n)][:n])
+
+
+@pytest.mark.parametrize("llm,template", [("llama", "vicuna_v1"), ("glm", "glm4")])
+def test_loss_falls_on_a_fixed_batch(tiny, llm, template):
+    model = make_model(tiny, llm=llm, template=template)
+    model.train()
+    batch = fixed_batch(model, tiny)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=3e-3)
+    losses = []
+    for _ in range(25):
+        loss = model(batch["input_ids"], batch["attention_mask"], batch["media"], batch["labels"]).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+def small_module(tiny, tmp_path, stage=1, lora=None, init_adapter=None):
+    torch.manual_seed(0)
+    return XLLMModule(
+        llm=str(tiny / "llama"), interfaces={"image": make_image_interface(tiny)}, stage=stage,
+        template="vicuna_v1", lora=lora, init_adapter=init_adapter, adapter_dir=str(tmp_path / f"adapter{stage}"),
+        lr=1e-3, max_length=256,
+    )
+
+
+def fit(module, tiny, tmp_path, steps=3, file="train_captions.jsonl"):
+    data = XLLMDataModule(train_file=str(tiny / "data" / file), batch_size=4)
+    trainer = pl.Trainer(
+        max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=str(tmp_path),
+    )
+    trainer.fit(module, datamodule=data)
+    return trainer
+
+
+def frozen_names(module):
+    return {n for n, p in module.model.named_parameters() if not p.requires_grad}
+
+
+def test_frozen_parameters_stay_frozen_and_outside_the_optimizer(tiny, tmp_path):
+    module = small_module(tiny, tmp_path)
+    before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    frozen = frozen_names(module)
+    assert any(n.startswith("llm.") for n in frozen) and any(".encoder." in n for n in frozen)
+    assert not any(n.startswith("llm.") for n in module.model.trainable_state_dict())
+
+    trainer = fit(module, tiny, tmp_path)
+    after = dict(module.model.named_parameters())
+    for name in frozen:
+        assert torch.equal(before[name], after[name]), name
+    changed = [n for n in module.model.trainable_state_dict() if not torch.equal(before[n], after[n])]
+    assert "interfaces.image.qformer.query_tokens" in changed and "interfaces.image.adapter.weight" in changed
+
+    optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    named = dict(module.model.named_parameters())
+    assert optimized == {id(named[n]) for n in module.model.trainable_state_dict()}
+    # Frozen modules stay in eval mode even while Lightning has the model in train mode.
+    module.train()
+    assert not module.model.llm.training and not module.model.interfaces["image"].encoder.training
+    assert module.model.interfaces["image"].qformer.training
+
+
+def test_no_weight_decay_on_norms_biases_and_queries(tiny, tmp_path):
+    module = small_module(tiny, tmp_path)
+    decay, no_decay = module.parameter_groups()
+    names = {id(p): n for n, p in module.model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert "interfaces.image.qformer.query_tokens" in no_decay_names
+    assert "interfaces.image.ln_features.weight" in no_decay_names
+    assert all(names[id(p)].endswith("weight") for p in decay["params"])
+    assert decay["weight_decay"] > 0 and no_decay["weight_decay"] == 0
+
+
+def test_adapter_and_checkpoint_hold_only_trainable_tensors(tiny, tmp_path):
+    module = small_module(tiny, tmp_path)
+    trainer = fit(module, tiny, tmp_path)
+    trainable = set(module.model.trainable_state_dict())
+    saved = load_file(str(tmp_path / "adapter1" / "adapter.safetensors"))
+    assert set(saved) == trainable
+
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert set(checkpoint["state_dict"]) == {"model." + k for k in trainable}
+
+    # The adapter reloads through the public path and gives the same outputs as the trained model.
+    reloaded = load_adapter(tmp_path / "adapter1")
+    module.model.eval()
+    batch = fixed_batch(module.model, tiny, n=2)
+    with torch.no_grad():
+        expected = module.model(batch["input_ids"], batch["attention_mask"], batch["media"]).logits
+        got = reloaded(batch["input_ids"], batch["attention_mask"], batch["media"]).logits
+    assert torch.allclose(expected, got, atol=1e-5)
+
+
+def test_stage2_lora_starts_from_stage1_adapter(tiny, tmp_path):
+    stage1 = small_module(tiny, tmp_path)
+    fit(stage1, tiny, tmp_path, steps=2)
+    stage1_weights = load_file(str(tmp_path / "adapter1" / "adapter.safetensors"))
+
+    stage2 = small_module(tiny, tmp_path, stage=2, lora=LoraSettings(r=2, alpha=4), init_adapter=str(tmp_path / "adapter1"))
+    state = stage2.model.trainable_state_dict()
+    for key, tensor in stage1_weights.items():
+        assert torch.equal(state[key], tensor), key
+    lora_keys = [k for k in state if "lora_" in k]
+    assert lora_keys and all(k.startswith("llm.") for k in lora_keys)
+    base_before = {n: p.detach().clone() for n, p in stage2.model.llm.named_parameters() if not p.requires_grad}
+    fit(stage2, tiny, tmp_path, steps=2, file="train_chat.jsonl")
+    for name, parameter in stage2.model.llm.named_parameters():
+        if name in base_before:
+            assert torch.equal(parameter, base_before[name]), name
+    saved = load_file(str(tmp_path / "adapter2" / "adapter.safetensors"))
+    assert set(saved) == set(stage2.model.trainable_state_dict())
+    assert load_adapter(tmp_path / "adapter2").lora is not None
+
+
+def test_lora_in_stage1_is_refused(tiny, tmp_path):
+    with pytest.raises(ValueError, match="stage 2"):
+        small_module(tiny, tmp_path, stage=1, lora=LoraSettings())
+
+
+def test_adapter_refuses_foreign_class_paths(tiny, tmp_path):
+    import json
+
+    model = make_model(tiny)
+    directory = save_adapter(model, tmp_path / "adapter")
+    config = json.loads((directory / "config.json").read_text())
+    config["interfaces"]["image"]["class_path"] = "os.system"
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="outside xllm"):
+        load_adapter(directory)
+
+
+def test_generate_returns_text_for_each_prompt(tiny):
+    model = make_model(tiny).eval()
+    processor = model.processor()
+    prompts = [processor.encode_prompt([{"from": "user", "value": "<image>\nDescribe the image."}]),
+               processor.encode_prompt([{"from": "user", "value": "Hi <image> and <image>?"}])]
+    interface = model.interfaces["image"]
+    images = torch.stack([interface.load_media(str(tiny / "data" / "images" / f"train_000{i}.png")) for i in range(3)])
+    out = model.generate(prompts, {"image": images}, max_new_tokens=4, do_sample=False)
+    assert len(out) == 2 and all(isinstance(text, str) for text in out)
+    # Greedy generation is deterministic and uses the images: another image set changes the logits path.
+    assert model.generate(prompts, {"image": images}, max_new_tokens=4, do_sample=False) == out
+
+
+def test_interface_tokens_land_at_the_image_placeholders(tiny):
+    model = make_model(tiny).eval()
+    batch = fixed_batch(model, tiny, n=2)
+    with torch.no_grad():
+        image_tokens = model.interfaces["image"](batch["media"]["image"])
+        embeds, mask, labels = model.embed_inputs(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["media"])
+    for row in range(2):
+        position = int((batch["input_ids"][row] == model.sentinels["image"]).nonzero()[0])
+        assert torch.allclose(embeds[row, position:position + 4], image_tokens[row])
+        assert (labels[row, position:position + 4] == -100).all()
+        text = model.llm.get_input_embeddings()(batch["input_ids"][row, :position])
+        assert torch.equal(embeds[row, :position], text)
+
+
+def test_vision_tower_of_a_dual_model_checkpoint(tmp_path):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from xllm.interfaces.encoders import FrozenVisionEncoder
+
+    config = CLIPConfig(
+        text_config={"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32},
+        vision_config={"hidden_size": 24, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 48,
+                       "image_size": 32, "patch_size": 8},
+        projection_dim=8,
+    )
+    CLIPModel(config).save_pretrained(tmp_path / "clip")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32).save_pretrained(tmp_path / "clip")
+    encoder = FrozenVisionEncoder(str(tmp_path / "clip"))
+    assert type(encoder.model).__name__.startswith("CLIPVision") and encoder.hidden_size == 24
+    assert not any(p.requires_grad for p in encoder.parameters()) and not encoder.model.training
+    assert encoder(torch.randn(2, 3, 32, 32)).shape == (2, 17, 24)
