@@ -31,7 +31,7 @@ tiny: $(STAMP)
 demo: tiny
 	$(PY) train.py fit --config configs/tiny_stage1.yaml
 	$(PY) train.py fit --config configs/tiny_stage2.yaml
-	$(PY) evaluate.py --adapter runs/tiny_stage2/adapter --data .cache/tiny/data/test.jsonl \
+	$(PY) evaluate.py --adapter runs/tiny_stage2/adapter --data .cache/tiny/data/test_yesno.jsonl \
 		--media_root .cache/tiny/data --output runs/tiny_stage2/eval.json
 
 clean:

@@ -198,3 +198,19 @@ def test_vision_tower_of_a_dual_model_checkpoint(tmp_path):
     assert type(encoder.model).__name__.startswith("CLIPVision") and encoder.hidden_size == 24
     assert not any(p.requires_grad for p in encoder.parameters()) and not encoder.model.training
     assert encoder(torch.randn(2, 3, 32, 32)).shape == (2, 17, 24)
+
+
+def test_throughput_logger_reports_rates_and_mfu(tiny, tmp_path):
+    from pytorch_lightning.loggers import CSVLogger
+
+    from xllm.training.throughput import ThroughputLogger
+
+    module = small_module(tiny, tmp_path)
+    trainer = pl.Trainer(
+        max_steps=3, accelerator="cpu", logger=CSVLogger(tmp_path), log_every_n_steps=1, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[ThroughputLogger(peak_tflops=1.0)],
+    )
+    trainer.fit(module, datamodule=XLLMDataModule(train_file=str(tiny / "data" / "train_captions.jsonl"), batch_size=4))
+    metrics = trainer.logged_metrics
+    assert metrics["perf/sequences_per_s"] > 0 and metrics["perf/tokens_per_s"] > metrics["perf/sequences_per_s"]
+    assert torch.isclose(metrics["perf/mfu"], metrics["perf/tflops"])

@@ -27,6 +27,7 @@ SHAPES = ("square", "circle")
 # A 64-wide random LLM with the usual 0.02 init gives near-uniform logits that no input can move much;
 # 0.1 makes the frozen tiny LLM responsive enough that training its inputs visibly lowers the loss.
 TINY_INIT_RANGE = 0.1
+TINY_VERSION = "2"  # bump when anything below changes, so stale caches are rebuilt
 
 
 def build_tokenizer(out: Path, corpus: list[str]):
@@ -160,7 +161,7 @@ def build_all(out: str | Path = ".cache/tiny", force: bool = False) -> Path:
     """Write tokenizer/, llama/, glm/, vit/, bert/ and data/ under `out` (skips when already complete)."""
     out = Path(out)
     stamp = out / "COMPLETE"
-    if stamp.exists() and not force:
+    if stamp.exists() and stamp.read_text().strip() == TINY_VERSION and not force:
         return out
     out.mkdir(parents=True, exist_ok=True)
     import torch
@@ -172,7 +173,7 @@ def build_all(out: str | Path = ".cache/tiny", force: bool = False) -> Path:
     build_vit(out / "vit")
     build_bert(out / "bert", tokenizer)
     build_shapes_data(out / "data", {"train": 12, "val": 2, "test": 3})
-    stamp.write_text("ok\n")
+    stamp.write_text(TINY_VERSION + "\n")
     return out
 
 

@@ -9,11 +9,14 @@ from pytorch_lightning.cli import LightningCLI
 
 from xllm.training.datamodule import XLLMDataModule
 from xllm.training.module import XLLMModule
+from xllm.training.throughput import ThroughputLogger
 
 
 class XLLMCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.set_defaults({"trainer.logger": _default_logger()})
+        # Throughput/MFU logging is on in every run (set `throughput.peak_tflops` for MFU).
+        parser.add_lightning_class_args(ThroughputLogger, "throughput")
 
 
 def _default_logger() -> dict:
