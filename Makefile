@@ -29,6 +29,7 @@ tiny: $(STAMP)
 	$(PY) -m xllm.data.tiny --out .cache/tiny
 
 demo: tiny
+	$(PY) train.py fit --config configs/tiny_stage0.yaml
 	$(PY) train.py fit --config configs/tiny_stage1.yaml
 	$(PY) train.py fit --config configs/tiny_stage2.yaml
 	$(PY) evaluate.py --adapter runs/tiny_stage2/adapter --data .cache/tiny/data/test_yesno.jsonl \

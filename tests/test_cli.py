@@ -33,8 +33,12 @@ def test_print_config_lists_the_typed_options(tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_stage1_then_stage2_then_evaluate(tiny, tmp_path):
+def test_stage0_then_stage1_then_stage2_then_evaluate(tiny, tmp_path):
     runs = tmp_path / "runs"
+    stage0 = localized_config("tiny_stage0.yaml", tiny, runs, tmp_path)
+    out0 = run(str(ROOT / "train.py"), "fit", "--config", str(stage0), cwd=tmp_path)
+    assert "xllm stage 0" in out0.stdout
+    stage0_keys = set(load_file(str(runs / "tiny_stage0" / "adapter" / "adapter.safetensors")))
     stage1 = localized_config("tiny_stage1.yaml", tiny, runs, tmp_path)
     stage2 = localized_config("tiny_stage2.yaml", tiny, runs, tmp_path)
     out1 = run(str(ROOT / "train.py"), "fit", "--config", str(stage1), cwd=tmp_path)
@@ -44,7 +48,7 @@ def test_stage1_then_stage2_then_evaluate(tiny, tmp_path):
     for stage in ("tiny_stage1", "tiny_stage2"):
         adapter = runs / stage / "adapter"
         keys = set(load_file(str(adapter / "adapter.safetensors")))
-        assert keys, stage
+        assert stage0_keys < keys, stage  # everything stage 0 trained, plus the adapter (and LoRA)
         # Only interface tensors and (stage 2) LoRA matrices: nothing of the frozen LLM or encoder.
         assert all(k.startswith("interfaces.image.") or "lora_" in k for k in keys), stage
         assert not any(".encoder.model." in k for k in keys)

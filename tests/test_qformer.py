@@ -52,7 +52,7 @@ def test_bert_init_copies_self_attention_and_ffn_not_cross_attention(tiny):
     torch.manual_seed(0)
     initialised = tiny_qformer(bert_init=str(tiny / "bert"))
     bert = AutoModel.from_pretrained(str(tiny / "bert")).state_dict()
-    q = initialised.model.state_dict()
+    q = initialised.model.state_dict()  # Blip2QFormerModel names
     for layer in range(2):
         b, t = f"encoder.layer.{layer}.", f"encoder.layer.{layer}."
         assert torch.equal(q[t + "attention.attention.query.weight"], bert[b + "attention.self.query.weight"])
@@ -67,6 +67,8 @@ def test_bert_init_copies_self_attention_and_ffn_not_cross_attention(tiny):
     mapped = bert_to_qformer_state_dict(bert, num_layers=2)
     assert not any("crossattention" in k for k in mapped)
     assert len(mapped) == 2 + 2 * 16  # embedding LayerNorm + 16 tensors per layer
+    with_text = bert_to_qformer_state_dict(bert, num_layers=2, text=True)
+    assert len(with_text) == 2 + 2 + 2 * 22  # + word/position tables, + 6 text-FFN tensors per layer
 
 
 def test_bert_init_rejects_mismatched_width(tiny):

@@ -172,13 +172,22 @@ class XLLM(nn.Module):
         )
 
     # --- compute -----------------------------------------------------------------------------------
-    def encode_media(self, media: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
-        """Run each interface on its batch of items: sentinel -> `[n_items, tokens, hidden]`."""
+    def encode_media(
+        self, media: dict[str, torch.Tensor], media_text: dict[str, list[str]] | None = None
+    ) -> dict[int, torch.Tensor]:
+        """Run each interface on its batch of items: sentinel -> `[n_items, tokens, hidden]`.
+
+        `media_text` holds, per item, the text of the user turn it sits in (for instruction-aware interfaces).
+        """
         out = {}
         for modality, items in media.items():
             if modality not in self.interfaces:
                 raise ValueError(f"batch has {modality} items but the model has no {modality} interface")
-            out[self.sentinels[modality]] = self.interfaces[modality](items)
+            interface = self.interfaces[modality]
+            if interface.uses_instructions:
+                out[self.sentinels[modality]] = interface(items, (media_text or {}).get(modality))
+            else:
+                out[self.sentinels[modality]] = interface(items)
         return out
 
     def embed_inputs(
@@ -188,9 +197,11 @@ class XLLM(nn.Module):
         labels: torch.Tensor | None,
         media: dict[str, torch.Tensor],
         padding_side: str = "right",
+        media_text: dict[str, list[str]] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         return splice_modality_tokens(
-            input_ids, attention_mask, labels, input_embeddings(self.llm), self.encode_media(media), padding_side
+            input_ids, attention_mask, labels, input_embeddings(self.llm), self.encode_media(media, media_text),
+            padding_side,
         )
 
     def forward(
@@ -199,9 +210,10 @@ class XLLM(nn.Module):
         attention_mask: torch.Tensor,
         media: dict[str, torch.Tensor],
         labels: torch.Tensor | None = None,
+        media_text: dict[str, list[str]] | None = None,
     ) -> Any:
         """LLM output on the spliced batch; `.loss` is the mean next-token loss over assistant tokens."""
-        embeds, mask, labels = self.embed_inputs(input_ids, attention_mask, labels, media)
+        embeds, mask, labels = self.embed_inputs(input_ids, attention_mask, labels, media, media_text=media_text)
         return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels, use_cache=False)
 
     @torch.no_grad()
@@ -210,6 +222,7 @@ class XLLM(nn.Module):
         input_ids: list[list[int]] | torch.Tensor,
         media: dict[str, torch.Tensor],
         max_new_tokens: int = 64,
+        media_text: dict[str, list[str]] | None = None,
         **generate_kwargs: Any,
     ) -> list[str]:
         """Generate replies from prompts (token ids with sentinels, e.g. `processor().encode_prompt(...)`).
@@ -228,7 +241,9 @@ class XLLM(nn.Module):
             ids[i, length - len(r):] = torch.tensor(r)
             mask[i, length - len(r):] = 1
         media = {m: t.to(device) for m, t in media.items()}
-        embeds, mask, _ = self.embed_inputs(ids.to(device), mask.to(device), None, media, padding_side="left")
+        embeds, mask, _ = self.embed_inputs(
+            ids.to(device), mask.to(device), None, media, padding_side="left", media_text=media_text
+        )
         pad = self.tokenizer.pad_token_id
         output = self.llm.generate(
             inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad,

@@ -120,12 +120,18 @@ def load_adapter(
     from xllm.model import XLLM
 
     config = read_adapter_config(directory)
+    if config.get("llm") is None:
+        raise ValueError(
+            f"{directory} is a stage-0 interface checkpoint (no LLM yet); train stage 1 from it with init_adapter"
+        )
     trust = config["llm"].get("trust_remote_code", False) if trust_remote_code is None else trust_remote_code
     interfaces = {}
     for name, spec in config["interfaces"].items():
         spec = {**spec, "init_args": {**spec.get("init_args", {}), **(interface_overrides or {}).get(name, {})}}
-        # The trained weights replace any BERT initialisation, so do not require that checkpoint here.
-        spec["init_args"].pop("bert_init", None)
+        # The trained weights replace BERT's initialisation, so the checkpoint is not needed again, unless
+        # the Q-Former's text side reads its frozen word embeddings from it.
+        if not spec["init_args"].get("qformer_text"):
+            spec["init_args"].pop("bert_init", None)
         interfaces[name] = build_interface(name, spec, trust_remote_code=bool(trust))
     llm_path = llm or config["llm"]["path"]
     if not llm_path:
@@ -139,3 +145,26 @@ def load_adapter(
     load_adapter_weights(model, directory)
     model.eval()
     return model
+
+
+def save_interface_checkpoint(interfaces: Any, directory: str | Path, stage: int = 0) -> Path:
+    """Stage 0's output: the interfaces' trainable tensors (named as inside an `XLLM`) and their config.
+
+    Stage 1 starts from it with `init_adapter:`; there is no LLM in it yet.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        f"interfaces.{name}.{key}": p.detach().to("cpu").contiguous()
+        for name, interface in interfaces.items()
+        for key, p in interface.named_parameters()
+        if p.requires_grad
+    }
+    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": ADAPTER_FORMAT})
+    config = {
+        "format": ADAPTER_FORMAT, "version": ADAPTER_VERSION, "stage": stage, "llm": None, "template": None,
+        "system_prompt": None, "lora": None,
+        "interfaces": {name: _json_ready(i.to_config()) for name, i in interfaces.items()},
+    }
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    return directory

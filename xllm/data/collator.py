@@ -37,15 +37,18 @@ class ConversationCollator:
             labels[row, :n] = torch.tensor(item["labels"])
             attention_mask[row, :n] = 1
         media: dict[str, torch.Tensor] = {}
+        media_text: dict[str, list[str]] = {}
         for modality, collate in self.collate_media.items():
             batch_items = [m for item in items for m in item["media"].get(modality, [])]
             if batch_items:
                 media[modality] = collate(batch_items)
+                media_text[modality] = [t for item in items for t in (item.get("media_text") or {}).get(modality, [])]
         return {
             "ids": [item["id"] for item in items],
             "input_ids": input_ids,
             "labels": labels,
             "attention_mask": attention_mask,
             "media": media,
+            "media_text": media_text,
             "skipped": [str(error) for error in skipped],
         }

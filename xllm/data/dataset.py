@@ -46,7 +46,8 @@ def build_tokenized_dataset(
 
 
 class ConversationDataset(torch.utils.data.Dataset):
-    """Items: `{"id", "input_ids", "labels", "media": {modality: [tensor]}}`, or `None` for a skipped item."""
+    """Items: `{"id", "input_ids", "labels", "media": {modality: [tensor]}, "media_text": {modality: [str]}}`,
+    or `{"skipped": BadSampleError}` for an item whose media could not be loaded (with `on_bad_sample: skip`)."""
 
     def __init__(
         self, rows: datasets.Dataset, media_loaders: dict[str, MediaLoader], on_bad_sample: OnBadSample = "error"
@@ -72,5 +73,6 @@ class ConversationDataset(torch.utils.data.Dataset):
                         raise error from err
                     return {"skipped": error}
             media[modality] = items
-        return {"id": row["id"], "input_ids": row["input_ids"], "labels": row["labels"], "media": media}
+        return {"id": row["id"], "input_ids": row["input_ids"], "labels": row["labels"], "media": media,
+                "media_text": row["media_text"]}
 

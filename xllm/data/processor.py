@@ -62,6 +62,20 @@ class ConversationProcessor:
                 labels.extend(piece_ids if supervised else [IGNORE_INDEX] * len(piece_ids))
         return ids, labels
 
+    def media_instructions(self, conversations: list[dict[str, str]]) -> dict[str, list[str]]:
+        """modality -> for each item in reading order, the text of the turn that holds it (placeholders removed).
+
+        Instruction-aware interfaces read this beside their queries (InstructBLIP)."""
+        out: dict[str, list[str]] = {m: [] for m in self.sentinels}
+        for turn in conversations:
+            if not self._split:
+                break
+            found = [p[1:-1] for p in self._split.findall(turn["value"])]
+            text = " ".join(self._split.sub(" ", turn["value"]).split())
+            for modality in found:
+                out[modality].append(text)
+        return out
+
     def expanded_length(self, ids: list[int]) -> int:
         by_sentinel = {s: self.num_tokens[m] for m, s in self.sentinels.items()}
         return sum(by_sentinel.get(i, 1) for i in ids)
@@ -78,7 +92,10 @@ class ConversationProcessor:
             truncated = True
         if all(label == IGNORE_INDEX for label in labels):
             raise BadSampleError(record["source"], record["id"], "no assistant tokens after tokenization", "empty_conversation")
-        return {"input_ids": ids, "labels": labels, "truncated": truncated}
+        return {
+            "input_ids": ids, "labels": labels, "truncated": truncated,
+            "media_text": self.media_instructions(record["conversations"]),
+        }
 
     def _truncate(self, record: dict[str, Any], ids: list[int], labels: list[int], length: int):
         sentinel_set = set(self.sentinels.values())

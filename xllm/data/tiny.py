@@ -27,7 +27,7 @@ SHAPES = ("square", "circle")
 # A 64-wide random LLM with the usual 0.02 init gives near-uniform logits that no input can move much;
 # 0.1 makes the frozen tiny LLM responsive enough that training its inputs visibly lowers the loss.
 TINY_INIT_RANGE = 0.1
-TINY_VERSION = "2"  # bump when anything below changes, so stale caches are rebuilt
+TINY_VERSION = "3"  # bump when anything below changes, so stale caches are rebuilt
 
 
 def build_tokenizer(out: Path, corpus: list[str]):
@@ -91,9 +91,22 @@ def build_vit(out: Path) -> None:
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(out)
 
 
-def build_bert(out: Path, tokenizer) -> None:
-    from transformers import BertConfig, BertModel
+def build_bert(out: Path, corpus: list[str]) -> None:
+    """A tiny BERT with its own WordPiece tokenizer ([CLS] ... [SEP]), like a real BERT checkpoint."""
+    from tokenizers import BertWordPieceTokenizer, processors
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
+    wordpiece = BertWordPieceTokenizer(lowercase=True)
+    wordpiece.train_from_iterator(corpus, vocab_size=300, min_frequency=1)
+    backend = wordpiece._tokenizer  # the tokenizers.Tokenizer inside the convenience wrapper
+    backend.post_processor = processors.BertProcessing(
+        ("[SEP]", backend.token_to_id("[SEP]")), ("[CLS]", backend.token_to_id("[CLS]"))
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]", unk_token="[UNK]",
+        mask_token="[MASK]",
+    )
+    tokenizer.save_pretrained(out)
     config = BertConfig(
         vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=64, max_position_embeddings=128,
@@ -171,7 +184,7 @@ def build_all(out: str | Path = ".cache/tiny", force: bool = False) -> Path:
     build_llama(out / "llama", tokenizer)
     build_glm(out / "glm", tokenizer)
     build_vit(out / "vit")
-    build_bert(out / "bert", tokenizer)
+    build_bert(out / "bert", corpus_for_tokenizer())
     build_shapes_data(out / "data", {"train": 12, "val": 2, "test": 3})
     stamp.write_text(TINY_VERSION + "\n")
     return out

@@ -25,6 +25,15 @@ def _media_batch(model: Any, records: list[dict]) -> dict[str, torch.Tensor]:
     return media
 
 
+def _media_text(processor: Any, records: list[dict]) -> dict[str, list[str]]:
+    """Per media item, the text of the user turn holding it (read by instruction-aware interfaces)."""
+    out: dict[str, list[str]] = {}
+    for record in records:
+        for modality, texts in processor.media_instructions(record["conversations"]).items():
+            out.setdefault(modality, []).extend(texts)
+    return out
+
+
 @torch.no_grad()
 def _teacher_forced_loss(model: Any, records: list[dict], max_length: int) -> list[tuple[float, int]]:
     """Per record: (summed next-token loss over assistant tokens, number of those tokens)."""
@@ -37,7 +46,8 @@ def _teacher_forced_loss(model: Any, records: list[dict], max_length: int) -> li
     device = next(model.parameters()).device
     media = {m: t.to(device) for m, t in _media_batch(model, records).items()}
     embeds, mask, labels = model.embed_inputs(
-        batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device), media
+        batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device), media,
+        media_text=_media_text(processor, records),
     )
     # Per-row sums (the LLM's own loss is a batch mean).
     logits = model.llm(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits[:, :-1].float()
@@ -83,7 +93,10 @@ def evaluate(
             turns = record["conversations"]
             last = max(i for i, t in enumerate(turns) if t["from"] == "assistant")
             prompts.append(processor.encode_prompt(turns[:last]))
-        predictions = model.generate(prompts, _media_batch(model, chunk), max_new_tokens=max_new_tokens, do_sample=False)
+        predictions = model.generate(
+            prompts, _media_batch(model, chunk), max_new_tokens=max_new_tokens,
+            media_text=_media_text(processor, chunk), do_sample=False,
+        )
         losses = _teacher_forced_loss(model, chunk, max_length)
         for record, prediction, (loss_sum, tokens) in zip(chunk, predictions, losses):
             turns = record["conversations"]

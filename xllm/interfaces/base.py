@@ -56,6 +56,11 @@ class ModalityInterface(nn.Module):
         """LLM tokens one item becomes (an upper bound for variable-length modalities)."""
         raise NotImplementedError
 
+    @property
+    def uses_instructions(self) -> bool:
+        """True when `forward(items, instructions)` wants the text of the user turn holding each item."""
+        return False
+
     def attach(self, llm_hidden_size: int) -> None:
         """Build the adapter into the LLM's embedding space; called once by `XLLM`."""
         raise NotImplementedError

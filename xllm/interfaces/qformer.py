@@ -1,8 +1,15 @@
 """Q-Former: learned query tokens that read a frozen encoder's features through cross-attention.
 
-Built on transformers' `Blip2QFormerModel` (SDPA attention) rather than a copy of BERT. Optionally the
-self-attention and FFN weights start from a BERT checkpoint, as BLIP-2 initialises from bert-base; the
-cross-attention layers are new either way.
+Built on transformers' `Blip2QFormerModel` (SDPA attention) rather than a copy of BERT. As in BLIP-2, an
+optional *text side* runs text tokens through the same layers beside the queries: self-attention is
+shared, only queries cross-attend to the image, and queries and text have their own FFNs. The text side
+serves the LLM-free pretraining losses (ITC/ITM/ITG, `qformer_pretraining.py`) and instruction-aware
+queries (InstructBLIP: the instruction's tokens sit beside the queries, so the queries read what the
+question asks about).
+
+Initialisation from a BERT checkpoint copies self-attention, both FFNs, the embedding LayerNorm and the
+word/position embeddings; cross-attention is new either way. BERT's word and position embedding tables
+stay frozen (they come from the BERT checkpoint at load time, which keeps adapters small).
 """
 
 from __future__ import annotations
@@ -13,10 +20,15 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import Blip2QFormerConfig, Blip2QFormerModel
+from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 
 
 class QFormer(nn.Module):
-    """Query tokens + Blip2QFormerModel. `forward(features) -> [batch, num_query_tokens, hidden_size]`."""
+    """Query tokens + Blip2QFormerModel (+ optional text side).
+
+    `forward(features) -> [batch, num_query_tokens, hidden_size]`; with `instruction_ids`, the
+    instruction tokens join the queries in self-attention (the output is still the query positions).
+    """
 
     def __init__(
         self,
@@ -29,10 +41,12 @@ class QFormer(nn.Module):
         cross_attention_frequency: int = 2,
         dropout: float = 0.1,
         bert_init: str | None = None,
+        text_vocab_size: int | None = None,
+        max_text_positions: int = 512,
     ) -> None:
         super().__init__()
         self.config = Blip2QFormerConfig(
-            vocab_size=2,  # the Q-Former here owns no word embeddings; text enters as embeddings
+            vocab_size=text_vocab_size or 2,
             hidden_size=hidden_size,
             num_hidden_layers=num_layers,
             num_attention_heads=num_heads,
@@ -41,14 +55,24 @@ class QFormer(nn.Module):
             encoder_hidden_size=encoder_hidden_size,
             hidden_dropout_prob=dropout,
             attention_probs_dropout_prob=dropout,
-            use_qformer_text_input=False,
+            max_position_embeddings=max_text_positions,
+            use_qformer_text_input=text_vocab_size is not None,
         )
         self.config._attn_implementation = "sdpa"
         self.model = Blip2QFormerModel(self.config)
         # BLIP-2 draws query tokens from N(0, 0.02).
         self.query_tokens = nn.Parameter(torch.randn(1, num_query_tokens, hidden_size) * 0.02)
+        self.embeddings: Blip2TextEmbeddings | None = None
+        if text_vocab_size is not None:
+            self.embeddings = Blip2TextEmbeddings(self.config)
+            nn.init.normal_(self.embeddings.word_embeddings.weight, std=0.02)
+            nn.init.normal_(self.embeddings.position_embeddings.weight, std=0.02)
         if bert_init is not None:
-            load_bert_into_qformer(self.model, bert_init)
+            load_bert_into_qformer(self, bert_init)
+        if self.embeddings is not None and bert_init is not None:
+            # Frozen only when they come from a checkpoint that a later load can read again; random
+            # tables must train (and so be saved), or a reloaded adapter would see other embeddings.
+            self.embeddings.requires_grad_(False)
 
     @property
     def num_query_tokens(self) -> int:
@@ -58,48 +82,122 @@ class QFormer(nn.Module):
     def hidden_size(self) -> int:
         return self.query_tokens.shape[2]
 
-    def forward(self, features: torch.Tensor, feature_mask: torch.Tensor | None = None) -> torch.Tensor:
+    @property
+    def has_text(self) -> bool:
+        return self.embeddings is not None
+
+    def _text_embeds(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.embeddings is None:
+            raise RuntimeError("this Q-Former has no text side (set text_vocab_size / qformer_text: true)")
+        return self.embeddings(input_ids=input_ids)
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        feature_mask: torch.Tensor | None = None,
+        instruction_ids: torch.Tensor | None = None,
+        instruction_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         queries = self.query_tokens.expand(features.shape[0], -1, -1)
+        if instruction_ids is None:
+            out = self.model(query_embeds=queries, encoder_hidden_states=features, encoder_attention_mask=feature_mask)
+            return out.last_hidden_state
+        embeds = torch.cat([queries, self._text_embeds(instruction_ids).to(queries.dtype)], dim=1)
+        query_mask = torch.ones(queries.shape[:2], dtype=instruction_mask.dtype, device=instruction_mask.device)
         out = self.model(
-            query_embeds=queries,
-            encoder_hidden_states=features,
-            encoder_attention_mask=feature_mask,
+            query_embeds=embeds, query_length=self.num_query_tokens,
+            attention_mask=torch.cat([query_mask, instruction_mask], dim=1),
+            encoder_hidden_states=features, encoder_attention_mask=feature_mask,
         )
+        return out.last_hidden_state[:, : self.num_query_tokens]
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Text alone through the text side (no queries, no image): `[batch, tokens, hidden]`."""
+        out = self.model(query_embeds=self._text_embeds(input_ids), query_length=0, attention_mask=attention_mask)
         return out.last_hidden_state
 
+    def joint(
+        self,
+        features: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        causal_text: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries and text together; returns (query outputs, text outputs).
 
-# BERT name -> Q-Former name, per layer. The query FFN (`*_query`) starts from BERT's FFN, as in BLIP-2.
+        `causal_text=False` (ITM): everything attends to everything. `causal_text=True` (ITG): text sees
+        all queries and earlier text; queries never see text.
+        """
+        queries = self.query_tokens.expand(features.shape[0], -1, -1)
+        text = self._text_embeds(input_ids).to(queries.dtype)
+        embeds = torch.cat([queries, text], dim=1)
+        n_query = self.num_query_tokens
+        if causal_text:
+            mask = itg_attention_mask(attention_mask, n_query, dtype=embeds.dtype)
+        else:
+            query_mask = torch.ones(queries.shape[:2], dtype=attention_mask.dtype, device=attention_mask.device)
+            mask = torch.cat([query_mask, attention_mask], dim=1)
+        out = self.model(query_embeds=embeds, query_length=n_query, attention_mask=mask, encoder_hidden_states=features)
+        hidden = out.last_hidden_state
+        return hidden[:, :n_query], hidden[:, n_query:]
+
+
+def itg_attention_mask(text_mask: torch.Tensor, n_query: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive `[batch, 1, Q+T, Q+T]` mask for image-grounded text generation (BLIP-2's ITG).
+
+    Queries attend to queries only; text token i attends to all queries and text tokens ≤ i (not padding).
+    """
+    batch, text_len = text_mask.shape
+    total = n_query + text_len
+    allowed = torch.zeros((total, total), dtype=torch.bool, device=text_mask.device)
+    allowed[:n_query, :n_query] = True
+    allowed[n_query:, :n_query] = True
+    allowed[n_query:, n_query:] = torch.tril(torch.ones((text_len, text_len), dtype=torch.bool, device=text_mask.device))
+    keys = torch.cat([torch.ones((batch, n_query), dtype=torch.bool, device=text_mask.device), text_mask.bool()], dim=1)
+    allowed = allowed[None] & keys[:, None, :]
+    mask = torch.zeros((batch, 1, total, total), dtype=dtype, device=text_mask.device)
+    return mask.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+
+
+# BERT name -> Q-Former name, per layer. The query FFN (`*_query`) starts from BERT's FFN, as in BLIP-2,
+# and so does the text FFN when the Q-Former has a text side.
 _BERT_LAYER_MAP = [
-    (r"attention\.self\.(query|key|value)\.(weight|bias)", r"attention.attention.\1.\2"),
-    (r"attention\.output\.(dense|LayerNorm)\.(weight|bias)", r"attention.output.\1.\2"),
-    (r"intermediate\.dense\.(weight|bias)", r"intermediate_query.dense.\1"),
-    (r"output\.(dense|LayerNorm)\.(weight|bias)", r"output_query.\1.\2"),
+    (r"attention\.self\.(query|key|value)\.(weight|bias)", [r"attention.attention.\1.\2"]),
+    (r"attention\.output\.(dense|LayerNorm)\.(weight|bias)", [r"attention.output.\1.\2"]),
+    (r"intermediate\.dense\.(weight|bias)", [r"intermediate_query.dense.\1", r"intermediate.dense.\1"]),
+    (r"output\.(dense|LayerNorm)\.(weight|bias)", [r"output_query.\1.\2", r"output.\1.\2"]),
 ]
 
 
-def bert_to_qformer_state_dict(bert_state: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
-    """Map BERT tensors onto Q-Former names (self-attention, FFN, embedding LayerNorm). Pure function."""
+def bert_to_qformer_state_dict(
+    bert_state: dict[str, torch.Tensor], num_layers: int, text: bool = False
+) -> dict[str, torch.Tensor]:
+    """Map BERT tensors onto QFormer names (`model.*`, and `embeddings.*` with a text side). Pure function."""
     mapped: dict[str, torch.Tensor] = {}
     for name, tensor in bert_state.items():
         name = name.removeprefix("bert.")
         if name in ("embeddings.LayerNorm.weight", "embeddings.LayerNorm.bias"):
-            mapped["layernorm." + name.rsplit(".", 1)[1]] = tensor
+            mapped["model.layernorm." + name.rsplit(".", 1)[1]] = tensor
+            continue
+        if text and name in ("embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight"):
+            mapped[name] = tensor
             continue
         match = re.fullmatch(r"encoder\.layer\.(\d+)\.(.+)", name)
         if not match or int(match.group(1)) >= num_layers:
             continue
         layer, rest = match.groups()
-        for pattern, target in _BERT_LAYER_MAP:
+        for pattern, targets in _BERT_LAYER_MAP:
             if re.fullmatch(pattern, rest):
-                mapped[f"encoder.layer.{layer}." + re.sub(pattern, target, rest)] = tensor
+                for target in targets[: 2 if text else 1]:
+                    mapped[f"model.encoder.layer.{layer}." + re.sub(pattern, target, rest)] = tensor
                 break
     return mapped
 
 
-def load_bert_into_qformer(qformer: Blip2QFormerModel, bert_path: str | Path) -> list[str]:
-    """Copy a local BERT checkpoint's self-attention/FFN/LayerNorm weights into `qformer`.
+def load_bert_into_qformer(qformer: QFormer, bert_path: str | Path) -> list[str]:
+    """Copy a local BERT checkpoint's weights into `qformer`; returns the initialised keys.
 
-    Returns the Q-Former keys that were initialised. Raises if shapes disagree or nothing matched.
+    Raises if the checkpoint is missing, too shallow, or shaped differently (width, FFN, vocabulary).
     """
     from transformers import AutoModel
 
@@ -112,7 +210,12 @@ def load_bert_into_qformer(qformer: Blip2QFormerModel, bert_path: str | Path) ->
         raise ValueError(
             f"bert_init: {path} has {bert_layers} layers but the Q-Former has {qformer.config.num_hidden_layers}"
         )
-    mapped = bert_to_qformer_state_dict(bert.state_dict(), qformer.config.num_hidden_layers)
+    mapped = bert_to_qformer_state_dict(bert.state_dict(), qformer.config.num_hidden_layers, text=qformer.has_text)
+    if "embeddings.position_embeddings.weight" in mapped:
+        # BERT may have more positions than the Q-Former keeps; take the first ones.
+        mapped["embeddings.position_embeddings.weight"] = mapped["embeddings.position_embeddings.weight"][
+            : qformer.config.max_position_embeddings
+        ]
     own = qformer.state_dict()
     for key, tensor in mapped.items():
         if key not in own:
@@ -120,7 +223,7 @@ def load_bert_into_qformer(qformer: Blip2QFormerModel, bert_path: str | Path) ->
         if own[key].shape != tensor.shape:
             raise ValueError(
                 f"bert_init: {key} has shape {tuple(tensor.shape)} in {path} but {tuple(own[key].shape)} in the "
-                "Q-Former (hidden_size, intermediate_size and num_heads must match the BERT checkpoint)"
+                "Q-Former (hidden_size, intermediate_size, num_heads and the vocabulary must match the BERT checkpoint)"
             )
     if not mapped:
         raise ValueError(f"bert_init: no BERT encoder weights found in {path}")

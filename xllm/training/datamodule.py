@@ -13,11 +13,12 @@ from torch.utils.data import DataLoader
 
 from xllm.data.collator import ConversationCollator
 from xllm.data.dataset import ConversationDataset, build_tokenized_dataset
+from xllm.data.pairs import PairCollator, PairDataset, build_pair_dataset
 from xllm.data.records import OnBadSample, SkipCounter
 
 
 class XLLMDataModule(pl.LightningDataModule):
-    """LLaVA-style JSON/JSONL conversations with media.
+    """LLaVA-style JSON/JSONL conversations with media (stage 0 turns them into media-text pairs).
 
     Args:
         train_file: training data (JSON list or JSONL).
@@ -46,6 +47,9 @@ class XLLMDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None, model: Any = None) -> None:
         model = model if model is not None else self.trainer.lightning_module
+        if model.stage == 0:
+            self._setup_pairs(model)
+            return
         xllm = model.model
         processor = xllm.processor(max_length=model.max_length)
         loaders = {m: i.media_loader() for m, i in xllm.interfaces.items()}
@@ -60,17 +64,32 @@ class XLLMDataModule(pl.LightningDataModule):
             rows = build_tokenized_dataset(path, processor, self.media_root, self.on_bad_sample, counter)
             self.datasets[split] = ConversationDataset(rows, loaders, self.on_bad_sample)
             self.skipped[split] = counter
-            truncated = sum(rows["truncated"])
-            message = f"{split}: {len(rows)} samples from {path}"
-            if counter.total or truncated:
-                message += f"; skipped {counter.total} {dict(counter.counts)}; truncated {truncated}"
-                for example in counter.examples:
-                    message += f"\n  skipped: {example}"
-            print(message)
-            if self.trainer is not None:
-                for logger in self.trainer.loggers:
-                    logger.log_hyperparams({f"data/{split}_samples": len(rows), f"data/{split}_skipped": counter.total,
-                                            f"data/{split}_truncated": truncated})
+            self._report(split, path, len(rows), counter, truncated=sum(rows["truncated"]))
+
+    def _setup_pairs(self, model: Any) -> None:
+        """Stage 0: media-text pairs tokenized by the Q-Former's own tokenizer (no LLM anywhere)."""
+        ((modality, interface),) = model.interfaces.items()
+        self.collator = PairCollator(interface.text_tokenizer, interface.max_text_tokens)
+        for split, path in (("train", self.train_file), ("val", self.val_file)):
+            if path is None or split in self.datasets:
+                continue
+            counter = SkipCounter()
+            rows = build_pair_dataset(path, modality, self.media_root, self.on_bad_sample, counter)
+            self.datasets[split] = PairDataset(rows, interface.media_loader(), self.on_bad_sample)
+            self.skipped[split] = counter
+            self._report(split, path, len(rows), counter, truncated=0)
+
+    def _report(self, split: str, path: str, samples: int, counter: SkipCounter, truncated: int) -> None:
+        message = f"{split}: {samples} samples from {path}"
+        if counter.total or truncated:
+            message += f"; skipped {counter.total} {dict(counter.counts)}; truncated {truncated}"
+            for example in counter.examples:
+                message += f"\n  skipped: {example}"
+        print(message)
+        if self.trainer is not None:
+            for logger in self.trainer.loggers:
+                logger.log_hyperparams({f"data/{split}_samples": samples, f"data/{split}_skipped": counter.total,
+                                        f"data/{split}_truncated": truncated})
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         return DataLoader(

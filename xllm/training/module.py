@@ -1,7 +1,8 @@
-"""The LightningModule for both stages.
+"""The LightningModule for all stages.
 
-Stage 1 (alignment on caption/transcript pairs) and stage 2 (instruction tuning) train the same things —
-each interface's Q-Former, queries, feature LayerNorm and adapter — and stage 2 may add LoRA on the LLM.
+Stage 0 (optional, LLM-free) pretrains one Q-Former interface with BLIP-2's ITC/ITM/ITG and never loads
+the LLM. Stage 1 (alignment on caption/transcript pairs) and stage 2 (instruction tuning) train the same
+things — each interface's Q-Former, queries, feature LayerNorm and adapter — and stage 2 may add LoRA.
 The LLM and encoders are frozen: `requires_grad=False`, eval mode, not in the optimizer, not in
 checkpoints (`on_save_checkpoint` keeps trainable tensors only), not in the adapter written after fit.
 """
@@ -9,6 +10,7 @@ checkpoints (`on_save_checkpoint` keeps trainable tensors only), not in the adap
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,8 +18,11 @@ import pytorch_lightning as pl
 import torch
 from transformers import get_cosine_schedule_with_warmup
 
-from xllm.adapters.io import load_adapter_weights, save_adapter
+from torch import nn
+
+from xllm.adapters.io import load_adapter_weights, save_adapter, save_interface_checkpoint
 from xllm.interfaces.base import ModalityInterface
+from xllm.interfaces.qformer_pretraining import QFormerPretrainer
 from xllm.llm import LoraSettings, count_parameters
 from xllm.model import XLLM
 
@@ -25,13 +30,24 @@ from xllm.model import XLLM
 NO_DECAY_MARKERS = ("bias", "LayerNorm", "layernorm", "ln_", "norm.", "query_tokens", "position")
 
 
+@dataclass
+class PretrainSettings:
+    """Stage-0 losses (BLIP-2 stage 1): weights of ITC, ITM and ITG (0 turns one off), ITC width."""
+
+    itc_weight: float = 1.0
+    itm_weight: float = 1.0
+    itg_weight: float = 1.0
+    embed_dim: int = 256
+
+
 class XLLMModule(pl.LightningModule):
     """Trains the interfaces (and optional LoRA) of an `XLLM` whose LLM stays frozen.
 
     Args:
-        llm: path (or hub id) of the chat LLM, loaded with `AutoModelForCausalLM`.
+        llm: path (or hub id) of the chat LLM, loaded with `AutoModelForCausalLM` (not loaded in stage 0).
         interfaces: modality -> interface, e.g. `{"image": {"class_path": "xllm.interfaces.ImageInterface", ...}}`.
-        stage: 1 trains interfaces + adapters on caption pairs; 2 instruction-tunes (LoRA allowed).
+        stage: 0 pretrains a Q-Former without the LLM; 1 trains interfaces + adapters on caption pairs;
+            2 instruction-tunes (LoRA allowed).
         template: chat template: `tokenizer` (the tokenizer's own), `vicuna_v1` or `glm4`.
         system_prompt: optional system message for every conversation.
         llm_dtype: dtype of the frozen LLM (`float32` on CPU; `bfloat16` on GPUs).
@@ -44,13 +60,14 @@ class XLLMModule(pl.LightningModule):
         betas: AdamW betas.
         warmup_steps: linear warmup steps before the cosine decay (a float < 1 is a fraction of all steps).
         max_length: longest sequence, text plus modality tokens.
+        pretrain: stage-0 loss settings.
     """
 
     def __init__(
         self,
-        llm: str,
+        llm: str | None,
         interfaces: dict[str, ModalityInterface],
-        stage: Literal[1, 2] = 1,
+        stage: Literal[0, 1, 2] = 1,
         template: str = "tokenizer",
         system_prompt: str | None = None,
         llm_dtype: str = "float32",
@@ -63,14 +80,37 @@ class XLLMModule(pl.LightningModule):
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: float = 0.05,
         max_length: int = 2048,
+        pretrain: PretrainSettings | None = None,
     ) -> None:
         super().__init__()
-        if stage not in (1, 2):
-            raise ValueError(f"stage must be 1 or 2, got {stage}")
+        if stage not in (0, 1, 2):
+            raise ValueError(f"stage must be 0, 1 or 2, got {stage}")
         if lora is not None and stage != 2:
-            raise ValueError("lora is for stage 2 (instruction tuning); stage 1 keeps the LLM untouched")
+            raise ValueError("lora is for stage 2 (instruction tuning); stages 0 and 1 keep the LLM untouched")
         self.save_hyperparameters(ignore=["interfaces"])
         self.stage = stage
+        self.adapter_dir = adapter_dir
+        self.max_length = max_length
+        # Checkpoints hold trainable tensors only, so resuming loads non-strictly.
+        self.strict_loading = False
+        self.model: XLLM | None = None
+        if stage == 0:
+            if len(interfaces) != 1:
+                raise ValueError(f"stage 0 pretrains one interface at a time, got {sorted(interfaces)}")
+            # No LLM object at all: stage 0 spends neither memory nor time on it.
+            self.interfaces = nn.ModuleDict(interfaces)
+            settings = asdict(pretrain or PretrainSettings())
+            (interface,) = interfaces.values()
+            self.pretrainer = QFormerPretrainer(
+                interface, embed_dim=settings["embed_dim"], itc_weight=settings["itc_weight"],
+                itm_weight=settings["itm_weight"], itg_weight=settings["itg_weight"],
+                instruction_aware=getattr(interface, "instruction_aware", False),
+            )
+            if init_adapter is not None:
+                load_adapter_weights(self, init_adapter)
+            return
+        if llm is None:
+            raise ValueError(f"stage {stage} needs an llm path")
         self.model = XLLM.from_paths(
             llm, interfaces, llm_dtype=llm_dtype, trust_remote_code=trust_remote_code,
             template=template, system_prompt=system_prompt,
@@ -80,27 +120,40 @@ class XLLMModule(pl.LightningModule):
         if init_adapter is not None:
             # After LoRA is in place, so a stage-2 adapter (with LoRA tensors) can be resumed too.
             load_adapter_weights(self.model, init_adapter)
-        self.adapter_dir = adapter_dir
-        self.max_length = max_length
-        # Checkpoints hold trainable tensors only, so resuming loads non-strictly.
-        self.strict_loading = False
+
+    def trainable_names(self) -> set[str]:
+        return {name for name, p in self.named_parameters() if p.requires_grad}
+
+    def frozen_modules(self) -> list[nn.Module]:
+        if self.model is not None:
+            return self.model.frozen_modules()
+        return [m for interface in self.interfaces.values() for m in interface.frozen_modules()]
+
+    def train(self, mode: bool = True) -> XLLMModule:
+        super().train(mode)  # XLLM.train keeps its frozen parts in eval; stage 0 does the same here
+        for module in self.frozen_modules():
+            module.eval()
+        return self
 
     # --- bookkeeping ------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
-        trainable, frozen = count_parameters(self.model)
+        trainable, frozen = count_parameters(self)
         message = f"xllm stage {self.stage}: {trainable:,} trainable parameters, {frozen:,} frozen"
         self.print(message)
         for logger in self.loggers:
             logger.log_hyperparams({"params/trainable": trainable, "params/frozen": frozen})
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        keep = {"model." + k for k in self.model.trainable_state_dict()}
+        keep = self.trainable_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
     def on_fit_end(self) -> None:
         if self.trainer.is_global_zero:
             directory = self.resolved_adapter_dir()
-            save_adapter(self.model, directory, stage=self.stage)
+            if self.stage == 0:
+                save_interface_checkpoint(self.interfaces, directory, stage=0)
+            else:
+                save_adapter(self.model, directory, stage=self.stage)
             self.print(f"adapter written to {directory}")
 
     def resolved_adapter_dir(self) -> Path:
@@ -116,12 +169,30 @@ class XLLMModule(pl.LightningModule):
         if batch["skipped"]:
             self.log(f"{split}/skipped_media", float(len(batch["skipped"])), reduce_fx="sum", on_epoch=True,
                      on_step=False, batch_size=1)
-        out = self.model(batch["input_ids"], batch["attention_mask"], batch["media"], batch["labels"])
+        if self.stage == 0:
+            return self._pretrain_step(batch, split)
+        out = self.model(batch["input_ids"], batch["attention_mask"], batch["media"], batch["labels"],
+                         media_text=batch.get("media_text"))
         tokens = int((batch["labels"] != -100).sum())
         self.log(f"{split}/loss", out.loss, prog_bar=True, batch_size=batch["input_ids"].shape[0],
                  on_step=split == "train", on_epoch=split != "train", sync_dist=split != "train")
         if split == "train":
             self.log("train/target_tokens", float(tokens), on_step=True, batch_size=1)
+        return out.loss
+
+    def _pretrain_step(self, batch: dict[str, Any], split: str) -> torch.Tensor:
+        out = self.pretrainer(
+            batch["media"], batch["text_ids"], batch["text_mask"], batch["pair_keys"],
+            batch["instruction_ids"], batch["instruction_mask"],
+        )
+        size = batch["media"].shape[0]
+        on_step, sync = split == "train", split != "train"
+        self.log(f"{split}/loss", out.loss, prog_bar=True, batch_size=size, on_step=on_step, on_epoch=not on_step,
+                 sync_dist=sync)
+        for name in ("itc", "itm", "itg", "itm_accuracy"):
+            value = getattr(out, name)
+            if value is not None:
+                self.log(f"{split}/{name}", value, batch_size=size, on_step=on_step, on_epoch=not on_step, sync_dist=sync)
         return out.loss
 
     def training_step(self, batch: dict[str, Any] | None, batch_idx: int) -> torch.Tensor | None:
@@ -134,7 +205,7 @@ class XLLMModule(pl.LightningModule):
     def parameter_groups(self) -> list[dict[str, Any]]:
         """AdamW groups over trainable parameters only, with no decay on biases/norms/query tokens."""
         decay, no_decay = [], []
-        for name, parameter in self.model.named_parameters():
+        for name, parameter in self.named_parameters():
             if not parameter.requires_grad:
                 continue
             if parameter.ndim < 2 or any(marker in name for marker in NO_DECAY_MARKERS):

@@ -34,6 +34,9 @@ class ThroughputLogger(pl.Callback):
             return
         seconds = max(time.perf_counter() - self._start, 1e-9)
         model = module.model
+        if model is None:  # stage 0: media-text pairs, no LLM
+            module.log("perf/sequences_per_s", batch["media"].shape[0] / seconds, on_step=True, batch_size=1)
+            return
         media_tokens = sum(
             int(items.shape[0]) * model.interfaces[m].num_tokens for m, items in batch["media"].items()
         )
