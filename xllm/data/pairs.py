@@ -3,7 +3,8 @@
 Every assistant turn of a sample with exactly one media item makes a pair: the text is the user turn
 before it (placeholders removed) followed by the reply — a caption ("Describe the image. A red square.")
 or a yes/no statement ("Is the shape red? No") — and that user turn is also the pair's instruction, for
-instruction-aware queries.
+instruction-aware queries. A yes/no pair also carries its *flipped* statement ("Is the shape red? Yes"),
+a hard ITM negative that only the image can tell apart from the positive.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import torch
 
 from xllm.data.dataset import MediaLoader
 from xllm.data.records import BadSampleError, OnBadSample, SkipCounter, read_records
+
+
+FLIPPED = {"yes": "No", "no": "Yes"}
 
 
 def _strip_placeholders(text: str, modality: str) -> str:
@@ -48,9 +52,11 @@ def build_pair_dataset(
             if turn["from"] == "user":
                 question = _strip_placeholders(turn["value"], modality)
             elif turn["from"] == "assistant":
-                text = f"{question} {turn['value'].strip()}".strip()
+                reply = turn["value"].strip()
+                text = f"{question} {reply}".strip()
+                flip = FLIPPED.get(reply.lower().rstrip("."))
                 rows.append({"id": record["id"], "source": record["source"], "path": paths[0], "text": text,
-                             "instruction": question})
+                             "instruction": question, "flipped": f"{question} {flip}".strip() if flip else ""})
     if not rows:
         raise ValueError(f"{path}: no usable {modality}-text pairs ({skipped.total} skipped: {dict(skipped.counts)})")
     return datasets.Dataset.from_list(rows)
@@ -74,7 +80,8 @@ class PairDataset(torch.utils.data.Dataset):
             if self.on_bad_sample == "error":
                 raise error from err
             return {"skipped": error}
-        return {"id": row["id"], "media": media, "text": row["text"], "instruction": row["instruction"]}
+        return {"id": row["id"], "media": media, "text": row["text"], "instruction": row["instruction"],
+                "flipped": row["flipped"]}
 
 
 @dataclass
@@ -96,11 +103,17 @@ class PairCollator:
             return None
         text_ids, text_mask = self._tokenize([item["text"] for item in items])
         instruction_ids, instruction_mask = self._tokenize([item["instruction"] for item in items])
+        flipped_ids, flipped_mask = self._tokenize([item["flipped"] or item["text"] for item in items])
         return {
             "ids": [item["id"] for item in items],
             "media": torch.stack([item["media"] for item in items]),
             "text_ids": text_ids, "text_mask": text_mask,
             "instruction_ids": instruction_ids, "instruction_mask": instruction_mask,
             "pair_keys": [item["text"] for item in items],
+            "flipped_ids": flipped_ids, "flipped_mask": flipped_mask,
+            "has_flipped": torch.tensor([bool(item["flipped"]) for item in items]),
+            # 1 / 0 for a yes / no reply (the flipped twin says "No" / "Yes"), -1 for other pairs.
+            "answers": torch.tensor([(1 if item["flipped"].endswith(" No") else 0) if item["flipped"] else -1
+                                     for item in items]),
             "skipped": skipped,
         }

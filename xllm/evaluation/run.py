@@ -84,6 +84,8 @@ def evaluate(
     """
     model = load_adapter(adapter, llm=llm)
     records = read_records(data, list(model.interfaces), media_root)[:limit]
+    for modality, interface in model.interfaces.items():
+        interface.prepare_media([p for r in records for p in r["media"].get(modality, [])])
     processor = model.processor(max_length=max_length)
     samples: list[dict[str, Any]] = []
     for start in range(0, len(records), batch_size):

@@ -73,6 +73,10 @@ class ModalityInterface(nn.Module):
         """A picklable `path -> tensor` callable for data workers (override to avoid copying the module)."""
         return self.load_media
 
+    def prepare_media(self, paths: list[str]) -> int:
+        """Called once with every path of a data set before training (e.g. to cache frozen features)."""
+        return 0
+
     def collate_media(self, items: list[torch.Tensor]) -> torch.Tensor:
         """Batch loaded items; fixed-size items stack."""
         return torch.stack(items)

@@ -2,16 +2,23 @@
 
 Any transformers vision model works: a vision tower checkpoint (ViT, CLIPVisionModel, SiglipVisionModel,
 Blip2VisionModel, DINOv2...) or a dual/multimodal checkpoint whose model has a `vision_model` (CLIP,
-SigLIP), from which only the vision tower is kept.
+SigLIP), from which only the vision tower is kept. A torchvision CNN works too, from a directory holding
+`xllm_encoder.json` (`{"library": "torchvision", "architecture": "mobilenet_v2", "module": "features",
+"hidden_size": 1280}`), its weights as `model.safetensors` and an image-processor config (see
+`xllm.materialize`); its `C×H×W` feature map becomes `H·W` tokens of width `C`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import json
+
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel
+
+TORCHVISION_CONFIG = "xllm_encoder.json"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -43,19 +50,52 @@ class FrozenVisionEncoder(nn.Module):
     def __init__(self, path: str, feature_layer: int = -1, dtype: str = "float32") -> None:
         super().__init__()
         check_model_path(path, "vision encoder")
+        self.feature_layer = feature_layer
+        self.is_cnn = (Path(path) / TORCHVISION_CONFIG).is_file()
+        if self.is_cnn:
+            self.model, self.hidden_size = _load_torchvision(Path(path), resolve_dtype(dtype), feature_layer)
+            freeze(self.model)
+            return
         config = AutoConfig.from_pretrained(path)
         model = AutoModel.from_pretrained(path, dtype=resolve_dtype(dtype))
         if hasattr(config, "vision_config") and hasattr(model, "vision_model"):
             model = model.vision_model  # keep only the vision tower of a dual model
         self.model = freeze(model)
-        self.feature_layer = feature_layer
         vision_config = getattr(config, "vision_config", config)
         self.hidden_size: int = vision_config.hidden_size
 
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         pixel_values = pixel_values.to(next(self.model.parameters()).dtype)
+        if self.is_cnn:
+            return self.model(pixel_values).flatten(2).transpose(1, 2)  # [B, C, H, W] -> [B, H*W, C]
         if self.feature_layer == -1:
             return self.model(pixel_values=pixel_values).last_hidden_state
         out = self.model(pixel_values=pixel_values, output_hidden_states=True)
         return out.hidden_states[self.feature_layer]
+
+
+def _load_torchvision(path: Path, dtype: torch.dtype, feature_layer: int = -1) -> tuple[nn.Module, int]:
+    """Build a torchvision architecture by name and load its safetensors weights (no pickle, no download).
+
+    `feature_layer=k > 0` keeps the first k blocks of the feature module (an earlier, finer feature map)."""
+    import torchvision
+    from safetensors.torch import load_file
+
+    spec = json.loads((path / TORCHVISION_CONFIG).read_text())
+    if spec.get("library") != "torchvision":
+        raise ValueError(f"{path / TORCHVISION_CONFIG}: only library 'torchvision' is supported")
+    builder = getattr(torchvision.models, spec["architecture"], None)
+    if builder is None:
+        raise ValueError(f"{path / TORCHVISION_CONFIG}: torchvision has no model {spec['architecture']!r}")
+    model = builder(weights=None)
+    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    module = getattr(model, spec.get("module", "features"))
+    if feature_layer == -1:
+        return module.to(dtype), int(spec["hidden_size"])
+    if not isinstance(module, nn.Sequential) or not 0 < feature_layer <= len(module):
+        raise ValueError(f"feature_layer={feature_layer}: keep 1..{len(module)} blocks of {spec['architecture']}")
+    module = module[:feature_layer]
+    with torch.no_grad():
+        channels = module(torch.zeros(1, 3, 64, 64)).shape[1]
+    return module.to(dtype), int(channels)

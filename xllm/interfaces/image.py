@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+from pathlib import Path
 from typing import Literal
 
 import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 from transformers import AutoImageProcessor, AutoTokenizer
@@ -32,6 +38,29 @@ class ImageLoader:
         return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
 
 
+# Encoder tokens are LayerNorm-ed to unit scale before the positions are added; positions at BERT's usual
+# 0.02 would start ~50x below the content and take thousands of steps to matter.
+POSITION_INIT_STD = 0.5
+
+
+class CachedFeatureLoader:
+    """Reads one image's cached encoder features; `ImageInterface.prepare_media` writes them."""
+
+    def __init__(self, folder: Path, tag: str) -> None:
+        self.folder, self.tag = Path(folder), tag
+
+    def file_for(self, path: str) -> Path:
+        stat = os.stat(path)
+        key = hashlib.sha1(f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}|{self.tag}".encode()).hexdigest()
+        return self.folder / f"{key}.safetensors"
+
+    def __call__(self, path: str) -> torch.Tensor:
+        file = self.file_for(path)
+        if not file.exists():
+            raise ValueError(f"no cached features for {path} (prepare_media was not run on it)")
+        return load_file(str(file))["features"].float()
+
+
 class ImageInterface(ModalityInterface):
     """One image becomes `num_query_tokens` LLM tokens.
 
@@ -49,6 +78,12 @@ class ImageInterface(ModalityInterface):
         instruction_aware: the text of the user turn holding each image joins the queries (InstructBLIP).
         text_tokenizer: tokenizer directory for the Q-Former's text side.
         max_text_tokens: longest Q-Former text (instruction or caption), in its own tokens.
+        feature_cache: folder for the frozen encoder's outputs, one safetensors file per image (keyed by
+            path, size, mtime and encoder). With it, `prepare_media` encodes each image once and training
+            reads features instead of pixels — the frozen encoder then costs nothing per epoch.
+        feature_positions: add a learned position embedding to the encoder tokens (needed for CNN feature
+            maps, whose tokens carry no position of their own; ViTs already have one). Needs a fixed
+            number of encoder tokens, given here (e.g. 49 for a 7×7 map).
         adapter: `linear` (BLIP-2) or `mlp` (LLaVA-1.5) projection to the LLM width.
         feature_layer: which encoder hidden state feeds the Q-Former (-1: the last).
         encoder_dtype: dtype of the frozen encoder (float32 on CPU; bfloat16 is for GPUs).
@@ -75,6 +110,8 @@ class ImageInterface(ModalityInterface):
         instruction_aware: bool = False,
         text_tokenizer: str | None = None,
         max_text_tokens: int = 64,
+        feature_positions: int | None = None,
+        feature_cache: str | None = None,
     ) -> None:
         super().__init__()
         if instruction_aware and not qformer_text:
@@ -91,6 +128,10 @@ class ImageInterface(ModalityInterface):
         self.processor = AutoImageProcessor.from_pretrained(encoder)
         # BLIP-2's `ln_vision`: a trainable LayerNorm on the frozen encoder's tokens.
         self.ln_features = nn.LayerNorm(self.encoder.hidden_size)
+        self.feature_positions = (
+            nn.Parameter(torch.randn(1, feature_positions, self.encoder.hidden_size) * POSITION_INIT_STD)
+            if feature_positions else None
+        )
         self.qformer = QFormer(
             encoder_hidden_size=self.encoder.hidden_size,
             num_query_tokens=num_query_tokens,
@@ -106,6 +147,8 @@ class ImageInterface(ModalityInterface):
         )
         self.adapter_kind = adapter
         self.adapter: nn.Module | None = None
+        self.feature_cache = Path(feature_cache) if feature_cache else None
+        self._cache_tag = json.dumps(["v2", encoder, feature_layer, self.processor.to_dict()], sort_keys=True, default=str)
 
     @property
     def num_tokens(self) -> int:
@@ -134,19 +177,52 @@ class ImageInterface(ModalityInterface):
         )
         return encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
 
-    def media_loader(self) -> ImageLoader:
+    def media_loader(self) -> ImageLoader | CachedFeatureLoader:
+        if self.feature_cache is not None:
+            return CachedFeatureLoader(self.feature_cache, self._cache_tag)
         return ImageLoader(self.processor)
 
     def load_media(self, path: str) -> torch.Tensor:
+        if self.feature_cache is not None:
+            self.prepare_media([path])
         return self.media_loader()(path)
 
+    @torch.no_grad()
+    def prepare_media(self, paths: list[str], batch_size: int = 32) -> int:
+        """Fill the feature cache for `paths` (no-op without `feature_cache`); returns how many were encoded."""
+        if self.feature_cache is None:
+            return 0
+        self.feature_cache.mkdir(parents=True, exist_ok=True)
+        loader = CachedFeatureLoader(self.feature_cache, self._cache_tag)
+        missing = sorted({p for p in paths if not loader.file_for(p).exists()})
+        images = ImageLoader(self.processor)
+        device = next(self.encoder.parameters()).device
+        for start in tqdm(range(0, len(missing), batch_size), desc="caching image features", disable=len(missing) < 64):
+            chunk = missing[start:start + batch_size]
+            # Stored in the encoder's own dtype: exactly what an uncached forward would give.
+            features = self.encoder(torch.stack([images(p) for p in chunk]).to(device)).to("cpu")
+            for path, tensor in zip(chunk, features):
+                save_file({"features": tensor.contiguous()}, str(loader.file_for(path)))
+        return len(missing)
+
     def encode_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Frozen encoder tokens, `[n_images, tokens, encoder_hidden]` (no gradient)."""
+        """Frozen encoder tokens, `[n_images, tokens, encoder_hidden]` (no gradient).
+
+        Items that are already cached features (`[n, tokens, hidden]`) pass through."""
+        if pixel_values.ndim == 3:
+            return pixel_values
         return self.encoder(pixel_values)
 
     def qformer_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """What the Q-Former cross-attends to: normalised frozen-encoder tokens."""
-        return self.ln_features(self.encode_features(pixel_values).float())
+        """What the Q-Former cross-attends to: normalised frozen-encoder tokens (+ learned positions)."""
+        features = self.ln_features(self.encode_features(pixel_values).float())
+        if self.feature_positions is not None:
+            if features.shape[1] != self.feature_positions.shape[1]:
+                raise ValueError(
+                    f"feature_positions={self.feature_positions.shape[1]} but the encoder gives {features.shape[1]} tokens"
+                )
+            features = features + self.feature_positions
+        return features
 
     def forward(self, pixel_values: torch.Tensor, instructions: list[str] | None = None) -> torch.Tensor:
         if self.adapter is None:

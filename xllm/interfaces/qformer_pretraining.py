@@ -8,8 +8,15 @@
 - ITM (image-text matching): a binary head on the mean query output of queries + text run jointly;
   each image gets a hard negative text, and each text a hard negative image, sampled in proportion to
   the ITC similarities, never the positive itself (nor an identical text).
+  Optionally, a yes/no statement's flipped twin ("... ? Yes" for "... ? No") is one more negative for
+  its own image.
 - ITG (image-grounded text generation): text decoded causally, seeing all queries; queries never see
   the text (`itg_attention_mask`). The LM head's output matrix is the frozen word-embedding table.
+
+- QA-ITM (question-aware matching, InstructBLIP-flavoured): for yes/no pairs, the question alone sits
+  beside the queries (the instruction-aware path used in every later stage) and the ITM head says
+  whether the image makes it true. One pass per pair, so it is the cheapest signal for CPU runs, and it
+  trains exactly the path that stages 1 and 2 use.
 
 Losses are weighted and switchable (weight 0 turns one off and skips its compute).
 """
@@ -32,6 +39,8 @@ class PretrainOutput:
     itc: torch.Tensor | None = None
     itm: torch.Tensor | None = None
     itg: torch.Tensor | None = None
+    qa_itm: torch.Tensor | None = None
+    qa_itm_accuracy: torch.Tensor | None = None
     itm_accuracy: torch.Tensor | None = None
     negative_texts: torch.Tensor | None = None  # for each image, the index of its ITM negative text
     negative_images: torch.Tensor | None = None  # for each text, the index of its ITM negative image
@@ -94,6 +103,7 @@ class QFormerPretrainer(nn.Module):
         itm_weight: weight of ITM (0 turns it off; ITM negatives come from ITC similarities).
         itg_weight: weight of ITG (0 turns it off).
         instruction_aware: the pair's instruction joins the queries when computing image embeddings.
+        qa_itm_weight: weight of question-aware matching on yes/no pairs (0 turns it off).
     """
 
     def __init__(
@@ -104,6 +114,7 @@ class QFormerPretrainer(nn.Module):
         itm_weight: float = 1.0,
         itg_weight: float = 1.0,
         instruction_aware: bool = False,
+        qa_itm_weight: float = 0.0,
     ) -> None:
         super().__init__()
         qformer = interface.qformer
@@ -111,7 +122,7 @@ class QFormerPretrainer(nn.Module):
             raise ValueError("Q-Former pretraining needs the Q-Former's text side (qformer_text: true)")
         hidden = qformer.hidden_size
         self.interface = interface
-        self.weights = {"itc": itc_weight, "itm": itm_weight, "itg": itg_weight}
+        self.weights = {"itc": itc_weight, "itm": itm_weight, "itg": itg_weight, "qa_itm": qa_itm_weight}
         self.instruction_aware = instruction_aware
         self.vision_proj = nn.Linear(hidden, embed_dim)
         self.text_proj = nn.Linear(hidden, embed_dim)
@@ -141,7 +152,12 @@ class QFormerPretrainer(nn.Module):
         instruction_ids: torch.Tensor | None = None,
         instruction_mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        flipped_ids: torch.Tensor | None = None,
+        flipped_mask: torch.Tensor | None = None,
+        has_flipped: torch.Tensor | None = None,
+        answers: torch.Tensor | None = None,
     ) -> PretrainOutput:
+        """`answers`: per pair 1 (yes), 0 (no) or -1 (not a yes/no pair), for QA-ITM."""
         features = self.interface.qformer_features(media)
         batch = features.shape[0]
         device = features.device
@@ -186,6 +202,11 @@ class QFormerPretrainer(nn.Module):
                                 torch.zeros(int(keep_t.sum() + keep_i.sum()), dtype=torch.long, device=device)])
             query_out, _ = self.qformer.joint(features[image_rows], text_ids[text_rows], text_mask[text_rows])
             logits = self.itm_head(query_out).mean(dim=1)
+            if flipped_ids is not None and has_flipped is not None and bool(has_flipped.any()):
+                rows = has_flipped.nonzero().flatten()
+                flipped_out, _ = self.qformer.joint(features[rows], flipped_ids[rows], flipped_mask[rows])
+                logits = torch.cat([logits, self.itm_head(flipped_out).mean(dim=1)])
+                labels = torch.cat([labels, torch.zeros(len(rows), dtype=torch.long, device=device)])
             losses["itm"] = F.cross_entropy(logits, labels)
             out.itm_accuracy = (logits.argmax(dim=1) == labels).float().mean()
 
@@ -195,6 +216,17 @@ class QFormerPretrainer(nn.Module):
             logits = F.linear(hidden, self.qformer.embeddings.word_embeddings.weight, self.lm_bias)
             targets = text_ids[:, 1:].masked_fill(text_mask[:, 1:] == 0, IGNORE_INDEX)
             losses["itg"] = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX)
+
+        if self.weights["qa_itm"] > 0:
+            if answers is None or instruction_ids is None:
+                raise ValueError("qa_itm needs the pairs' instructions and yes/no answers")
+            rows = (answers >= 0).nonzero().flatten()
+            if len(rows):
+                queries = self.qformer(features[rows], instruction_ids=instruction_ids[rows],
+                                       instruction_mask=instruction_mask[rows])
+                logits = self.itm_head(queries).mean(dim=1)
+                losses["qa_itm"] = F.cross_entropy(logits, answers[rows])
+                out.qa_itm_accuracy = (logits.argmax(dim=1) == answers[rows]).float().mean()
 
         for name, value in losses.items():
             setattr(out, name, value)

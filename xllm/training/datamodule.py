@@ -62,6 +62,8 @@ class XLLMDataModule(pl.LightningDataModule):
                 continue
             counter = SkipCounter()
             rows = build_tokenized_dataset(path, processor, self.media_root, self.on_bad_sample, counter)
+            for modality, interface in xllm.interfaces.items():
+                interface.prepare_media([p for media in rows["media"] for p in (media.get(modality) or [])])
             self.datasets[split] = ConversationDataset(rows, loaders, self.on_bad_sample)
             self.skipped[split] = counter
             self._report(split, path, len(rows), counter, truncated=sum(rows["truncated"]))
@@ -75,6 +77,7 @@ class XLLMDataModule(pl.LightningDataModule):
                 continue
             counter = SkipCounter()
             rows = build_pair_dataset(path, modality, self.media_root, self.on_bad_sample, counter)
+            interface.prepare_media(list(rows["path"]))
             self.datasets[split] = PairDataset(rows, interface.media_loader(), self.on_bad_sample)
             self.skipped[split] = counter
             self._report(split, path, len(rows), counter, truncated=0)

@@ -38,6 +38,8 @@ class PretrainSettings:
     itm_weight: float = 1.0
     itg_weight: float = 1.0
     embed_dim: int = 256
+    flipped_negatives: bool = True  # a yes/no statement's flipped answer is an extra ITM negative
+    qa_itm_weight: float = 0.0  # question-aware matching on yes/no pairs (see qformer_pretraining.py)
 
 
 class XLLMModule(pl.LightningModule):
@@ -100,10 +102,12 @@ class XLLMModule(pl.LightningModule):
             # No LLM object at all: stage 0 spends neither memory nor time on it.
             self.interfaces = nn.ModuleDict(interfaces)
             settings = asdict(pretrain or PretrainSettings())
+            self.flipped_negatives = settings["flipped_negatives"]
             (interface,) = interfaces.values()
             self.pretrainer = QFormerPretrainer(
                 interface, embed_dim=settings["embed_dim"], itc_weight=settings["itc_weight"],
                 itm_weight=settings["itm_weight"], itg_weight=settings["itg_weight"],
+                qa_itm_weight=settings["qa_itm_weight"],
                 instruction_aware=getattr(interface, "instruction_aware", False),
             )
             if init_adapter is not None:
@@ -184,12 +188,14 @@ class XLLMModule(pl.LightningModule):
         out = self.pretrainer(
             batch["media"], batch["text_ids"], batch["text_mask"], batch["pair_keys"],
             batch["instruction_ids"], batch["instruction_mask"],
+            answers=batch["answers"],
+            **({k: batch[k] for k in ("flipped_ids", "flipped_mask", "has_flipped")} if self.flipped_negatives else {}),
         )
         size = batch["media"].shape[0]
         on_step, sync = split == "train", split != "train"
         self.log(f"{split}/loss", out.loss, prog_bar=True, batch_size=size, on_step=on_step, on_epoch=not on_step,
                  sync_dist=sync)
-        for name in ("itc", "itm", "itg", "itm_accuracy"):
+        for name in ("itc", "itm", "itg", "itm_accuracy", "qa_itm", "qa_itm_accuracy"):
             value = getattr(out, name)
             if value is not None:
                 self.log(f"{split}/{name}", value, batch_size=size, on_step=on_step, on_epoch=not on_step, sync_dist=sync)

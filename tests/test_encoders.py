@@ -1,0 +1,54 @@
+"""Frozen encoders: a torchvision CNN by directory, and the frozen-feature cache."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import ViTImageProcessor
+
+from xllm.interfaces import ImageInterface
+from xllm.interfaces.encoders import FrozenVisionEncoder
+
+
+@pytest.fixture(scope="module")
+def mobilenet_dir(tmp_path_factory):
+    import torchvision
+
+    path = tmp_path_factory.mktemp("mobilenet")
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v2(weights=None)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
+    (path / "xllm_encoder.json").write_text(json.dumps(
+        {"library": "torchvision", "architecture": "mobilenet_v2", "module": "features", "hidden_size": 1280}))
+    ViTImageProcessor(size={"height": 64, "width": 64}).save_pretrained(path)
+    return path
+
+
+def test_torchvision_cnn_feature_map_becomes_tokens(mobilenet_dir):
+    encoder = FrozenVisionEncoder(str(mobilenet_dir))
+    assert encoder(torch.randn(2, 3, 64, 64)).shape == (2, 4, 1280)  # 2x2 map of 1280 channels
+    early = FrozenVisionEncoder(str(mobilenet_dir), feature_layer=17)
+    assert early.hidden_size == 160 and early(torch.randn(1, 3, 64, 64)).shape == (1, 4, 160)
+    assert not any(p.requires_grad for p in early.parameters()) and not early.model.training
+    with pytest.raises(ValueError, match="keep 1..19 blocks"):
+        FrozenVisionEncoder(str(mobilenet_dir), feature_layer=40)
+
+
+def test_feature_cache_matches_the_encoder_and_positions_apply(mobilenet_dir, tiny, tmp_path):
+    images = [str(tiny / "data" / "images" / f"train_000{i}.png") for i in range(3)]
+    cached = ImageInterface(str(mobilenet_dir), feature_layer=17, feature_positions=4, feature_cache=str(tmp_path),
+                            num_query_tokens=2, qformer_hidden_size=32, qformer_layers=1, qformer_heads=2,
+                            qformer_intermediate_size=32)
+    assert cached.prepare_media(images) == 3 and cached.prepare_media(images) == 0  # encoded once
+    features = torch.stack([cached.media_loader()(p) for p in images])
+    pixels = torch.stack([cached.processor(images=__import__("PIL.Image", fromlist=["Image"]).open(p).convert("RGB"),
+                                           return_tensors="pt")["pixel_values"][0] for p in images])
+    direct = cached.encode_features(pixels)
+    assert features.shape == direct.shape == (3, 4, 160)
+    assert torch.allclose(features, direct, rtol=1e-5, atol=0)
+    # Cached features and pixels take the same path from there on.
+    assert torch.allclose(cached.qformer_features(features), cached.qformer_features(pixels), atol=1e-5)
+    with pytest.raises(ValueError, match="feature_positions=5 but the encoder gives 4 tokens"):
+        ImageInterface(str(mobilenet_dir), feature_positions=5, num_query_tokens=2, qformer_hidden_size=32,
+                       qformer_layers=1, qformer_heads=2, qformer_intermediate_size=32).qformer_features(pixels)

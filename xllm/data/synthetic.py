@@ -1,0 +1,144 @@
+"""The demo's visual task, generated at demo time: coloured shapes on a 3×3 grid.
+
+Each image holds 1-3 shapes of distinct kinds (circle, square, triangle) in distinct cells, in one of four
+colours. Every image gets a caption, a multi-turn instruction conversation, and MME-style yes/no questions:
+for each of four categories (existence, count, colour, position) one question whose answer is "Yes" and
+one whose answer is "No", so that MME's acc+ (both questions of an image right) is defined.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (40, 70, 230), "yellow": (240, 210, 20)}
+SHAPES = ("circle", "square", "triangle")
+ROWS = ("top", "middle", "bottom")
+COLUMNS = ("left", "center", "right")
+COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
+CATEGORIES = ("existence", "count", "colour", "position")
+YES_NO_SUFFIX = ""  # MME adds " Please answer yes or no."; shorter sequences train faster on a CPU
+
+
+def position_name(row: int, column: int) -> str:
+    """`top left`, `top`, ..., `center`, ..., `bottom right`."""
+    if row == 1 and column == 1:
+        return "center"
+    if row == 1:
+        return COLUMNS[column]
+    if column == 1:
+        return ROWS[row]
+    return f"{ROWS[row]} {COLUMNS[column]}"
+
+
+@dataclass(frozen=True)
+class Item:
+    shape: str
+    colour: str
+    row: int
+    column: int
+
+    @property
+    def position(self) -> str:
+        return position_name(self.row, self.column)
+
+
+def sample_scene(rng: random.Random) -> list[Item]:
+    count = rng.randint(1, 3)
+    shapes = rng.sample(SHAPES, count)
+    cells = rng.sample([(r, c) for r in range(3) for c in range(3)], count)
+    return [Item(shape, rng.choice(list(COLOURS)), r, c) for shape, (r, c) in zip(shapes, cells)]
+
+
+def draw_scene(items: list[Item], rng: random.Random, size: int = 224):
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (size, size), (235, 235, 235))
+    draw = ImageDraw.Draw(image)
+    cell = size / 3
+    for item in items:
+        half = cell * rng.uniform(0.28, 0.4)
+        cx = cell * (item.column + 0.5) + rng.uniform(-0.08, 0.08) * cell
+        cy = cell * (item.row + 0.5) + rng.uniform(-0.08, 0.08) * cell
+        fill = COLOURS[item.colour]
+        if item.shape == "circle":
+            draw.ellipse((cx - half, cy - half, cx + half, cy + half), fill=fill)
+        elif item.shape == "square":
+            draw.rectangle((cx - half, cy - half, cx + half, cy + half), fill=fill)
+        else:
+            draw.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)], fill=fill)
+    return image
+
+
+def caption(items: list[Item]) -> str:
+    parts = [f"a {i.colour} {i.shape} at the {i.position}" for i in sorted(items, key=lambda i: (i.row, i.column))]
+    text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return text[0].upper() + text[1:] + "."
+
+
+def yes_no_questions(items: list[Item], rng: random.Random) -> list[tuple[str, str, str]]:
+    """(category, question, answer) — one Yes and one No per category."""
+    out = []
+    present = rng.choice(items)
+    absent = rng.choice([(c, s) for c in COLOURS for s in SHAPES
+                         if not any(i.colour == c and i.shape == s for i in items)])
+    out.append(("existence", f"Is there a {present.colour} {present.shape} in the image?", "Yes"))
+    out.append(("existence", f"Is there a {absent[0]} {absent[1]} in the image?", "No"))
+    wrong = rng.choice([n for n in COUNT_WORDS if n != len(items)])
+    out.append(("count", f"Are there {COUNT_WORDS[len(items)]} shapes in the image?", "Yes"))
+    out.append(("count", f"Are there {COUNT_WORDS[wrong]} shapes in the image?", "No"))
+    item = rng.choice(items)
+    other = rng.choice([c for c in COLOURS if c != item.colour])
+    out.append(("colour", f"Is the {item.shape} {item.colour}?", "Yes"))
+    out.append(("colour", f"Is the {item.shape} {other}?", "No"))
+    item = rng.choice(items)
+    elsewhere = rng.choice([position_name(r, c) for r in range(3) for c in range(3) if (r, c) != (item.row, item.column)])
+    out.append(("position", f"Is the {item.shape} at the {item.position}?", "Yes"))
+    out.append(("position", f"Is the {item.shape} at the {elsewhere}?", "No"))
+    return [(c, q + YES_NO_SUFFIX, a) for c, q, a in out]
+
+
+def build_split(out: Path, split: str, images: int, seed: int) -> dict[str, int]:
+    """Writes `images/{split}_*.png` and `{split}_captions.jsonl`, `{split}_chat.jsonl`, `{split}_yesno.jsonl`."""
+    rng = random.Random(seed)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    captions, chats, questions = [], [], []
+    for index in range(images):
+        items = sample_scene(rng)
+        name = f"images/{split}_{index:05d}.png"
+        draw_scene(items, rng).save(out / name)
+        image_id = f"{split}-{index}"
+        text = caption(items)
+        captions.append({"id": image_id, "image": name, "conversations": [
+            {"from": "human", "value": "<image>\nDescribe the image briefly."}, {"from": "gpt", "value": text}]})
+        asked = yes_no_questions(items, rng)
+        for number, (category, question, answer) in enumerate(asked):
+            questions.append({"id": f"{image_id}-{category}-{answer.lower()}", "image": name, "category": category,
+                              "image_id": image_id, "conversations": [
+                                  {"from": "human", "value": f"<image>\n{question}"},
+                                  {"from": "gpt", "value": answer}]})
+        first, second = rng.sample(asked, 2)
+        chats.append({"id": image_id, "image": name, "conversations": [
+            {"from": "human", "value": f"<image>\n{first[1]}"}, {"from": "gpt", "value": first[2]},
+            {"from": "human", "value": second[1]}, {"from": "gpt", "value": second[2]},
+            {"from": "human", "value": "Describe the image briefly."}, {"from": "gpt", "value": text}]})
+    for stem, rows in (("captions", captions), ("chat", chats), ("yesno", questions)):
+        with open(out / f"{split}_{stem}.jsonl", "w") as handle:
+            for row in rows:
+                handle.write(json.dumps(row) + "\n")
+    return {"images": images, "questions": len(questions)}
+
+
+def build_shapes_task(out: str | Path, train: int = 2000, val: int = 100, test: int = 200, seed: int = 0) -> Path:
+    """Three disjoint splits with fixed seeds (train, val and test never share a scene generator state)."""
+    out = Path(out)
+    stamp = out / "COMPLETE"
+    wanted = json.dumps({"train": train, "val": val, "test": test, "seed": seed, "version": 2})
+    if stamp.exists() and stamp.read_text() == wanted:
+        return out
+    for offset, (split, count) in enumerate((("train", train), ("val", val), ("test", test))):
+        build_split(out, split, count, seed * 1000 + offset)
+    stamp.write_text(wanted)
+    return out
