@@ -52,3 +52,27 @@ def test_feature_cache_matches_the_encoder_and_positions_apply(mobilenet_dir, ti
     with pytest.raises(ValueError, match="feature_positions=5 but the encoder gives 4 tokens"):
         ImageInterface(str(mobilenet_dir), feature_positions=5, num_query_tokens=2, qformer_hidden_size=32,
                        qformer_layers=1, qformer_heads=2, qformer_intermediate_size=32).qformer_features(pixels)
+
+
+def test_sincos_positions_are_fixed_and_distinct():
+    from xllm.interfaces.image import sincos_2d
+
+    positions = sincos_2d(49, 160)[0]
+    assert positions.shape == (49, 160)
+    distances = torch.cdist(positions, positions) + torch.eye(49) * 1e9
+    assert distances.min() > 0.1  # every cell has its own code
+    # Row code depends only on the row: cells 0 and 1 share the first half, cells 0 and 7 the second.
+    assert torch.equal(positions[0, :80], positions[1, :80]) and torch.equal(positions[0, 80:], positions[7, 80:])
+    with pytest.raises(ValueError, match="square map"):
+        sincos_2d(50, 160)
+
+
+def test_corrupt_image_with_a_feature_cache_is_named_not_fatal(mobilenet_dir, tiny, tmp_path):
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"not an image")
+    good = str(tiny / "data" / "images" / "train_0000.png")
+    interface = ImageInterface(str(mobilenet_dir), feature_cache=str(tmp_path / "cache"), num_query_tokens=2,
+                               qformer_hidden_size=32, qformer_layers=1, qformer_heads=2, qformer_intermediate_size=32)
+    assert interface.prepare_media([good, str(corrupt)]) == 1
+    with pytest.raises(ValueError, match="cannot decode image .*corrupt.png"):
+        interface.media_loader()(str(corrupt))

@@ -43,11 +43,27 @@ class ImageLoader:
 POSITION_INIT_STD = 0.5
 
 
+def sincos_2d(tokens: int, dim: int) -> torch.Tensor:
+    """`[1, tokens, dim]` fixed 2-D sine-cosine positions for a square `sqrt(tokens)²` map (MAE's recipe)."""
+    side = int(round(tokens ** 0.5))
+    if side * side != tokens or dim % 4:
+        raise ValueError(f"sincos2d positions need a square map and dim % 4 == 0, got {tokens} tokens, dim {dim}")
+    quarter = dim // 4
+    frequencies = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter))
+    rows, columns = torch.meshgrid(torch.arange(side, dtype=torch.float32), torch.arange(side, dtype=torch.float32),
+                                   indexing="ij")
+    parts = []
+    for grid in (rows.flatten(), columns.flatten()):
+        angles = grid[:, None] * frequencies[None]
+        parts += [angles.sin(), angles.cos()]
+    return torch.cat(parts, dim=1)[None]
+
+
 class CachedFeatureLoader:
     """Reads one image's cached encoder features; `ImageInterface.prepare_media` writes them."""
 
-    def __init__(self, folder: Path, tag: str) -> None:
-        self.folder, self.tag = Path(folder), tag
+    def __init__(self, folder: Path, tag: str, images: ImageLoader | None = None) -> None:
+        self.folder, self.tag, self.images = Path(folder), tag, images
 
     def file_for(self, path: str) -> Path:
         stat = os.stat(path)
@@ -57,6 +73,8 @@ class CachedFeatureLoader:
     def __call__(self, path: str) -> torch.Tensor:
         file = self.file_for(path)
         if not file.exists():
+            if self.images is not None:
+                self.images(path)  # a file that cannot be decoded raises its own, precise error here
             raise ValueError(f"no cached features for {path} (prepare_media was not run on it)")
         return load_file(str(file))["features"].float()
 
@@ -84,6 +102,8 @@ class ImageInterface(ModalityInterface):
         feature_positions: add a learned position embedding to the encoder tokens (needed for CNN feature
             maps, whose tokens carry no position of their own; ViTs already have one). Needs a fixed
             number of encoder tokens, given here (e.g. 49 for a 7×7 map).
+        feature_position_kind: `learned` (BLIP-2/ViT style) or `sincos2d` (fixed row/column sine-cosine codes,
+            as in MAE, for a square map: location is readable from the first step, nothing to learn).
         adapter: `linear` (BLIP-2) or `mlp` (LLaVA-1.5) projection to the LLM width.
         feature_layer: which encoder hidden state feeds the Q-Former (-1: the last).
         encoder_dtype: dtype of the frozen encoder (float32 on CPU; bfloat16 is for GPUs).
@@ -112,6 +132,7 @@ class ImageInterface(ModalityInterface):
         max_text_tokens: int = 64,
         feature_positions: int | None = None,
         feature_cache: str | None = None,
+        feature_position_kind: Literal["learned", "sincos2d"] = "learned",
     ) -> None:
         super().__init__()
         if instruction_aware and not qformer_text:
@@ -128,10 +149,16 @@ class ImageInterface(ModalityInterface):
         self.processor = AutoImageProcessor.from_pretrained(encoder)
         # BLIP-2's `ln_vision`: a trainable LayerNorm on the frozen encoder's tokens.
         self.ln_features = nn.LayerNorm(self.encoder.hidden_size)
-        self.feature_positions = (
-            nn.Parameter(torch.randn(1, feature_positions, self.encoder.hidden_size) * POSITION_INIT_STD)
-            if feature_positions else None
-        )
+        if feature_positions and feature_position_kind == "learned":
+            self.feature_positions = nn.Parameter(
+                torch.randn(1, feature_positions, self.encoder.hidden_size) * POSITION_INIT_STD
+            )
+        elif feature_positions:
+            self.register_buffer(
+                "feature_positions", sincos_2d(feature_positions, self.encoder.hidden_size), persistent=False
+            )
+        else:
+            self.feature_positions = None
         self.qformer = QFormer(
             encoder_hidden_size=self.encoder.hidden_size,
             num_query_tokens=num_query_tokens,
@@ -179,7 +206,7 @@ class ImageInterface(ModalityInterface):
 
     def media_loader(self) -> ImageLoader | CachedFeatureLoader:
         if self.feature_cache is not None:
-            return CachedFeatureLoader(self.feature_cache, self._cache_tag)
+            return CachedFeatureLoader(self.feature_cache, self._cache_tag, ImageLoader(self.processor))
         return ImageLoader(self.processor)
 
     def load_media(self, path: str) -> torch.Tensor:
@@ -197,13 +224,23 @@ class ImageInterface(ModalityInterface):
         missing = sorted({p for p in paths if not loader.file_for(p).exists()})
         images = ImageLoader(self.processor)
         device = next(self.encoder.parameters()).device
+        encoded = 0
         for start in tqdm(range(0, len(missing), batch_size), desc="caching image features", disable=len(missing) < 64):
-            chunk = missing[start:start + batch_size]
+            chunk, pixels = [], []
+            for path in missing[start:start + batch_size]:
+                try:
+                    pixels.append(images(path))
+                    chunk.append(path)
+                except (OSError, ValueError):
+                    continue  # left uncached: loading it later raises (or skips) naming its record
+            if not chunk:
+                continue
             # Stored in the encoder's own dtype: exactly what an uncached forward would give.
-            features = self.encoder(torch.stack([images(p) for p in chunk]).to(device)).to("cpu")
+            features = self.encoder(torch.stack(pixels).to(device)).to("cpu")
+            encoded += len(chunk)
             for path, tensor in zip(chunk, features):
                 save_file({"features": tensor.contiguous()}, str(loader.file_for(path)))
-        return len(missing)
+        return encoded
 
     def encode_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Frozen encoder tokens, `[n_images, tokens, encoder_hidden]` (no gradient).
