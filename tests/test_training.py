@@ -127,6 +127,10 @@ def test_stage2_lora_starts_from_stage1_adapter(tiny, tmp_path):
         assert torch.equal(state[key], tensor), key
     lora_keys = [k for k in state if "lora_" in k]
     assert lora_keys and all(k.startswith("llm.") for k in lora_keys)
+    stage2.train()  # as Lightning does: the frozen LLM stays in eval, LoRA's dropout trains
+    modes = {n: m.training for n, m in stage2.model.llm.named_modules()}
+    assert any(v for n, v in modes.items() if "lora_dropout" in n)
+    assert not any(v for n, v in modes.items() if n.endswith("self_attn") or n.endswith("mlp"))
     base_before = {n: p.detach().clone() for n, p in stage2.model.llm.named_parameters() if not p.requires_grad}
     fit(stage2, tiny, tmp_path, steps=2, file="train_chat.jsonl")
     for name, parameter in stage2.model.llm.named_parameters():

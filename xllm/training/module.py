@@ -134,9 +134,10 @@ class XLLMModule(pl.LightningModule):
         return [m for interface in self.interfaces.values() for m in interface.frozen_modules()]
 
     def train(self, mode: bool = True) -> XLLMModule:
-        super().train(mode)  # XLLM.train keeps its frozen parts in eval; stage 0 does the same here
-        for module in self.frozen_modules():
-            module.eval()
+        super().train(mode)  # reaches XLLM.train, which keeps frozen parts in eval (LoRA dropout excepted)
+        if self.model is None:  # stage 0 has no XLLM: keep the frozen encoder and tables in eval here
+            for module in self.frozen_modules():
+                module.eval()
         return self
 
     # --- bookkeeping ------------------------------------------------------------------------------
