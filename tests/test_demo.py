@@ -17,12 +17,14 @@ def test_shortened_demo_learns_above_chance(tmp_path):
     assert not missing, f"the Makefile installs the demo packages; missing: {missing}"
     result = demo([
         "--out", str(tmp_path / "runs"), "--data", str(tmp_path / "data"), "--models", str(tmp_path / "models"),
-        "--time_scale", "0.75", "--train_images", "800", "--test_images", "30",
+        # The full demo's time budget: shorter runs sit on the stage-0 plateau and were measured flaky
+        # (0.75 of it: counting reached 0.88 in one CI run, 0.65 in the next).
+        "--time_scale", "1.0", "--train_images", "1200", "--test_images", "30",
     ])
     before, after = result["before"]["all"], result["after"]["all"]
     assert after["questions"] == 240
-    # Chance is 0.5 ± 0.032 (one sigma on 240 questions). Counting is learned first and reliably
-    # (0.88-1.0 in every run so far); the other categories need the full demo's time.
+    # Chance is 0.5 ± 0.032 (one sigma on 240 questions). Full-budget runs measured: counting 0.98 / 0.90,
+    # overall 0.74 / 0.70 (seeds 0 / 1); a broken splice or frozen-LLM bug leaves both at 0.5.
     assert result["after"]["count"]["acc"] >= 0.75, result["after"]
-    assert after["acc"] >= 0.56 and after["acc"] >= before["acc"] + 0.05, (before, after)
+    assert after["acc"] >= 0.58 and after["acc"] >= before["acc"] + 0.08, (before, after)
     assert (tmp_path / "runs" / "report.md").read_text().count("|") > 20
