@@ -26,6 +26,15 @@ class ThroughputLogger(pl.Callback):
         self.peak_tflops = peak_tflops
         self._start = 0.0
 
+    def on_train_start(self, trainer: pl.Trainer, module: Any) -> None:
+        # Parameter counts do not change during fit: count once, not on every step.
+        model = module.model
+        self._counts = None if model is None else (
+            sum(p.numel() for p in model.llm.parameters() if not p.requires_grad),
+            sum(p.numel() for p in model.llm.parameters() if p.requires_grad),
+            sum(p.numel() for p in model.interfaces.parameters() if p.requires_grad),
+        )
+
     def on_train_batch_start(self, trainer: pl.Trainer, module: Any, batch: Any, batch_idx: int) -> None:
         self._start = time.perf_counter()
 
@@ -42,9 +51,7 @@ class ThroughputLogger(pl.Callback):
         )
         text_tokens = int(batch["attention_mask"].sum()) - sum(int(t.shape[0]) for t in batch["media"].values())
         tokens = text_tokens + media_tokens
-        llm_frozen = sum(p.numel() for p in model.llm.parameters() if not p.requires_grad)
-        llm_trained = sum(p.numel() for p in model.llm.parameters() if p.requires_grad)
-        interface_trained = sum(p.numel() for p in model.interfaces.parameters() if p.requires_grad)
+        llm_frozen, llm_trained, interface_trained = self._counts
         flops = tokens * (4 * llm_frozen + 6 * llm_trained) + media_tokens * 6 * interface_trained
         tflops = flops / seconds / 1e12
         metrics = {
