@@ -109,9 +109,11 @@ def test_pretrainer_losses_fall_and_switch_off(tiny):
     assert out.itg is None and out.itc is not None and out.itm is not None
     assert torch.isclose(out.loss, out.itc + out.itm)
     pretrainer = QFormerPretrainer(interface, embed_dim=16, itm_weight=0.0, itg_weight=0.0, instruction_aware=True)
-    optimizer = torch.optim.AdamW([p for p in pretrainer.parameters() if p.requires_grad], lr=3e-3)
+    # lr 1e-3: at 3e-3 the loss fell then jumped back on some CPUs (chaotic); at 1e-3 over 8 seeds the
+    # loss after 40 steps was 0.02-0.31 of the first.
+    optimizer = torch.optim.AdamW([p for p in pretrainer.parameters() if p.requires_grad], lr=1e-3)
     first = None
-    for _ in range(30):
+    for _ in range(40):
         out = pretrainer(pixels, ids, mask, texts, ids, mask)
         first = first if first is not None else out.itc.item()
         optimizer.zero_grad()
