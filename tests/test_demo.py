@@ -23,8 +23,10 @@ def test_shortened_demo_learns_above_chance(tmp_path):
     ])
     before, after = result["before"]["all"], result["after"]["all"]
     assert after["questions"] == 240
-    # Chance is 0.5 ± 0.032 (one sigma on 240 questions). Full-budget runs measured: counting 0.98 / 0.90,
-    # overall 0.74 / 0.70 (seeds 0 / 1); a broken splice or frozen-LLM bug leaves both at 0.5.
-    assert result["after"]["count"]["acc"] >= 0.75, result["after"]
-    assert after["acc"] >= 0.58 and after["acc"] >= before["acc"] + 0.08, (before, after)
+    # Chance is 0.5 ± 0.032 (one sigma on 240 questions). Full-budget runs measured on 480 questions: overall
+    # 0.975 / 0.954 (seeds 0 / 1), counting 0.975 / 1.0. Stage 0 learns in jumps (counting, then existence
+    # and colour, position last), so a slower CI machine may miss the last jump: the bounds leave room for
+    # position at chance. A broken splice or frozen-LLM bug leaves everything at 0.5.
+    assert result["after"]["count"]["acc"] >= 0.8, result["after"]
+    assert after["acc"] >= 0.75 and after["acc"] >= before["acc"] + 0.2, (before, after)
     assert (tmp_path / "runs" / "report.md").read_text().count("|") > 20

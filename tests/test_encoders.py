@@ -76,3 +76,21 @@ def test_corrupt_image_with_a_feature_cache_is_named_not_fatal(mobilenet_dir, ti
     assert interface.prepare_media([good, str(corrupt)]) == 1
     with pytest.raises(ValueError, match="cannot decode image .*corrupt.png"):
         interface.media_loader()(str(corrupt))
+
+
+def test_factorised_positions_share_rows_and_columns_and_train(mobilenet_dir):
+    interface = ImageInterface(str(mobilenet_dir), feature_positions=4, feature_position_kind="factorised",
+                               num_query_tokens=2, qformer_hidden_size=32, qformer_layers=1, qformer_heads=2,
+                               qformer_intermediate_size=32)
+    positions = interface.feature_positions()
+    assert positions.shape == (1, 4, interface.encoder.hidden_size)
+    # A 2x2 map: cells 0,1 share a row, 0,2 a column, so their differences are the column/row differences.
+    assert torch.allclose(positions[0, 1] - positions[0, 0], positions[0, 3] - positions[0, 2], atol=1e-6)
+    assert torch.allclose(positions[0, 2] - positions[0, 0], positions[0, 3] - positions[0, 1], atol=1e-6)
+    names = {n for n, p in interface.named_parameters() if p.requires_grad}
+    assert {"feature_positions.rows", "feature_positions.columns"} <= names
+    features = torch.zeros(1, 4, interface.encoder.hidden_size)
+    assert torch.allclose(interface.qformer_features(features), interface.ln_features(features) + positions)
+    with pytest.raises(ValueError, match="square map"):
+        ImageInterface(str(mobilenet_dir), feature_positions=5, feature_position_kind="factorised", num_query_tokens=2,
+                       qformer_hidden_size=32, qformer_layers=1, qformer_heads=2, qformer_intermediate_size=32)

@@ -66,7 +66,9 @@ class PairDataset(torch.utils.data.Dataset):
     """Items `{"id", "media": tensor, "text", "instruction"}` or `{"skipped": BadSampleError}`."""
 
     def __init__(self, rows: datasets.Dataset, load: MediaLoader, on_bad_sample: OnBadSample = "error") -> None:
-        self.rows, self.load, self.on_bad_sample = rows, load, on_bad_sample
+        # Pairs are a few short strings each: plain Python rows index ~10x faster than Arrow rows, which
+        # matters at stage 0's large batches on a CPU.
+        self.rows, self.load, self.on_bad_sample = rows.to_list(), load, on_bad_sample
 
     def __len__(self) -> int:
         return len(self.rows)

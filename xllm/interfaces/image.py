@@ -38,6 +38,26 @@ class ImageLoader:
         return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
 
 
+class RowColumnPositions(nn.Module):
+    """Learned 2-D positions for a square map: one vector per row plus one per column.
+
+    Cells of a row share their row vector, so a word like "top" has one thing to match instead of one
+    random code per cell; measured on the demo's task it learns position questions in fewer steps than
+    one learned vector per cell (GPU sweep, 5 seeds) and needs 2·side vectors instead of side².
+    """
+
+    def __init__(self, tokens: int, dim: int, std: float) -> None:
+        super().__init__()
+        side = int(round(tokens ** 0.5))
+        if side * side != tokens:
+            raise ValueError(f"factorised positions need a square map, got {tokens} tokens")
+        self.rows = nn.Parameter(torch.randn(side, 1, dim) * std)
+        self.columns = nn.Parameter(torch.randn(1, side, dim) * std)
+
+    def forward(self) -> torch.Tensor:
+        return (self.rows + self.columns).reshape(1, -1, self.rows.shape[-1])
+
+
 # Encoder tokens are LayerNorm-ed to unit scale before the positions are added; positions at BERT's usual
 # 0.02 would start ~50x below the content and take thousands of steps to matter.
 POSITION_INIT_STD = 0.5
@@ -60,10 +80,15 @@ def sincos_2d(tokens: int, dim: int) -> torch.Tensor:
 
 
 class CachedFeatureLoader:
-    """Reads one image's cached encoder features; `ImageInterface.prepare_media` writes them."""
+    """Reads one image's cached encoder features; `ImageInterface.prepare_media` writes them.
 
-    def __init__(self, folder: Path, tag: str, images: ImageLoader | None = None) -> None:
+    Features read once stay in memory up to `memory_bytes` (a small dataset's features are then read from
+    disk once per run, not once per epoch); beyond that they are read from disk each time."""
+
+    def __init__(self, folder: Path, tag: str, images: ImageLoader | None = None, memory_bytes: int = 2 << 30) -> None:
         self.folder, self.tag, self.images = Path(folder), tag, images
+        self.memory_bytes, self.held_bytes = memory_bytes, 0
+        self.held: dict[str, torch.Tensor] = {}
 
     def file_for(self, path: str) -> Path:
         stat = os.stat(path)
@@ -71,12 +96,18 @@ class CachedFeatureLoader:
         return self.folder / f"{key}.safetensors"
 
     def __call__(self, path: str) -> torch.Tensor:
+        if path in self.held:
+            return self.held[path]
         file = self.file_for(path)
         if not file.exists():
             if self.images is not None:
                 self.images(path)  # a file that cannot be decoded raises its own, precise error here
             raise ValueError(f"no cached features for {path} (prepare_media was not run on it)")
-        return load_file(str(file))["features"].float()
+        features = load_file(str(file))["features"].float()
+        size = features.numel() * features.element_size()
+        if self.held_bytes + size <= self.memory_bytes:
+            self.held[path], self.held_bytes = features, self.held_bytes + size
+        return features
 
 
 class ImageInterface(ModalityInterface):
@@ -102,7 +133,8 @@ class ImageInterface(ModalityInterface):
         feature_positions: add a learned position embedding to the encoder tokens (needed for CNN feature
             maps, whose tokens carry no position of their own; ViTs already have one). Needs a fixed
             number of encoder tokens, given here (e.g. 49 for a 7×7 map).
-        feature_position_kind: `learned` (BLIP-2/ViT style) or `sincos2d` (fixed row/column sine-cosine codes,
+        feature_position_kind: `learned` (one vector per token, BLIP-2/ViT style), `factorised` (learned row
+            + column vectors for a square map; fastest to learn in the demo) or `sincos2d` (fixed row/column sine-cosine codes,
             as in MAE, for a square map: location is readable from the first step, nothing to learn).
         adapter: `linear` (BLIP-2) or `mlp` (LLaVA-1.5) projection to the LLM width.
         feature_layer: which encoder hidden state feeds the Q-Former (-1: the last).
@@ -132,7 +164,7 @@ class ImageInterface(ModalityInterface):
         max_text_tokens: int = 64,
         feature_positions: int | None = None,
         feature_cache: str | None = None,
-        feature_position_kind: Literal["learned", "sincos2d"] = "learned",
+        feature_position_kind: Literal["learned", "factorised", "sincos2d"] = "learned",
     ) -> None:
         super().__init__()
         if instruction_aware and not qformer_text:
@@ -153,6 +185,8 @@ class ImageInterface(ModalityInterface):
             self.feature_positions = nn.Parameter(
                 torch.randn(1, feature_positions, self.encoder.hidden_size) * POSITION_INIT_STD
             )
+        elif feature_positions and feature_position_kind == "factorised":
+            self.feature_positions = RowColumnPositions(feature_positions, self.encoder.hidden_size, POSITION_INIT_STD)
         elif feature_positions:
             self.register_buffer(
                 "feature_positions", sincos_2d(feature_positions, self.encoder.hidden_size), persistent=False
@@ -254,11 +288,11 @@ class ImageInterface(ModalityInterface):
         """What the Q-Former cross-attends to: normalised frozen-encoder tokens (+ learned positions)."""
         features = self.ln_features(self.encode_features(pixel_values).float())
         if self.feature_positions is not None:
-            if features.shape[1] != self.feature_positions.shape[1]:
-                raise ValueError(
-                    f"feature_positions={self.feature_positions.shape[1]} but the encoder gives {features.shape[1]} tokens"
-                )
-            features = features + self.feature_positions
+            positions = self.feature_positions
+            positions = positions() if isinstance(positions, nn.Module) else positions
+            if features.shape[1] != positions.shape[1]:
+                raise ValueError(f"feature_positions={positions.shape[1]} but the encoder gives {features.shape[1]} tokens")
+            features = features + positions
         return features
 
     def forward(self, pixel_values: torch.Tensor, instructions: list[str] | None = None) -> torch.Tensor:
