@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 from transformers import ViTImageProcessor
 
 from xllm.interfaces import ImageInterface
+from xllm.interfaces.image import CachedFeatureLoader
 from xllm.interfaces.encoders import FrozenVisionEncoder
 
 
@@ -47,6 +48,11 @@ def test_feature_cache_matches_the_encoder_and_positions_apply(mobilenet_dir, ti
     direct = cached.encode_features(pixels)
     assert features.shape == direct.shape == (3, 4, 160)
     assert torch.allclose(features, direct, rtol=1e-5, atol=0)
+    # Read once, then held in memory within the loader's byte budget (one image's features here).
+    loader = CachedFeatureLoader(tmp_path, cached._cache_tag, memory_bytes=features[0].numel() * 4)
+    first = loader(images[0])
+    assert loader(images[0]) is first and torch.equal(first, features[0])
+    assert torch.equal(loader(images[1]), features[1]) and list(loader.held) == [images[0]]
     # Cached features and pixels take the same path from there on.
     assert torch.allclose(cached.qformer_features(features), cached.qformer_features(pixels), atol=1e-5)
     with pytest.raises(ValueError, match="feature_positions=5 but the encoder gives 4 tokens"):
