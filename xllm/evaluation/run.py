@@ -35,7 +35,9 @@ def _media_text(processor: Any, records: list[dict]) -> dict[str, list[str]]:
 
 
 @torch.no_grad()
-def _teacher_forced_loss(model: Any, records: list[dict], max_length: int) -> list[tuple[float, int]]:
+def _teacher_forced_loss(
+    model: Any, records: list[dict], media: dict[str, torch.Tensor], max_length: int
+) -> list[tuple[float, int]]:
     """Per record: (summed next-token loss over assistant tokens, number of those tokens)."""
     processor = model.processor(max_length=max_length)
     items = []
@@ -44,7 +46,7 @@ def _teacher_forced_loss(model: Any, records: list[dict], max_length: int) -> li
         items.append({"id": record["id"], "input_ids": encoded["input_ids"], "labels": encoded["labels"], "media": {}})
     batch = ConversationCollator(pad_token_id=model.tokenizer.pad_token_id)(items)
     device = next(model.parameters()).device
-    media = {m: t.to(device) for m, t in _media_batch(model, records).items()}
+    media = {m: t.to(device) for m, t in media.items()}
     embeds, mask, labels = model.embed_inputs(
         batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device), media,
         media_text=_media_text(processor, records),
@@ -95,11 +97,12 @@ def evaluate(
             turns = record["conversations"]
             last = max(i for i, t in enumerate(turns) if t["from"] == "assistant")
             prompts.append(processor.encode_prompt(turns[:last]))
+        media = _media_batch(model, chunk)  # decoded once, used by generation and by the loss
         predictions = model.generate(
-            prompts, _media_batch(model, chunk), max_new_tokens=max_new_tokens,
+            prompts, media, max_new_tokens=max_new_tokens,
             media_text=_media_text(processor, chunk), do_sample=False,
         )
-        losses = _teacher_forced_loss(model, chunk, max_length)
+        losses = _teacher_forced_loss(model, chunk, media, max_length)
         for record, prediction, (loss_sum, tokens) in zip(chunk, predictions, losses):
             turns = record["conversations"]
             last = max(i for i, t in enumerate(turns) if t["from"] == "assistant")
