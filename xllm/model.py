@@ -216,19 +216,14 @@ class XLLM(nn.Module):
         embeds, mask, labels = self.embed_inputs(input_ids, attention_mask, labels, media, media_text=media_text)
         return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels, use_cache=False)
 
-    @torch.no_grad()
-    def generate(
+    def embed_prompts(
         self,
         input_ids: list[list[int]] | torch.Tensor,
         media: dict[str, torch.Tensor],
-        max_new_tokens: int = 64,
         media_text: dict[str, list[str]] | None = None,
-        **generate_kwargs: Any,
-    ) -> list[str]:
-        """Generate replies from prompts (token ids with sentinels, e.g. `processor().encode_prompt(...)`).
-
-        Uses the LLM's KV cache; returns the decoded new text of each prompt.
-        """
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts (token ids with sentinels) left-padded into one batch, media spliced in, on the LLM's device:
+        `(inputs_embeds, attention_mask)`, so every prompt's next token sits in the last column."""
         device = input_embeddings(self.llm).weight.device
         if isinstance(input_ids, torch.Tensor):
             rows = [r.tolist() for r in input_ids]
@@ -244,6 +239,22 @@ class XLLM(nn.Module):
         embeds, mask, _ = self.embed_inputs(
             ids.to(device), mask.to(device), None, media, padding_side="left", media_text=media_text
         )
+        return embeds, mask
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: list[list[int]] | torch.Tensor,
+        media: dict[str, torch.Tensor],
+        max_new_tokens: int = 64,
+        media_text: dict[str, list[str]] | None = None,
+        **generate_kwargs: Any,
+    ) -> list[str]:
+        """Generate replies from prompts (token ids with sentinels, e.g. `processor().encode_prompt(...)`).
+
+        Uses the LLM's KV cache; returns the decoded new text of each prompt.
+        """
+        embeds, mask = self.embed_prompts(input_ids, media, media_text)
         pad = self.tokenizer.pad_token_id
         output = self.llm.generate(
             inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad,

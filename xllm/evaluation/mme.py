@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from xllm.data.records import read_records
+from xllm.evaluation.run import media_batch, media_text_batch, prepare_record_media
 
 
 def answer_token_ids(tokenizer: Any) -> tuple[int, int]:
@@ -30,28 +31,13 @@ def score_yes_no(model: Any, records: list[dict], batch_size: int = 32) -> list[
     """Per record: `{"id", "category", "image_id", "reference", "prediction", "margin"}`."""
     processor = model.processor()
     yes_id, no_id = answer_token_ids(model.tokenizer)
-    interface_items = model.interfaces.items()
-    for modality, interface in interface_items:
-        interface.prepare_media([p for r in records for p in r["media"].get(modality, [])])
-    device = next(model.parameters()).device
+    prepare_record_media(model, records)
     results = []
     model.eval()
     for start in range(0, len(records), batch_size):
         chunk = records[start:start + batch_size]
         prompts = [processor.encode_prompt(r["conversations"][:-1]) for r in chunk]
-        length = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), length), model.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, prompt in enumerate(prompts):
-            ids[row, length - len(prompt):] = torch.tensor(prompt)
-            mask[row, length - len(prompt):] = 1
-        media, media_text = {}, {}
-        for modality, interface in interface_items:
-            items = [interface.load_media(p) for r in chunk for p in r["media"].get(modality, [])]
-            if items:
-                media[modality] = interface.collate_media(items).to(device)
-                media_text[modality] = [t for r in chunk for t in processor.media_instructions(r["conversations"])[modality]]
-        embeds, attention, _ = model.embed_inputs(ids.to(device), mask.to(device), None, media, "left", media_text)
+        embeds, attention = model.embed_prompts(prompts, media_batch(model, chunk), media_text_batch(processor, chunk))
         logits = model.llm(inputs_embeds=embeds, attention_mask=attention, use_cache=False).logits[:, -1].float()
         margins = (logits[:, yes_id] - logits[:, no_id]).tolist()
         for record, margin in zip(chunk, margins):

@@ -16,7 +16,14 @@ from xllm.data.records import read_records
 from xllm.evaluation.metrics import summarize
 
 
-def _media_batch(model: Any, records: list[dict]) -> dict[str, torch.Tensor]:
+def prepare_record_media(model: Any, records: list[dict]) -> None:
+    """Let each interface prepare (e.g. cache features of) every media item of `records` once."""
+    for modality, interface in model.interfaces.items():
+        interface.prepare_media([p for r in records for p in r["media"].get(modality, [])])
+
+
+def media_batch(model: Any, records: list[dict]) -> dict[str, torch.Tensor]:
+    """The records' media, loaded and collated per modality (in record order)."""
     media: dict[str, torch.Tensor] = {}
     for modality, interface in model.interfaces.items():
         items = [interface.load_media(path) for record in records for path in record["media"].get(modality, [])]
@@ -25,7 +32,7 @@ def _media_batch(model: Any, records: list[dict]) -> dict[str, torch.Tensor]:
     return media
 
 
-def _media_text(processor: Any, records: list[dict]) -> dict[str, list[str]]:
+def media_text_batch(processor: Any, records: list[dict]) -> dict[str, list[str]]:
     """Per media item, the text of the user turn holding it (read by instruction-aware interfaces)."""
     out: dict[str, list[str]] = {}
     for record in records:
@@ -49,7 +56,7 @@ def _teacher_forced_loss(
     media = {m: t.to(device) for m, t in media.items()}
     embeds, mask, labels = model.embed_inputs(
         batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device), media,
-        media_text=_media_text(processor, records),
+        media_text=media_text_batch(processor, records),
     )
     # Per-row sums (the LLM's own loss is a batch mean).
     logits = model.llm(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits[:, :-1].float()
@@ -86,8 +93,7 @@ def evaluate(
     """
     model = load_adapter(adapter, llm=llm)
     records = read_records(data, list(model.interfaces), media_root)[:limit]
-    for modality, interface in model.interfaces.items():
-        interface.prepare_media([p for r in records for p in r["media"].get(modality, [])])
+    prepare_record_media(model, records)
     processor = model.processor(max_length=max_length)
     samples: list[dict[str, Any]] = []
     for start in range(0, len(records), batch_size):
@@ -97,10 +103,10 @@ def evaluate(
             turns = record["conversations"]
             last = max(i for i, t in enumerate(turns) if t["from"] == "assistant")
             prompts.append(processor.encode_prompt(turns[:last]))
-        media = _media_batch(model, chunk)  # decoded once, used by generation and by the loss
+        media = media_batch(model, chunk)  # decoded once, used by generation and by the loss
         predictions = model.generate(
             prompts, media, max_new_tokens=max_new_tokens,
-            media_text=_media_text(processor, chunk), do_sample=False,
+            media_text=media_text_batch(processor, chunk), do_sample=False,
         )
         losses = _teacher_forced_loss(model, chunk, media, max_length)
         for record, prediction, (loss_sum, tokens) in zip(chunk, predictions, losses):
