@@ -142,10 +142,10 @@ def main(argv: list[str] | None = None) -> dict:
     trained = load_adapter(out / "stage2" / "adapter")
     test = load_yes_no(str(data / "test_yesno.jsonl"), trained)
     after = mme_table(score_yes_no(trained, test))
+    exchange = chat(trained, data)
     del trained
     before = mme_table(score_yes_no(untrained_model(out), test))
-    timings["evaluate"] = time.perf_counter() - step
-    exchange = chat(load_adapter(out / "stage2" / "adapter"), data)
+    timings["evaluate"] = time.perf_counter() - step  # includes the chat
     timings["total"] = time.perf_counter() - started
 
     table = format_table(before, after)
