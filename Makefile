@@ -32,10 +32,10 @@ demo: $(STAMP)
 
 # Tiny random models: the three stages end to end in about a minute (a smoke run, nothing is learned).
 tiny: $(STAMP)
-	$(PY) -m xllm.data.tiny --out .cache/tiny
-	$(PY) train.py fit --config configs/tiny_stage0.yaml
-	$(PY) train.py fit --config configs/tiny_stage1.yaml
-	$(PY) train.py fit --config configs/tiny_stage2.yaml
+	$(PY) -m xllm.demo.tiny --out .cache/tiny
+	$(PY) train.py fit --config configs/tiny/common.yaml --config configs/tiny/stage0.yaml
+	$(PY) train.py fit --config configs/tiny/common.yaml --config configs/tiny/stage1.yaml
+	$(PY) train.py fit --config configs/tiny/common.yaml --config configs/tiny/stage2.yaml
 	$(PY) evaluate.py --adapter runs/tiny_stage2/adapter --data .cache/tiny/data/test_yesno.jsonl \
 		--media_root .cache/tiny/data --output runs/tiny_stage2/eval.json
 

@@ -1,4 +1,4 @@
-"""Train xllm with LightningCLI: `python train.py fit --config configs/tiny_stage1.yaml` (`--help`, `--print_config`)."""
+"""Train xllm with LightningCLI: `python train.py fit --config configs/tiny/common.yaml --config configs/tiny/stage1.yaml` (`--help`, `--print_config`)."""
 
 from xllm.training.cli import main
 

@@ -24,9 +24,9 @@ os.environ.setdefault("WANDB_MODE", "offline")
 import pytorch_lightning as pl
 import torch
 
-from xllm.adapters.io import load_adapter
-from xllm.data.tiny import build_all
-from xllm.interfaces import ImageInterface
+from xllm.checkpoint import load_adapter
+from xllm.demo.tiny import build_all
+from xllm.interfaces import ImageInterface, MediaBatch
 from xllm.llm import LoraSettings, count_parameters
 from xllm.training import XLLMDataModule, XLLMModule
 
@@ -57,10 +57,8 @@ def tiny_pipeline(root: Path, device: str) -> dict:
         results[f"stage{stage}"] = {"frozen_unchanged": unchanged, "final_loss": float(trainer.callback_metrics["train/loss"]),
                                     "device": str(trainer.strategy.root_device)}
     model = load_adapter(root / "adapter2").to(device)
-    interface = model.interfaces["image"]
-    image = interface.load_media(str(tiny / "data" / "images" / "test_0000.png"))[None]
-    prompt = model.processor().encode_prompt([{"from": "user", "value": "<image>\nWhat colour is the shape?"}])
-    results["generate"] = model.generate([prompt], {"image": image}, max_new_tokens=8, do_sample=False)
+    results["generate"] = model.chat([{"from": "user", "value": "<image>\nWhat colour is the shape?"}],
+                                     {"image": str(tiny / "data" / "images" / "test_00000.png")}, max_new_tokens=8)
     return results
 
 
@@ -90,12 +88,12 @@ def throughput(args) -> dict:
     ids[:, 4] = model.sentinels["image"]
     labels = ids.clone().masked_fill(ids < 0, -100)
     mask = torch.ones_like(ids)
-    pixels = torch.randn(batch, 3, 224, 224, device="cuda")
+    media = {"image": MediaBatch({"pixel_values": torch.randn(batch, 3, 224, 224, device="cuda")})}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(ids, mask, {"image": pixels}, labels).loss
+            loss = model(ids, mask, media, labels).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from xllm.data.tiny import build_all
+from xllm.demo.tiny import build_all
 from xllm.interfaces import ImageInterface
 from xllm.model import XLLM
 

@@ -5,16 +5,18 @@ import shutil
 
 import pytest
 
+from transformers import AutoImageProcessor
+
 from xllm.data.collator import ConversationCollator
 from xllm.data.dataset import ConversationDataset, build_tokenized_dataset
 from xllm.data.processor import ConversationProcessor
-from xllm.data.records import BadSampleError, SkipCounter, read_records
+from xllm.data.records import BadSampleError, BadSamples, read_records
+from xllm.interfaces.base import collate_items
 from xllm.interfaces.image import ImageLoader
 from xllm.llm import load_tokenizer
-from transformers import AutoImageProcessor
 
 
-def good(rid, image="images/train_0000.png"):
+def good(rid, image="images/train_00000.png"):
     return {"id": rid, "image": image, "conversations": [
         {"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": "A red square."}]}
 
@@ -34,7 +36,7 @@ def write_jsonl(path, lines):
 
 BAD_CASES = [
     (good("missing", image="images/nope.png"), "missing_media", r"image file not found: .*nope\.png"),
-    ({**good("count"), "image": ["images/train_0000.png", "images/train_0001.png"]}, "placeholder_mismatch",
+    ({**good("count"), "image": ["images/train_00000.png", "images/train_00001.png"]}, "placeholder_mismatch",
      r"1 <image> placeholder\(s\) but 2 image file\(s\)"),
     ('{"id": "broken", "conversations": [', "malformed_json", "malformed JSON line"),
     ({"id": "empty", "image": "images/train_0000.png", "conversations": []}, "empty_conversation",
@@ -54,8 +56,8 @@ def test_bad_record_is_named_or_counted(media, tmp_path, bad, reason, message):
     assert f"data.jsonl:2" in str(info.value)
     assert info.value.reason == reason
 
-    skipped = SkipCounter()
-    records = read_records(path, ["image"], str(media), on_bad_sample="skip", skipped=skipped)
+    skipped = BadSamples("skip")
+    records = read_records(path, ["image"], str(media), skipped)
     assert [r["id"] for r in records] == ["ok1", "ok2"]
     assert skipped.counts == {reason: 1}
 
@@ -67,8 +69,8 @@ def test_text_longer_than_max_length(tiny, media, tmp_path):
     processor = ConversationProcessor(load_tokenizer(str(tiny / "llama")), "vicuna_v1", {"image": -200}, {"image": 4}, 128)
     with pytest.raises(BadSampleError, match=r"data.jsonl:2 \(id long\).*exceed max_length=128"):
         build_tokenized_dataset(str(path), processor, str(media))
-    skipped = SkipCounter()
-    rows = build_tokenized_dataset(str(path), processor, str(media), on_bad_sample="skip", skipped=skipped)
+    skipped = BadSamples("skip")
+    rows = build_tokenized_dataset(str(path), processor, str(media), skipped)
     assert len(rows) == 1 and skipped.counts == {"too_long": 1}
 
 
@@ -78,21 +80,21 @@ def test_corrupt_image_is_named_at_load_time_or_skipped(tiny, media, tmp_path):
     rows = build_tokenized_dataset(str(path), processor, str(media))
     loaders = {"image": ImageLoader(AutoImageProcessor.from_pretrained(str(tiny / "vit")))}
 
-    strict = ConversationDataset(rows, loaders, on_bad_sample="error")
-    assert strict[0]["media"]["image"][0].shape == (3, 32, 32)
+    strict = ConversationDataset(rows, loaders, BadSamples("error"))
+    assert strict[0]["media"]["image"][0]["pixel_values"].shape == (3, 32, 32)
     with pytest.raises(BadSampleError, match=r"data.jsonl:2 \(id bad\): cannot load image .*corrupt\.png"):
         strict[1]
 
-    lenient = ConversationDataset(rows, loaders, on_bad_sample="skip")
-    collate = ConversationCollator(pad_token_id=0, collate_media={"image": lambda xs: __import__("torch").stack(xs)})
+    lenient = ConversationDataset(rows, loaders, BadSamples("skip"))
+    collate = ConversationCollator(pad_token_id=0, collate_media={"image": collate_items})
     batch = collate([lenient[0], lenient[1]])
-    assert batch["ids"] == ["ok1"] and len(batch["skipped"]) == 1 and batch["media"]["image"].shape[0] == 1
+    assert batch["ids"] == ["ok1"] and len(batch["skipped"]) == 1 and len(batch["media"]["image"]) == 1
     assert collate([lenient[1]]) is None
 
 
 def test_json_list_file_and_media_root_default(tiny):
     records = read_records(tiny / "data" / "train_captions.jsonl", ["image"])
-    assert len(records) == 96 and records[0]["media"]["image"][0].startswith(str(tiny / "data"))
+    assert len(records) == 32 and records[0]["media"]["image"][0].startswith(str(tiny / "data"))
 
 
 def test_missing_data_file(tmp_path):

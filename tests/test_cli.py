@@ -1,23 +1,27 @@
-"""The shipped tiny configs through LightningCLI, then evaluate.py on the stage-2 adapter."""
+"""The shipped tiny configs through LightningCLI (common + stage files merged), then evaluate.py on the stage-2
+adapter, then the README's library example, run as written."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def localized_config(name: str, tiny: Path, runs: Path, tmp_path: Path) -> Path:
-    """The repo's config with `.cache/tiny` and `runs/` pointed at this test's folders."""
-    text = (ROOT / "configs" / name).read_text()
-    text = text.replace(".cache/tiny", str(tiny)).replace("runs/", f"{runs}/")
-    path = tmp_path / name
-    path.write_text(text)
-    return path
+def localized_configs(tiny: Path, runs: Path, tmp_path: Path) -> Path:
+    """The repo's tiny configs with `.cache/tiny` and `runs/` pointed at this test's folders."""
+    folder = tmp_path / "configs"
+    folder.mkdir(exist_ok=True)
+    for source in (ROOT / "configs" / "tiny").glob("*.yaml"):
+        text = source.read_text().replace(".cache/tiny", str(tiny)).replace("runs/", f"{runs}/")
+        (folder / source.name).write_text(text)
+    return folder
 
 
 def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -26,29 +30,41 @@ def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return result
 
 
+def fit(configs: Path, stage: int, cwd: Path, *extra: str) -> subprocess.CompletedProcess:
+    return run(str(ROOT / "train.py"), "fit", "--config", str(configs / "common.yaml"),
+               "--config", str(configs / f"stage{stage}.yaml"), *extra, cwd=cwd)
+
+
 def test_print_config_lists_the_typed_options(tiny, tmp_path):
-    config = localized_config("tiny_stage1.yaml", tiny, tmp_path / "runs", tmp_path)
-    out = run(str(ROOT / "train.py"), "fit", "--config", str(config), "--print_config", cwd=tmp_path).stdout
+    configs = localized_configs(tiny, tmp_path / "runs", tmp_path)
+    out = fit(configs, 1, tmp_path, "--print_config").stdout
+    # The stage file chose the module; the common file's interface merged into it.
+    assert "class_path: xllm.training.XLLMModule" in out
     assert "qformer_layers: 2" in out and "stage: 1" in out and "on_bad_sample: error" in out
 
 
+def readme_library_example() -> str:
+    """The README's Python block that loads an adapter (a user copies exactly this)."""
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    (example,) = [b for b in blocks if "load_adapter(" in b]
+    return example
+
+
 @pytest.mark.slow
-def test_stage0_then_stage1_then_stage2_then_evaluate(tiny, tmp_path):
+def test_stage0_then_stage1_then_stage2_then_evaluate_then_the_readme_example(tiny, tmp_path):
     runs = tmp_path / "runs"
-    stage0 = localized_config("tiny_stage0.yaml", tiny, runs, tmp_path)
-    out0 = run(str(ROOT / "train.py"), "fit", "--config", str(stage0), cwd=tmp_path)
+    configs = localized_configs(tiny, runs, tmp_path)
+    out0 = fit(configs, 0, tmp_path)
     assert "xllm stage 0" in out0.stdout
     stage0_keys = set(load_file(str(runs / "tiny_stage0" / "adapter" / "adapter.safetensors")))
-    stage1 = localized_config("tiny_stage1.yaml", tiny, runs, tmp_path)
-    stage2 = localized_config("tiny_stage2.yaml", tiny, runs, tmp_path)
-    out1 = run(str(ROOT / "train.py"), "fit", "--config", str(stage1), cwd=tmp_path)
+    out1 = fit(configs, 1, tmp_path)
     assert "trainable parameters" in out1.stdout and "frozen" in out1.stdout
-    run(str(ROOT / "train.py"), "fit", "--config", str(stage2), cwd=tmp_path)
+    fit(configs, 2, tmp_path)
 
     for stage in ("tiny_stage1", "tiny_stage2"):
         adapter = runs / stage / "adapter"
         keys = set(load_file(str(adapter / "adapter.safetensors")))
-        assert stage0_keys < keys, stage  # everything stage 0 trained, plus the adapter (and LoRA)
+        assert stage0_keys < keys, stage  # everything stage 0 trained, plus the projection (and LoRA)
         # Only interface tensors and (stage 2) LoRA matrices: nothing of the frozen LLM or encoder.
         assert all(k.startswith("interfaces.image.") or "lora_" in k for k in keys), stage
         assert not any(".encoder.model." in k for k in keys)
@@ -64,3 +80,11 @@ def test_stage0_then_stage1_then_stage2_then_evaluate(tiny, tmp_path):
     assert result["metrics"]["samples"] == 6 and result["metrics"]["yes_no_samples"] == 6
     assert result["metrics"]["perplexity"] > 1
     assert {"id", "reference", "prediction"} <= set(result["samples"][0])
+
+    # The README's example, verbatim, from a folder holding `runs/tiny_stage2/adapter` (instruction-aware) and
+    # a photo. It prints the model's answer.
+    Image.open(tiny / "data" / "images" / "test_00000.png").convert("RGB").save(tmp_path / "photo.jpg")
+    script = tmp_path / "readme_example.py"
+    script.write_text(readme_library_example())
+    printed = run(str(script), cwd=tmp_path).stdout
+    assert printed.endswith("\n"), "the README example printed no answer"

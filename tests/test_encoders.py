@@ -8,8 +8,8 @@ from safetensors.torch import save_file
 from transformers import ViTImageProcessor
 
 from xllm.interfaces import ImageInterface
-from xllm.interfaces.image import CachedFeatureLoader
 from xllm.interfaces.encoders import FrozenVisionEncoder
+from xllm.interfaces.image import ImageLoader
 
 
 @pytest.fixture(scope="module")
@@ -37,31 +37,37 @@ def test_torchvision_cnn_feature_map_becomes_tokens(mobilenet_dir):
 
 
 def test_feature_cache_matches_the_encoder_and_positions_apply(mobilenet_dir, tiny, tmp_path):
-    images = [str(tiny / "data" / "images" / f"train_000{i}.png") for i in range(3)]
+    images = [str(tiny / "data" / "images" / f"train_0000{i}.png") for i in range(3)]
     cached = ImageInterface(str(mobilenet_dir), feature_layer=17, feature_positions=4, feature_cache=str(tmp_path),
                             num_query_tokens=2, qformer_hidden_size=32, qformer_layers=1, qformer_heads=2,
                             qformer_intermediate_size=32)
     assert cached.prepare_media(images) == 3 and cached.prepare_media(images) == 0  # encoded once
-    features = torch.stack([cached.media_loader()(p) for p in images])
-    pixels = torch.stack([cached.processor(images=__import__("PIL.Image", fromlist=["Image"]).open(p).convert("RGB"),
-                                           return_tensors="pt")["pixel_values"][0] for p in images])
-    direct = cached.encode_features(pixels)
+    loader = cached.media_loader()
+    cached_batch = cached.collate([loader(p) for p in images])
+    assert set(cached_batch.values) == {"features"}  # told apart from pixels by key
+    pixels_batch = cached.collate([ImageLoader(cached.processor)(p) for p in images])
+    features, _ = cached.bridge_inputs(cached_batch)
+    direct, _ = cached.bridge_inputs(pixels_batch)
     assert features.shape == direct.shape == (3, 4, 160)
     assert torch.allclose(features, direct, rtol=1e-5, atol=0)
     # Read once, then held in memory within the loader's byte budget (one image's features here).
-    loader = CachedFeatureLoader(tmp_path, cached._cache_tag, memory_bytes=features[0].numel() * 4)
-    first = loader(images[0])
-    assert loader(images[0]) is first and torch.equal(first, features[0])
-    assert torch.equal(loader(images[1]), features[1]) and list(loader.held) == [images[0]]
+    small = cached.cache.loader(memory_bytes=features[0].numel() * 4)
+    first = small(images[0])["features"]
+    assert small(images[0])["features"] is first and torch.equal(first, features[0])
+    assert torch.equal(small(images[1])["features"], features[1]) and list(small.held) == [images[0]]
     # Cached features and pixels take the same path from there on.
-    assert torch.allclose(cached.qformer_features(features), cached.qformer_features(pixels), atol=1e-5)
+    cached.attach(8)
+    cached.eval()
+    assert torch.allclose(cached(cached_batch).embeds, cached(pixels_batch).embeds, atol=1e-5)
     with pytest.raises(ValueError, match="feature_positions=5 but the encoder gives 4 tokens"):
-        ImageInterface(str(mobilenet_dir), feature_positions=5, num_query_tokens=2, qformer_hidden_size=32,
-                       qformer_layers=1, qformer_heads=2, qformer_intermediate_size=32).qformer_features(pixels)
+        wrong = ImageInterface(str(mobilenet_dir), feature_positions=5, num_query_tokens=2, qformer_hidden_size=32,
+                               qformer_layers=1, qformer_heads=2, qformer_intermediate_size=32)
+        wrong.attach(8)
+        wrong(pixels_batch)
 
 
 def test_sincos_positions_are_fixed_and_distinct():
-    from xllm.interfaces.image import sincos_2d
+    from xllm.interfaces.positions import sincos_2d
 
     positions = sincos_2d(49, 160)[0]
     assert positions.shape == (49, 160)
@@ -76,7 +82,7 @@ def test_sincos_positions_are_fixed_and_distinct():
 def test_corrupt_image_with_a_feature_cache_is_named_not_fatal(mobilenet_dir, tiny, tmp_path):
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"not an image")
-    good = str(tiny / "data" / "images" / "train_0000.png")
+    good = str(tiny / "data" / "images" / "train_00000.png")
     interface = ImageInterface(str(mobilenet_dir), feature_cache=str(tmp_path / "cache"), num_query_tokens=2,
                                qformer_hidden_size=32, qformer_layers=1, qformer_heads=2, qformer_intermediate_size=32)
     assert interface.prepare_media([good, str(corrupt)]) == 1
@@ -88,15 +94,16 @@ def test_factorised_positions_share_rows_and_columns_and_train(mobilenet_dir):
     interface = ImageInterface(str(mobilenet_dir), feature_positions=4, feature_position_kind="factorised",
                                num_query_tokens=2, qformer_hidden_size=32, qformer_layers=1, qformer_heads=2,
                                qformer_intermediate_size=32)
-    positions = interface.feature_positions()
+    bridge = interface.bridge
+    positions = bridge.feature_positions.table()
     assert positions.shape == (1, 4, interface.encoder.hidden_size)
     # A 2x2 map: cells 0,1 share a row, 0,2 a column, so their differences are the column/row differences.
     assert torch.allclose(positions[0, 1] - positions[0, 0], positions[0, 3] - positions[0, 2], atol=1e-6)
     assert torch.allclose(positions[0, 2] - positions[0, 0], positions[0, 3] - positions[0, 1], atol=1e-6)
     names = {n for n, p in interface.named_parameters() if p.requires_grad}
-    assert {"feature_positions.rows", "feature_positions.columns"} <= names
+    assert {"bridge.feature_positions.rows", "bridge.feature_positions.columns"} <= names
     features = torch.zeros(1, 4, interface.encoder.hidden_size)
-    assert torch.allclose(interface.qformer_features(features), interface.ln_features(features) + positions)
+    assert torch.allclose(bridge.features(features), bridge.ln_features(features) + positions)
     with pytest.raises(ValueError, match="square map"):
         ImageInterface(str(mobilenet_dir), feature_positions=5, feature_position_kind="factorised", num_query_tokens=2,
                        qformer_hidden_size=32, qformer_layers=1, qformer_heads=2, qformer_intermediate_size=32)

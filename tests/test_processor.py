@@ -16,9 +16,9 @@ def record(conversations=CONVERSATION, rid="r1"):
     return {"id": rid, "source": "test.jsonl:1", "conversations": conversations, "media": {}}
 
 
-def processor(tiny, template, llm="llama", num_tokens=4, max_length=512):
+def processor(tiny, template, llm="llama", num_tokens=4, max_length=512, **kwargs):
     tokenizer = load_tokenizer(str(tiny / llm))
-    return ConversationProcessor(tokenizer, template, {"image": -200}, {"image": num_tokens}, max_length)
+    return ConversationProcessor(tokenizer, template, {"image": -200}, {"image": num_tokens}, max_length, **kwargs)
 
 
 def supervised_runs(ids, labels):
@@ -62,7 +62,7 @@ def test_labels_cover_exactly_the_assistant_replies(tiny, template, llm, expecte
 def test_prompt_for_generation_is_the_training_prefix(tiny):
     proc = processor(tiny, "vicuna_v1")
     full = proc.encode(record())["input_ids"]
-    prompt = proc.encode_prompt(CONVERSATION[:1])
+    prompt = proc.encode_prompt(CONVERSATION[:1])["input_ids"]
     assert full[: len(prompt)] == prompt
     assert proc.tokenizer.decode([t for t in prompt if t >= 0]).endswith("ASSISTANT:")
 
@@ -88,3 +88,22 @@ def test_too_long_prompt_is_a_named_error(tiny):
     long_user = [{"from": "user", "value": "word " * 60 + "<image>"}, {"from": "assistant", "value": "ok"}]
     with pytest.raises(BadSampleError, match="cut a media item"):
         proc.encode(record(long_user))
+
+
+def test_instruction_ids_come_from_the_interface_tokenizer_per_item(tiny):
+    """Each media item gets the ids of the user turn that holds it (placeholders removed), from the
+    interface's own tokenizer, in reading order: training and generation carry the same ids."""
+    seen = []
+
+    def tokenize(text):
+        seen.append(text)
+        return [len(seen), len(text)]
+
+    proc = processor(tiny, "vicuna_v1", instruction_tokenizers={"image": tokenize})
+    two = [{"from": "user", "value": "<image>\nWhat colour is the shape?"}, {"from": "assistant", "value": "Red."},
+           {"from": "user", "value": "And here? <image>"}, {"from": "assistant", "value": "Blue."}]
+    encoded = proc.encode(record(two))
+    assert seen == ["What colour is the shape?", "And here?"]
+    assert encoded["instruction_ids"] == {"image": [[1, 25], [2, 9]]}
+    assert proc.encode_prompt(two[:3])["instruction_ids"] == {"image": [[3, 25], [4, 9]]}
+    assert processor(tiny, "vicuna_v1").encode(record(two))["instruction_ids"] == {"image": []}

@@ -5,9 +5,8 @@ import pytorch_lightning as pl
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import TINY_QFORMER, make_image_interface, make_model
-from xllm.adapters.io import load_adapter, save_adapter
-from xllm.data.collator import ConversationCollator
+from tests.conftest import make_image_interface, make_model
+from xllm.checkpoint import load_adapter, save_adapter
 from xllm.data.dataset import ConversationDataset, build_tokenized_dataset
 from xllm.llm import LoraSettings
 from xllm.training import XLLMDataModule, XLLMModule
@@ -17,15 +16,15 @@ def fixed_batch(model, tiny, n=8, file="train_chat.jsonl"):
     rows = build_tokenized_dataset(str(tiny / "data" / file), model.processor(max_length=256))
     loaders = {m: i.media_loader() for m, i in model.interfaces.items()}
     dataset = ConversationDataset(rows, loaders)
-    collate = ConversationCollator(model.tokenizer.pad_token_id, {m: i.collate_media for m, i in model.interfaces.items()})
-    return collate([dataset[i] for i in range(0, len(dataset), len(dataset) // n)][:n])
+    return model.collator()([dataset[i] for i in range(0, len(dataset), len(dataset) // n)][:n])
 
 
 @pytest.mark.parametrize("llm,template", [("llama", "vicuna_v1"), ("glm", "glm4")])
 def test_loss_falls_on_a_fixed_batch(tiny, llm, template):
-    model = make_model(tiny, llm=llm, template=template)
+    model = make_model(tiny, llm=llm, template=template, qformer_text=True, instruction_aware=True,
+                       bert_init=str(tiny / "bert"))
     model.train()
-    batch = fixed_batch(model, tiny)
+    batch = fixed_batch(model, tiny, file="train_captions.jsonl")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=3e-3)
     losses = []
@@ -35,7 +34,8 @@ def test_loss_falls_on_a_fixed_batch(tiny, llm, template):
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.9 * losses[0], losses
+    # Measured: 0.876 (llama) and 0.775 (glm) of the first loss; with no gradient reaching the interface, 1.0.
+    assert losses[-1] < 0.93 * losses[0], losses
 
 
 def small_module(tiny, tmp_path, stage=1, lora=None, init_adapter=None):
@@ -73,7 +73,8 @@ def test_frozen_parameters_stay_frozen_and_outside_the_optimizer(tiny, tmp_path)
     for name in frozen:
         assert torch.equal(before[name], after[name]), name
     changed = [n for n in module.model.trainable_state_dict() if not torch.equal(before[n], after[n])]
-    assert "interfaces.image.qformer.query_tokens" in changed and "interfaces.image.adapter.weight" in changed
+    assert "interfaces.image.bridge.qformer.query_tokens" in changed
+    assert "interfaces.image.bridge.projection.weight" in changed
 
     optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
     named = dict(module.model.named_parameters())
@@ -81,7 +82,7 @@ def test_frozen_parameters_stay_frozen_and_outside_the_optimizer(tiny, tmp_path)
     # Frozen modules stay in eval mode even while Lightning has the model in train mode.
     module.train()
     assert not module.model.llm.training and not module.model.interfaces["image"].encoder.training
-    assert module.model.interfaces["image"].qformer.training
+    assert module.model.interfaces["image"].bridge.qformer.training
 
 
 def test_no_weight_decay_on_norms_biases_and_queries(tiny, tmp_path):
@@ -89,8 +90,8 @@ def test_no_weight_decay_on_norms_biases_and_queries(tiny, tmp_path):
     decay, no_decay = module.parameter_groups()
     names = {id(p): n for n, p in module.model.named_parameters()}
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
-    assert "interfaces.image.qformer.query_tokens" in no_decay_names
-    assert "interfaces.image.ln_features.weight" in no_decay_names
+    assert "interfaces.image.bridge.qformer.query_tokens" in no_decay_names
+    assert "interfaces.image.bridge.ln_features.weight" in no_decay_names
     assert all(names[id(p)].endswith("weight") for p in decay["params"])
     assert decay["weight_decay"] > 0 and no_decay["weight_decay"] == 0
 
@@ -158,24 +159,28 @@ def test_adapter_refuses_foreign_class_paths(tiny, tmp_path):
         load_adapter(directory)
 
 
-def test_generate_returns_text_for_each_prompt(tiny):
-    model = make_model(tiny).eval()
-    processor = model.processor()
-    prompts = [processor.encode_prompt([{"from": "user", "value": "<image>\nDescribe the image."}]),
-               processor.encode_prompt([{"from": "user", "value": "Hi <image> and <image>?"}])]
-    interface = model.interfaces["image"]
-    images = torch.stack([interface.load_media(str(tiny / "data" / "images" / f"train_000{i}.png")) for i in range(3)])
-    out = model.generate(prompts, {"image": images}, max_new_tokens=4, do_sample=False)
-    assert len(out) == 2 and all(isinstance(text, str) for text in out)
-    # Greedy generation is deterministic and uses the images: another image set changes the logits path.
-    assert model.generate(prompts, {"image": images}, max_new_tokens=4, do_sample=False) == out
+def test_chat_answers_about_media_and_uses_it(tiny):
+    model = make_model(tiny, qformer_text=True, instruction_aware=True, bert_init=str(tiny / "bert")).eval()
+    images = [str(tiny / "data" / "images" / f"train_0000{i}.png") for i in range(3)]
+    one = [{"from": "user", "value": "<image>\nDescribe the image briefly."}]
+    two = [{"role": "user", "content": "Hi <image> and <image>?"}]  # OpenAI-style turns work too
+    answers = model.reply([one, two], [{"image": images[0]}, {"image": images[1:]}], max_new_tokens=4)
+    assert len(answers) == 2 and all(isinstance(text, str) for text in answers)
+    # Greedy replies are deterministic, and a batch gives each conversation what it gives alone.
+    assert model.chat(one, {"image": images[0]}, max_new_tokens=4) == answers[0]
+    assert model.chat(two, {"image": images[1:]}, max_new_tokens=4) == answers[1]
+    # The image reaches the LLM: other images change the first reply token's logits.
+    batch_a, batch_b = model.batch([one], [{"image": images[0]}]), model.batch([one], [{"image": images[2]}])
+    assert not torch.allclose(model.next_token_logits(batch_a), model.next_token_logits(batch_b))
+    with pytest.raises(ValueError, match="has interfaces for \\['image'\\] only"):
+        model.chat(one, {"audio": "x.wav"})
 
 
 def test_interface_tokens_land_at_the_image_placeholders(tiny):
     model = make_model(tiny).eval()
     batch = fixed_batch(model, tiny, n=2)
     with torch.no_grad():
-        image_tokens = model.interfaces["image"](batch["media"]["image"])
+        image_tokens = model.interfaces["image"](batch["media"]["image"]).embeds
         embeds, mask, labels = model.embed_inputs(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["media"])
     for row in range(2):
         position = int((batch["input_ids"][row] == model.sentinels["image"]).nonzero()[0])
@@ -218,3 +223,7 @@ def test_throughput_logger_reports_rates_and_mfu(tiny, tmp_path):
     metrics = trainer.logged_metrics
     assert metrics["perf/sequences_per_s"] > 0 and metrics["perf/tokens_per_s"] > metrics["perf/sequences_per_s"]
     assert torch.isclose(metrics["perf/mfu"], metrics["perf/tflops"])
+    # Tokens are the real LLM positions: each caption's text plus its image's 4 query tokens, no padding.
+    batch = fixed_batch(module.model, tiny, n=4, file="train_captions.jsonl")
+    out = module.model(batch["input_ids"], batch["attention_mask"], batch["media"], batch["labels"])
+    assert out.media_tokens == 16 and out.tokens == int(batch["attention_mask"].sum()) - 4 + 16

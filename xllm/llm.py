@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from xllm.interfaces.encoders import check_model_path, freeze, resolve_dtype
+from xllm.frozen import check_model_path, freeze, resolve_dtype
 
 
 @dataclass

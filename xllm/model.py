@@ -1,21 +1,30 @@
 """XLLM: modality interfaces + a frozen LLM. Interface tokens are spliced into the LLM's input embeddings.
 
 Each media item is one negative sentinel id in `input_ids` (see `xllm.data.processor`); `forward` runs every
-interface once on all items of its modality in the batch, then `splice_modality_tokens` replaces each
-sentinel by that item's embeddings, in reading order. Nothing here knows which modalities exist: a new
-interface plugs in through `ModalityInterface`.
+interface once on all items of its modality in the batch (a `MediaBatch`), then `splice_modality_tokens`
+replaces each sentinel by exactly that item's tokens (`ModalityTokens`: counts may differ per item), in reading
+order. Nothing here knows which modalities exist: a new interface plugs in through `ModalityInterface`.
+
+One inference path: `chat(messages, media)` for one conversation, `reply` for many, both built on `batch`
+(conversations + media paths -> the same batch training uses) and `generate`; evaluation and MME scoring use
+`batch` + `generate` / `next_token_logits`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from xllm.data.collator import ConversationCollator
 from xllm.data.processor import IGNORE_INDEX, ConversationProcessor
-from xllm.interfaces.base import ModalityInterface
+from xllm.data.records import normalize_turns
+from xllm.frozen import keep_frozen_in_eval
+from xllm.interfaces.base import Item, MediaBatch, ModalityInterface, ModalityTokens
 from xllm.llm import LoraSettings, apply_lora, input_embeddings, llm_hidden_size, load_frozen_llm, load_tokenizer
 
 SENTINEL_BASE = -200  # LLaVA's IMAGE_TOKEN_INDEX; one id per modality counts down from here
@@ -26,7 +35,7 @@ def splice_modality_tokens(
     attention_mask: torch.Tensor,
     labels: torch.Tensor | None,
     embed_tokens: nn.Embedding,
-    modality_embeds: dict[int, torch.Tensor],
+    modality_embeds: dict[int, ModalityTokens],
     padding_side: str = "right",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Replace each sentinel id in `input_ids` by its item's embeddings.
@@ -36,7 +45,8 @@ def splice_modality_tokens(
         attention_mask: `[batch, length]`, 1 on real tokens (padding may be on either side).
         labels: `[batch, length]` or None; spliced positions get -100.
         embed_tokens: the LLM's input embedding table.
-        modality_embeds: sentinel id -> `[n_items, tokens, hidden]`, items in reading order over the batch.
+        modality_embeds: sentinel id -> that modality's `ModalityTokens`, items in reading order over the batch;
+            item i contributes its first `lengths[i]` token embeddings.
         padding_side: padding of the output (`left` for generation).
 
     Returns `(inputs_embeds, attention_mask, labels)` of the expanded, re-padded batch.
@@ -53,9 +63,10 @@ def splice_modality_tokens(
         pieces, label_pieces, start = [], [], 0
         for position in (ids < 0).nonzero().flatten().tolist():
             sentinel = int(ids[position])
-            if sentinel not in modality_embeds or used[sentinel] >= modality_embeds[sentinel].shape[0]:
+            if sentinel not in modality_embeds or used[sentinel] >= len(modality_embeds[sentinel].lengths):
                 raise ValueError(f"row {row}: more media placeholders (id {sentinel}) than media items in the batch")
-            item = modality_embeds[sentinel][used[sentinel]].to(text_embeds.dtype)
+            tokens = modality_embeds[sentinel]
+            item = tokens.embeds[used[sentinel], : int(tokens.lengths[used[sentinel]])].to(text_embeds.dtype)
             used[sentinel] += 1
             pieces += [embeds[start:position], item]
             label_pieces += [row_labels[start:position], row_labels.new_full((item.shape[0],), IGNORE_INDEX)]
@@ -65,9 +76,9 @@ def splice_modality_tokens(
         rows_embeds.append(torch.cat(pieces))
         rows_labels.append(torch.cat(label_pieces))
     for sentinel, count in used.items():
-        if count != modality_embeds[sentinel].shape[0]:
+        if count != len(modality_embeds[sentinel].lengths):
             raise ValueError(
-                f"{modality_embeds[sentinel].shape[0]} media items (id {sentinel}) for {count} placeholders in the batch"
+                f"{len(modality_embeds[sentinel].lengths)} media items (id {sentinel}) for {count} placeholders in the batch"
             )
 
     length = max(r.shape[0] for r in rows_embeds)
@@ -84,6 +95,20 @@ def splice_modality_tokens(
     return out_embeds, out_mask, (out_labels if labels is not None else None)
 
 
+@dataclass
+class XLLMOutput:
+    """`loss` (mean next-token loss over assistant tokens, when labels were given), `logits`, and the real
+    (unpadded) LLM positions of the batch: `tokens` in all, `media_tokens` of them from interfaces."""
+
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+    tokens: int
+    media_tokens: int
+
+
+MediaInput = Mapping[str, "str | Item | Sequence[str | Item]"]
+
+
 class XLLM(nn.Module):
     """A frozen causal LLM that reads text plus the foreign-language tokens of its interfaces.
 
@@ -93,6 +118,9 @@ class XLLM(nn.Module):
         interfaces: modality -> interface (`{"image": ImageInterface(...)}`).
         template: chat template, `tokenizer` (its own jinja template), `vicuna_v1` or `glm4`.
         system_prompt: optional system message for every conversation.
+        llm_path: where the LLM was loaded from (recorded in checkpoints; None for an in-memory model).
+        llm_dtype: its dtype name.
+        trust_remote_code: whether hub remote code was allowed when loading it.
     """
 
     def __init__(
@@ -102,6 +130,9 @@ class XLLM(nn.Module):
         interfaces: dict[str, ModalityInterface],
         template: str = "tokenizer",
         system_prompt: str | None = None,
+        llm_path: str | None = None,
+        llm_dtype: str = "float32",
+        trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
         for name, interface in interfaces.items():
@@ -111,6 +142,7 @@ class XLLM(nn.Module):
         self.tokenizer = tokenizer
         self.template = template
         self.system_prompt = system_prompt
+        self.llm_path, self.llm_dtype, self.trust_remote_code = llm_path, llm_dtype, trust_remote_code
         self.lora: LoraSettings | None = None
         self.interfaces = nn.ModuleDict(interfaces)
         hidden = llm_hidden_size(llm)
@@ -131,9 +163,8 @@ class XLLM(nn.Module):
         """Load the LLM and tokenizer from a path (or hub id) and freeze the LLM."""
         model = load_frozen_llm(llm, dtype=llm_dtype, trust_remote_code=trust_remote_code)
         tokenizer = load_tokenizer(llm, trust_remote_code=trust_remote_code)
-        xllm = cls(model, tokenizer, interfaces, template=template, system_prompt=system_prompt)
-        xllm.llm_path, xllm.llm_dtype, xllm.trust_remote_code = llm, llm_dtype, trust_remote_code
-        return xllm
+        return cls(model, tokenizer, interfaces, template=template, system_prompt=system_prompt, llm_path=llm,
+                   llm_dtype=llm_dtype, trust_remote_code=trust_remote_code)
 
     # --- what trains -------------------------------------------------------------------------------
     def frozen_modules(self) -> list[nn.Module]:
@@ -145,49 +176,90 @@ class XLLM(nn.Module):
         self.lora = settings
 
     def train(self, mode: bool = True) -> XLLM:
-        # Lightning calls .train() on the whole model each epoch; frozen parts must stay in eval mode
-        # (no dropout), except LoRA's own dropout.
+        # Lightning calls .train() on the whole model each epoch; frozen parts must stay in eval mode.
         super().train(mode)
-        for module in self.frozen_modules():
-            module.eval()
-        if self.lora is not None:
-            for name, module in self.llm.named_modules():
-                if "lora_dropout" in name:
-                    module.train(mode)
+        keep_frozen_in_eval(self, self.frozen_modules(), mode)
         return self
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Only the parameters that train: what an adapter file and a checkpoint hold."""
         return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
 
+    @property
+    def device(self) -> torch.device:
+        return input_embeddings(self.llm).weight.device
+
     # --- data --------------------------------------------------------------------------------------
     def processor(self, max_length: int = 2048) -> ConversationProcessor:
+        """The one tokenizer of conversations for this model (LLM ids, labels, interfaces' instruction ids)."""
+        tokenizers = {m: i.instruction_tokenizer() for m, i in self.interfaces.items()}
         return ConversationProcessor(
             tokenizer=self.tokenizer,
             template=self.template,
             sentinels=dict(self.sentinels),
-            num_tokens={m: i.num_tokens for m, i in self.interfaces.items()},
+            max_tokens={m: i.max_tokens for m, i in self.interfaces.items()},
             max_length=max_length,
             system_prompt=self.system_prompt,
+            instruction_tokenizers={m: t for m, t in tokenizers.items() if t is not None},
         )
 
-    # --- compute -----------------------------------------------------------------------------------
-    def encode_media(
-        self, media: dict[str, torch.Tensor], media_text: dict[str, list[str]] | None = None
-    ) -> dict[int, torch.Tensor]:
-        """Run each interface on its batch of items: sentinel -> `[n_items, tokens, hidden]`.
+    def collator(self) -> ConversationCollator:
+        return ConversationCollator(self.tokenizer.pad_token_id, {m: i.collate for m, i in self.interfaces.items()})
 
-        `media_text` holds, per item, the text of the user turn it sits in (for instruction-aware interfaces).
-        """
+    def batch(
+        self,
+        conversations: Sequence[Sequence[Mapping[str, str]]],
+        media: Sequence[MediaInput] | None = None,
+        prompt: bool = True,
+        max_length: int = 2048,
+    ) -> dict[str, Any]:
+        """Conversations + their media (paths, or items already loaded) -> the batch training uses.
+
+        `prompt=True` ends each conversation with the assistant cue (for `generate`); `prompt=False` encodes
+        whole conversations with their labels (for a teacher-forced loss)."""
+        media = list(media) if media is not None else [{} for _ in conversations]
+        if len(media) != len(conversations):
+            raise ValueError(f"{len(conversations)} conversations but {len(media)} media entries")
+        processor = self.processor(max_length)
+        per_item = [{m: [v] if isinstance(v, (str, torch.Tensor, dict)) else list(v) for m, v in entry.items()}
+                    for entry in media]
+        loaded = self._load(per_item)
+        items = []
+        for index, (turns, item_media) in enumerate(zip(conversations, loaded)):
+            turns = normalize_turns(list(turns), f"conversation {index}")
+            text = "".join(t["value"] for t in turns)
+            for modality, interface in self.interfaces.items():
+                given, wanted = len(item_media.get(modality, [])), text.count(interface.placeholder)
+                if given != wanted:
+                    raise ValueError(f"conversation {index}: {wanted} {interface.placeholder} placeholder(s) but "
+                                     f"{given} {modality} item(s)")
+            record = {"id": str(index), "source": f"conversation {index}", "conversations": turns, "media": {}}
+            encoded = processor.encode_prompt(turns) if prompt else processor.encode(record)
+            items.append({"id": str(index), **encoded, "media": item_media})
+        return self.collator()(items)
+
+    def _load(self, media: list[dict[str, list[str | Item]]]) -> list[dict[str, list[Item]]]:
+        """Load every path (each interface prepares all of its paths at once, e.g. caching features in batches)."""
+        unknown = sorted({m for entry in media for m in entry if m not in self.interfaces})
+        if unknown:
+            raise ValueError(f"media of {unknown} given, but the model has interfaces for {sorted(self.interfaces)} only")
+        loaders = {}
+        for modality, interface in self.interfaces.items():
+            paths = [v for entry in media for v in entry.get(modality, []) if isinstance(v, str)]
+            if paths:
+                interface.prepare_media(paths)
+                loaders[modality] = interface.media_loader()
+        return [{m: [loaders[m](v) if isinstance(v, str) else v for v in values] for m, values in entry.items()}
+                for entry in media]
+
+    # --- compute -----------------------------------------------------------------------------------
+    def encode_media(self, media: Mapping[str, MediaBatch]) -> dict[int, ModalityTokens]:
+        """Run each interface on its batch of items: sentinel -> `ModalityTokens`."""
         out = {}
         for modality, items in media.items():
             if modality not in self.interfaces:
                 raise ValueError(f"batch has {modality} items but the model has no {modality} interface")
-            interface = self.interfaces[modality]
-            if interface.uses_instructions:
-                out[self.sentinels[modality]] = interface(items, (media_text or {}).get(modality))
-            else:
-                out[self.sentinels[modality]] = interface(items)
+            out[self.sentinels[modality]] = self.interfaces[modality](items)
         return out
 
     def embed_inputs(
@@ -195,69 +267,69 @@ class XLLM(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         labels: torch.Tensor | None,
-        media: dict[str, torch.Tensor],
+        media: Mapping[str, MediaBatch],
         padding_side: str = "right",
-        media_text: dict[str, list[str]] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         return splice_modality_tokens(
-            input_ids, attention_mask, labels, input_embeddings(self.llm), self.encode_media(media, media_text),
-            padding_side,
+            input_ids, attention_mask, labels, input_embeddings(self.llm), self.encode_media(media), padding_side,
         )
 
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        media: dict[str, torch.Tensor],
+        media: Mapping[str, MediaBatch],
         labels: torch.Tensor | None = None,
-        media_text: dict[str, list[str]] | None = None,
-    ) -> Any:
+    ) -> XLLMOutput:
         """LLM output on the spliced batch; `.loss` is the mean next-token loss over assistant tokens."""
-        embeds, mask, labels = self.embed_inputs(input_ids, attention_mask, labels, media, media_text=media_text)
-        return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels, use_cache=False)
+        embeds, mask, labels = self.embed_inputs(input_ids, attention_mask, labels, media)
+        out = self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels, use_cache=False)
+        tokens = int(mask.sum())
+        text_tokens = int((attention_mask.bool() & (input_ids >= 0)).sum())
+        return XLLMOutput(out.loss, out.logits, tokens, tokens - text_tokens)
 
-    def embed_prompts(
-        self,
-        input_ids: list[list[int]] | torch.Tensor,
-        media: dict[str, torch.Tensor],
-        media_text: dict[str, list[str]] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompts (token ids with sentinels) left-padded into one batch, media spliced in, on the LLM's device:
-        `(inputs_embeds, attention_mask)`, so every prompt's next token sits in the last column."""
-        device = input_embeddings(self.llm).weight.device
-        if isinstance(input_ids, torch.Tensor):
-            rows = [r.tolist() for r in input_ids]
-        else:
-            rows = [list(r) for r in input_ids]
-        length = max(len(r) for r in rows)
-        ids = torch.zeros((len(rows), length), dtype=torch.long)
-        mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, length - len(r):] = torch.tensor(r)
-            mask[i, length - len(r):] = 1
-        media = {m: t.to(device) for m, t in media.items()}
+    def embed_prompts(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A prompt batch (from `batch`) spliced and left-padded on the LLM's device: `(inputs_embeds,
+        attention_mask)`, so every prompt's next token sits in the last column."""
+        device = self.device
+        media = {m: b.to(device) for m, b in batch["media"].items()}
         embeds, mask, _ = self.embed_inputs(
-            ids.to(device), mask.to(device), None, media, padding_side="left", media_text=media_text
+            batch["input_ids"].to(device), batch["attention_mask"].to(device), None, media, padding_side="left"
         )
         return embeds, mask
 
     @torch.no_grad()
-    def generate(
-        self,
-        input_ids: list[list[int]] | torch.Tensor,
-        media: dict[str, torch.Tensor],
-        max_new_tokens: int = 64,
-        media_text: dict[str, list[str]] | None = None,
-        **generate_kwargs: Any,
-    ) -> list[str]:
-        """Generate replies from prompts (token ids with sentinels, e.g. `processor().encode_prompt(...)`).
+    def next_token_logits(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """`[n, vocab]` logits of the first reply token of each prompt in `batch`."""
+        embeds, mask = self.embed_prompts(batch)
+        return self.llm(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits[:, -1].float()
 
-        Uses the LLM's KV cache; returns the decoded new text of each prompt.
-        """
-        embeds, mask = self.embed_prompts(input_ids, media, media_text)
-        pad = self.tokenizer.pad_token_id
+    @torch.no_grad()
+    def generate(self, batch: Mapping[str, Any], max_new_tokens: int = 64, **generate_kwargs: Any) -> list[str]:
+        """Replies to a prompt batch (from `batch`), with the LLM's KV cache; the decoded new text of each."""
+        embeds, mask = self.embed_prompts(batch)
         output = self.llm.generate(
-            inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad,
-            **generate_kwargs,
+            inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
+            pad_token_id=self.tokenizer.pad_token_id, **generate_kwargs,
         )
         return self.tokenizer.batch_decode(output, skip_special_tokens=True)
+
+    def reply(
+        self,
+        conversations: Sequence[Sequence[Mapping[str, str]]],
+        media: Sequence[MediaInput] | None = None,
+        max_new_tokens: int = 64,
+        **generate_kwargs: Any,
+    ) -> list[str]:
+        """The next assistant reply of each conversation (greedy unless sampling arguments are given)."""
+        generate_kwargs.setdefault("do_sample", False)
+        replies = self.generate(self.batch(conversations, media), max_new_tokens, **generate_kwargs)
+        return [text.strip() for text in replies]
+
+    def chat(
+        self, messages: Sequence[Mapping[str, str]], media: MediaInput | None = None, max_new_tokens: int = 64,
+        **generate_kwargs: Any,
+    ) -> str:
+        """The assistant's reply to one conversation: `messages` as `{"from": "user", "value": "<image>\\n..."}`
+        (or `{"role", "content"}`), `media` as `{"image": "photo.jpg"}` (paths, lists of paths, or loaded items)."""
+        return self.reply([messages], [media or {}], max_new_tokens, **generate_kwargs)[0]

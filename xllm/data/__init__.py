@@ -3,7 +3,7 @@
 from xllm.data.collator import ConversationCollator
 from xllm.data.dataset import ConversationDataset, build_tokenized_dataset
 from xllm.data.processor import IGNORE_INDEX, ConversationProcessor
-from xllm.data.records import BadSampleError, SkipCounter, read_records
+from xllm.data.records import BadSamples, BadSampleError, read_records
 
 __all__ = [
     "IGNORE_INDEX",
@@ -11,7 +11,7 @@ __all__ = [
     "ConversationCollator",
     "ConversationDataset",
     "ConversationProcessor",
-    "SkipCounter",
+    "BadSamples",
     "build_tokenized_dataset",
     "read_records",
 ]

@@ -1,54 +1,64 @@
-"""Batches conversation items: right-padded ids/labels/mask, and every media item of the batch per modality."""
+"""Batches conversation items: right-padded ids/labels/mask, and one `MediaBatch` per modality."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from xllm.data.processor import IGNORE_INDEX
+from xllm.interfaces.base import MediaBatch
+
+
+def pad_ids(rows: Sequence[Sequence[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded `[n, longest]` ids and their mask."""
+    length = max((len(r) for r in rows), default=0)
+    ids = torch.full((len(rows), length), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for row, values in enumerate(rows):
+        ids[row, : len(values)] = torch.tensor(list(values), dtype=torch.long)
+        mask[row, : len(values)] = 1
+    return ids, mask
 
 
 @dataclass
 class ConversationCollator:
     """`__call__(items) -> batch` or `None` when every item of the batch was skipped.
 
-    Media items are concatenated in reading order (row by row, left to right), the same order in which
-    `XLLM` meets their sentinels, so the i-th `<image>` of the batch gets the i-th image.
+    Media items are gathered in reading order (row by row, left to right), the same order in which `XLLM`
+    meets their sentinels, so the i-th `<image>` of the batch gets the i-th image; each modality's
+    `collate` (its interface's) turns them into a `MediaBatch`, and each item's instruction ids join it.
     """
 
     pad_token_id: int
-    collate_media: dict[str, Callable[[list[torch.Tensor]], torch.Tensor]] = field(default_factory=dict)
+    collate_media: dict[str, Callable[[list[Any]], MediaBatch]] = field(default_factory=dict)
 
-    def __call__(self, items: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any] | None:
         skipped = [item["skipped"] for item in items if "skipped" in item]
         items = [item for item in items if "skipped" not in item]
         if not items:
             return None
-        length = max(len(item["input_ids"]) for item in items)
-        input_ids = torch.full((len(items), length), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(items), length), dtype=torch.long)
-        for row, item in enumerate(items):
-            n = len(item["input_ids"])
-            input_ids[row, :n] = torch.tensor(item["input_ids"])
-            labels[row, :n] = torch.tensor(item["labels"])
-            attention_mask[row, :n] = 1
-        media: dict[str, torch.Tensor] = {}
-        media_text: dict[str, list[str]] = {}
+        input_ids, attention_mask = pad_ids([item["input_ids"] for item in items], self.pad_token_id)
+        labels, _ = pad_ids([item["labels"] for item in items], IGNORE_INDEX)
+        media: dict[str, MediaBatch] = {}
         for modality, collate in self.collate_media.items():
             batch_items = [m for item in items for m in item["media"].get(modality, [])]
-            if batch_items:
-                media[modality] = collate(batch_items)
-                media_text[modality] = [t for item in items for t in (item.get("media_text") or {}).get(modality, [])]
+            if not batch_items:
+                continue
+            batch = collate(batch_items)
+            instructions = [ids for item in items for ids in (item.get("instruction_ids") or {}).get(modality) or []]
+            if instructions:
+                if len(instructions) != len(batch_items):
+                    raise ValueError(f"{len(instructions)} {modality} instructions for {len(batch_items)} items")
+                batch = batch.with_instructions(*pad_ids(instructions))
+            media[modality] = batch
         return {
             "ids": [item["id"] for item in items],
             "input_ids": input_ids,
             "labels": labels,
             "attention_mask": attention_mask,
             "media": media,
-            "media_text": media_text,
             "skipped": [str(error) for error in skipped],
         }

@@ -9,43 +9,40 @@ a hard ITM negative that only the image can tell apart from the positive.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import datasets
 import torch
 
-from xllm.data.dataset import MediaLoader
-from xllm.data.records import BadSampleError, OnBadSample, SkipCounter, read_records
-
+from xllm.data.dataset import MediaLoader, load_item_media
+from xllm.data.records import BadSampleError, BadSamples, read_records
+from xllm.interfaces.base import MediaBatch, placeholder
 
 FLIPPED = {"yes": "No", "no": "Yes"}
 
 
 def _strip_placeholders(text: str, modality: str) -> str:
-    return " ".join(text.replace(f"<{modality}>", " ").split())
+    return " ".join(text.replace(placeholder(modality), " ").split())
 
 
 def build_pair_dataset(
     path: str,
     modality: str,
     media_root: str | None = None,
-    on_bad_sample: OnBadSample = "error",
-    skipped: SkipCounter | None = None,
+    bad_samples: BadSamples | None = None,
 ) -> datasets.Dataset:
-    """Rows `{"id", "source", "path", "text", "instruction"}`, one per assistant turn."""
-    skipped = skipped if skipped is not None else SkipCounter()
+    """Rows `{"id", "source", "path", "text", "instruction", "flipped"}`, one per assistant turn."""
+    bad_samples = bad_samples if bad_samples is not None else BadSamples()
     rows = []
-    for record in read_records(path, [modality], media_root, on_bad_sample, skipped):
+    for record in read_records(path, [modality], media_root, bad_samples):
         paths = record["media"].get(modality, [])
         if len(paths) != 1:
-            error = BadSampleError(
+            bad_samples.reject(BadSampleError(
                 record["source"], record["id"], f"stage 0 pairs need exactly one {modality}, found {len(paths)}",
                 "not_one_media",
-            )
-            if on_bad_sample == "error":
-                raise error
-            skipped.add(error)
+            ))
             continue
         question = ""
         for turn in record["conversations"]:
@@ -58,59 +55,54 @@ def build_pair_dataset(
                 rows.append({"id": record["id"], "source": record["source"], "path": paths[0], "text": text,
                              "instruction": question, "flipped": f"{question} {flip}".strip() if flip else ""})
     if not rows:
-        raise ValueError(f"{path}: no usable {modality}-text pairs ({skipped.total} skipped: {dict(skipped.counts)})")
+        raise ValueError(f"{path}: no usable {modality}-text pairs ({bad_samples.total} skipped: {dict(bad_samples.counts)})")
     return datasets.Dataset.from_list(rows)
 
 
 class PairDataset(torch.utils.data.Dataset):
-    """Items `{"id", "media": tensor, "text", "instruction"}` or `{"skipped": BadSampleError}`."""
+    """Items `{"id", "media": item, "text", "instruction", "flipped"}` or `{"skipped": BadSampleError}`."""
 
-    def __init__(self, rows: datasets.Dataset, load: MediaLoader, on_bad_sample: OnBadSample = "error") -> None:
+    def __init__(
+        self, rows: datasets.Dataset, modality: str, load: MediaLoader, bad_samples: BadSamples | None = None
+    ) -> None:
         # Pairs are a few short strings each: plain Python rows index ~10x faster than Arrow rows, which
         # matters at stage 0's large batches on a CPU.
-        self.rows, self.load, self.on_bad_sample = rows.to_list(), load, on_bad_sample
+        self.rows, self.modality, self.loaders = rows.to_list(), modality, {modality: load}
+        self.bad_samples = bad_samples if bad_samples is not None else BadSamples()
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         row = self.rows[index]
-        try:
-            media = self.load(row["path"])
-        except (OSError, ValueError, RuntimeError) as err:
-            error = BadSampleError(row["source"], row["id"], f"cannot load {row['path']}: {err}", "corrupt_media")
-            if self.on_bad_sample == "error":
-                raise error from err
-            return {"skipped": error}
-        return {"id": row["id"], "media": media, "text": row["text"], "instruction": row["instruction"],
-                "flipped": row["flipped"]}
+        media = load_item_media({**row, "media": {self.modality: [row["path"]]}}, self.loaders, self.bad_samples)
+        if isinstance(media, BadSampleError):
+            return {"skipped": media}
+        return {"id": row["id"], "media": media[self.modality][0], "text": row["text"],
+                "instruction": row["instruction"], "flipped": row["flipped"]}
 
 
 @dataclass
 class PairCollator:
-    """Stacks media and tokenizes texts and instructions with the Q-Former's own tokenizer."""
+    """Batches media with the interface's `collate` and tokenizes texts and instructions with `tokenize`
+    (the pretraining objective's tokenizer: the Q-Former's own); instructions join the `MediaBatch`."""
 
-    tokenizer: Any
-    max_text_tokens: int = 64
-
-    def _tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_text_tokens,
-                                 return_tensors="pt")
-        return encoded["input_ids"], encoded["attention_mask"]
+    collate_media: Callable[[list[Any]], MediaBatch]
+    tokenize: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any] | None:
         skipped = [str(item["skipped"]) for item in items if "skipped" in item]
         items = [item for item in items if "skipped" not in item]
         if not items:
             return None
-        text_ids, text_mask = self._tokenize([item["text"] for item in items])
-        instruction_ids, instruction_mask = self._tokenize([item["instruction"] for item in items])
-        flipped_ids, flipped_mask = self._tokenize([item["flipped"] or item["text"] for item in items])
+        text_ids, text_mask = self.tokenize([item["text"] for item in items])
+        instruction_ids, instruction_mask = self.tokenize([item["instruction"] for item in items])
+        flipped_ids, flipped_mask = self.tokenize([item["flipped"] or item["text"] for item in items])
+        media = self.collate_media([item["media"] for item in items])
         return {
             "ids": [item["id"] for item in items],
-            "media": torch.stack([item["media"] for item in items]),
+            "media": media.with_instructions(instruction_ids, instruction_mask),
             "text_ids": text_ids, "text_mask": text_mask,
-            "instruction_ids": instruction_ids, "instruction_mask": instruction_mask,
             "pair_keys": [item["text"] for item in items],
             "flipped_ids": flipped_ids, "flipped_mask": flipped_mask,
             "has_flipped": torch.tensor([bool(item["flipped"]) for item in items]),

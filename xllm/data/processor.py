@@ -1,21 +1,25 @@
-"""Conversation -> `input_ids` + `labels`, with one sentinel id per media item.
+"""Conversation -> `input_ids` + `labels` (+ each media item's instruction ids): all tokenization in one place.
 
 Each `<image>` / `<video>` / `<audio>` placeholder becomes a single negative sentinel id (LLaVA's trick);
-`XLLM` later replaces it by that item's `num_tokens` interface embeddings. Labels are the token ids on
-assistant replies and -100 everywhere else. Lengths are counted *after* expansion, so truncation to
-`max_length` knows where each modality span lies and never cuts into one.
+`XLLM` later replaces it by that item's interface tokens. Labels are the token ids on assistant replies and
+-100 everywhere else. Lengths are counted *after* expansion (each item at its interface's `max_tokens`, an
+upper bound), so truncation to `max_length` knows where each modality span lies and never cuts into one.
+For instruction-aware interfaces the processor also emits, per item, the interface tokenizer's ids of the user
+turn holding it (as transformers' InstructBLIP processor emits `qformer_input_ids`).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
 from xllm.data.records import BadSampleError
 from xllm.data.templates import Message, render_segments
+from xllm.interfaces.base import placeholder
 
 IGNORE_INDEX = -100
 
@@ -28,20 +32,22 @@ class ConversationProcessor:
         tokenizer: the LLM's tokenizer.
         template: `tokenizer`, `vicuna_v1` or `glm4` (see `xllm.data.templates`).
         sentinels: modality -> negative id standing for one media item in `input_ids`.
-        num_tokens: modality -> LLM tokens one item expands to.
+        max_tokens: modality -> most LLM tokens one item expands to.
         max_length: longest expanded sequence (text + modality tokens).
         system_prompt: optional system message added to every conversation.
+        instruction_tokenizers: modality -> `text -> ids` of an instruction-aware interface's own tokenizer.
     """
 
     tokenizer: PreTrainedTokenizerBase
     template: str
     sentinels: dict[str, int]
-    num_tokens: dict[str, int]
+    max_tokens: dict[str, int]
     max_length: int = 2048
     system_prompt: str | None = None
+    instruction_tokenizers: dict[str, Callable[[str], list[int]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        placeholders = "|".join(re.escape(f"<{m}>") for m in self.sentinels)
+        placeholders = "|".join(re.escape(placeholder(m)) for m in self.sentinels)
         self._split = re.compile(f"({placeholders})") if placeholders else None
 
     def _tokenize_segments(self, segments: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
@@ -63,9 +69,7 @@ class ConversationProcessor:
         return ids, labels
 
     def media_instructions(self, conversations: list[dict[str, str]]) -> dict[str, list[str]]:
-        """modality -> for each item in reading order, the text of the turn that holds it (placeholders removed).
-
-        Instruction-aware interfaces read this beside their queries (InstructBLIP)."""
+        """modality -> for each item in reading order, the text of the turn that holds it (placeholders removed)."""
         out: dict[str, list[str]] = {m: [] for m in self.sentinels}
         for turn in conversations:
             if not self._split:
@@ -76,8 +80,15 @@ class ConversationProcessor:
                 out[modality].append(text)
         return out
 
+    def instruction_ids(self, conversations: list[dict[str, str]]) -> dict[str, list[list[int]]]:
+        """modality -> for each item, its instruction's ids in the interface's own tokenizer (empty list for a
+        modality whose interface reads no instruction)."""
+        texts = self.media_instructions(conversations)
+        return {m: [self.instruction_tokenizers[m](t) for t in texts[m]] if m in self.instruction_tokenizers else []
+                for m in self.sentinels}
+
     def expanded_length(self, ids: list[int]) -> int:
-        by_sentinel = {s: self.num_tokens[m] for m, s in self.sentinels.items()}
+        by_sentinel = {s: self.max_tokens[m] for m, s in self.sentinels.items()}
         return sum(by_sentinel.get(i, 1) for i in ids)
 
     def encode(self, record: dict[str, Any]) -> dict[str, Any]:
@@ -94,7 +105,7 @@ class ConversationProcessor:
             raise BadSampleError(record["source"], record["id"], "no assistant tokens after tokenization", "empty_conversation")
         return {
             "input_ids": ids, "labels": labels, "truncated": truncated,
-            "media_text": self.media_instructions(record["conversations"]),
+            "instruction_ids": self.instruction_ids(record["conversations"]),
         }
 
     def _truncate(self, record: dict[str, Any], ids: list[int], labels: list[int], length: int):
@@ -124,11 +135,12 @@ class ConversationProcessor:
             )
         return ids[:keep], labels[:keep]
 
-    def encode_prompt(self, conversations: list[dict[str, str]]) -> list[int]:
-        """Token ids of a prompt ending in the assistant cue, for generation (the last turn is a user turn)."""
+    def encode_prompt(self, conversations: list[dict[str, str]]) -> dict[str, Any]:
+        """A prompt ending in the assistant cue, for generation: `{"input_ids", "labels" (all -100),
+        "instruction_ids"}`, the same shape `encode` gives, so one collator batches both."""
         messages = [Message(t["from"], t["value"]) for t in conversations]
         segments = render_segments(
             messages, self.tokenizer, self.template, self.system_prompt, add_generation_prompt=True
         )
         ids, _ = self._tokenize_segments(segments)
-        return ids
+        return {"input_ids": ids, "labels": [IGNORE_INDEX] * len(ids), "instruction_ids": self.instruction_ids(conversations)}

@@ -5,8 +5,9 @@
  "conversations": [{"from": "human", "value": "<image>\\n这张照片拍摄于哪里?"},
                    {"from": "gpt", "value": "这是一张拍摄于重庆市洪崖洞景区的照片."}]}
 ```
-`image` / `video` / `audio` hold a path or a list of paths; each needs exactly as many `<image>` /
-`<video>` / `<audio>` placeholders in the conversation. Paths resolve against the media root.
+A key named after a modality of the model (`image`, `video`, `audio`, any other an interface declares;
+or its plural) holds a path or a list of paths, and the conversation needs exactly as many `<modality>`
+placeholders. Paths resolve against the media root.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from xllm.data.templates import ROLE_NAMES
+from xllm.interfaces.base import placeholder
 
 OnBadSample = Literal["error", "skip"]
 
@@ -33,13 +35,19 @@ class BadSampleError(ValueError):
 
 
 @dataclass
-class SkipCounter:
-    """Counts skipped samples by reason (logged by the training loop); keeps the first few messages."""
+class BadSamples:
+    """The one place that decides what a bad sample does: `error` raises it, `skip` counts it by reason.
 
+    Keeps the first few messages for the start-of-training report; the training loop logs the counts."""
+
+    policy: OnBadSample = "error"
     counts: Counter = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)
 
-    def add(self, error: BadSampleError) -> None:
+    def reject(self, error: BadSampleError) -> None:
+        """Raise `error` under the `error` policy; count it under `skip`."""
+        if self.policy == "error":
+            raise error
         self.counts[error.reason] += 1
         if len(self.examples) < 5:
             self.examples.append(str(error))
@@ -70,6 +78,23 @@ def _raw_records(path: Path) -> list[tuple[str, Any]]:
     return out
 
 
+def normalize_turns(conversations: list[Any], source: str = "conversation", record_id: str | None = None) -> list[dict[str, str]]:
+    """`[{"from": "user"|"assistant"|"system", "value": str}]` from xllm/LLaVA turns (`from`/`value`, `human`/`gpt`)
+    or OpenAI-style messages (`role`/`content`)."""
+    turns = []
+    for index, turn in enumerate(conversations):
+        role = turn.get("from", turn.get("role")) if isinstance(turn, dict) else None
+        value = turn.get("value", turn.get("content")) if isinstance(turn, dict) else None
+        if not isinstance(value, str) or role not in ROLE_NAMES:
+            raise BadSampleError(
+                source, record_id,
+                f"turn {index} must be {{'from': one of {sorted(ROLE_NAMES)}, 'value': str}}, got {turn!r}",
+                "malformed_record",
+            )
+        turns.append({"from": ROLE_NAMES[role], "value": value})
+    return turns
+
+
 def normalize_record(source: str, raw: Any, modalities: list[str], media_root: str | None) -> dict[str, Any]:
     """Validate one parsed record and return `{"id", "source", "conversations", "media": {modality: [abs paths]}}`."""
     if isinstance(raw, BadSampleError):
@@ -80,48 +105,39 @@ def normalize_record(source: str, raw: Any, modalities: list[str], media_root: s
     conversations = raw.get("conversations")
     if not isinstance(conversations, list) or not conversations:
         raise BadSampleError(source, record_id, "empty or missing 'conversations'", "empty_conversation")
-    turns = []
-    for index, turn in enumerate(conversations):
-        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or turn.get("from") not in ROLE_NAMES:
-            raise BadSampleError(
-                source, record_id,
-                f"turn {index} must be {{'from': one of {sorted(ROLE_NAMES)}, 'value': str}}, got {turn!r}",
-                "malformed_record",
-            )
-        turns.append({"from": ROLE_NAMES[turn["from"]], "value": turn["value"]})
+    turns = normalize_turns(conversations, source, record_id)
     if not any(t["from"] == "assistant" and t["value"].strip() for t in turns):
         raise BadSampleError(source, record_id, "no non-empty assistant ('gpt') turn to learn from", "empty_conversation")
 
+    text = "".join(t["value"] for t in turns)
     media: dict[str, list[str]] = {}
-    known = set(modalities)
-    for key in ("image", "video", "audio", "images", "videos", "audios"):
-        if key not in raw:
+    for key, value in raw.items():
+        modality = key if key in modalities else key.removesuffix("s")
+        if modality not in modalities:
+            # A media key of a modality this model lacks: its placeholders give it away.
+            if key not in ("id", "conversations") and (placeholder(key) in text or placeholder(modality) in text):
+                raise BadSampleError(
+                    source, record_id, f"has '{key}' but the model has no {modality} interface", "unknown_modality"
+                )
             continue
-        modality = key.rstrip("s")
-        value = raw[key]
         paths = [value] if isinstance(value, str) else value
         if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
             raise BadSampleError(source, record_id, f"'{key}' must be a path or a list of paths", "malformed_record")
-        if paths and modality not in known:
-            raise BadSampleError(
-                source, record_id, f"has '{key}' but the model has no {modality} interface", "unknown_modality"
-            )
         media.setdefault(modality, []).extend(paths)
 
-    text = "".join(t["value"] for t in turns)
     for modality in modalities:
-        placeholder = f"<{modality}>"
+        marker = placeholder(modality)
         expected = len(media.get(modality, []))
-        found = text.count(placeholder)
+        found = text.count(marker)
         if found != expected:
             raise BadSampleError(
                 source, record_id,
-                f"{found} {placeholder} placeholder(s) but {expected} {modality} file(s)", "placeholder_mismatch",
+                f"{found} {marker} placeholder(s) but {expected} {modality} file(s)", "placeholder_mismatch",
             )
         for turn in turns:
-            if turn["from"] == "assistant" and placeholder in turn["value"]:
+            if turn["from"] == "assistant" and marker in turn["value"]:
                 raise BadSampleError(
-                    source, record_id, f"{placeholder} inside an assistant turn is not supported", "malformed_record"
+                    source, record_id, f"{marker} inside an assistant turn is not supported", "malformed_record"
                 )
 
     resolved: dict[str, list[str]] = {}
@@ -139,14 +155,14 @@ def read_records(
     path: str | Path,
     modalities: list[str],
     media_root: str | None = None,
-    on_bad_sample: OnBadSample = "error",
-    skipped: SkipCounter | None = None,
+    bad_samples: BadSamples | None = None,
 ) -> list[dict[str, Any]]:
     """Read and validate every record of a JSON/JSONL file.
 
-    `on_bad_sample="error"` raises `BadSampleError` at the first bad record; `"skip"` drops it and counts
-    it in `skipped`. `media_root` defaults to the data file's folder.
+    With `bad_samples` of policy `error` (the default) the first bad record raises `BadSampleError`; with
+    `skip` it is dropped and counted there. `media_root` defaults to the data file's folder.
     """
+    bad_samples = bad_samples if bad_samples is not None else BadSamples()
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
@@ -156,8 +172,5 @@ def read_records(
         try:
             records.append(normalize_record(source, raw, modalities, root))
         except BadSampleError as err:
-            if on_bad_sample == "error":
-                raise
-            if skipped is not None:
-                skipped.add(err)
+            bad_samples.reject(err)
     return records

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from xllm.data.records import read_records
-from xllm.evaluation.run import media_batch, media_text_batch, prepare_record_media
+from xllm.model import XLLM
 
 
 def answer_token_ids(tokenizer: Any) -> tuple[int, int]:
@@ -27,18 +27,17 @@ def answer_token_ids(tokenizer: Any) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def score_yes_no(model: Any, records: list[dict], batch_size: int = 32) -> list[dict]:
+def score_yes_no(model: XLLM, records: list[dict], batch_size: int = 32) -> list[dict]:
     """Per record: `{"id", "category", "image_id", "reference", "prediction", "margin"}`."""
-    processor = model.processor()
     yes_id, no_id = answer_token_ids(model.tokenizer)
-    prepare_record_media(model, records)
+    for modality, interface in model.interfaces.items():  # cache every file's features once, in batches
+        interface.prepare_media([p for r in records for p in r["media"].get(modality, [])])
     results = []
     model.eval()
     for start in range(0, len(records), batch_size):
         chunk = records[start:start + batch_size]
-        prompts = [processor.encode_prompt(r["conversations"][:-1]) for r in chunk]
-        embeds, attention = model.embed_prompts(prompts, media_batch(model, chunk), media_text_batch(processor, chunk))
-        logits = model.llm(inputs_embeds=embeds, attention_mask=attention, use_cache=False).logits[:, -1].float()
+        batch = model.batch([r["conversations"][:-1] for r in chunk], [r["media"] for r in chunk])
+        logits = model.next_token_logits(batch)
         margins = (logits[:, yes_id] - logits[:, no_id]).tolist()
         for record, margin in zip(chunk, margins):
             results.append({

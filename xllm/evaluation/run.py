@@ -1,4 +1,8 @@
-"""Evaluate an adapter directory on a conversation file: generate, score, write per-sample JSON."""
+"""Evaluate an adapter directory on a conversation file: generate, score, write per-sample JSON.
+
+Generation and the teacher-forced loss both go through the model's one inference path (`XLLM.batch`, then
+`generate` or `forward`), the same batches training uses.
+"""
 
 from __future__ import annotations
 
@@ -9,54 +13,27 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from xllm.adapters.io import load_adapter
-from xllm.data.collator import ConversationCollator
+from xllm.checkpoint import load_adapter
 from xllm.data.processor import IGNORE_INDEX
 from xllm.data.records import read_records
 from xllm.evaluation.metrics import summarize
+from xllm.model import XLLM
 
 
-def prepare_record_media(model: Any, records: list[dict]) -> None:
-    """Let each interface prepare (e.g. cache features of) every media item of `records` once."""
-    for modality, interface in model.interfaces.items():
-        interface.prepare_media([p for r in records for p in r["media"].get(modality, [])])
-
-
-def media_batch(model: Any, records: list[dict]) -> dict[str, torch.Tensor]:
-    """The records' media, loaded and collated per modality (in record order)."""
-    media: dict[str, torch.Tensor] = {}
-    for modality, interface in model.interfaces.items():
-        items = [interface.load_media(path) for record in records for path in record["media"].get(modality, [])]
-        if items:
-            media[modality] = interface.collate_media(items)
-    return media
-
-
-def media_text_batch(processor: Any, records: list[dict]) -> dict[str, list[str]]:
-    """Per media item, the text of the user turn holding it (read by instruction-aware interfaces)."""
-    out: dict[str, list[str]] = {}
-    for record in records:
-        for modality, texts in processor.media_instructions(record["conversations"]).items():
-            out.setdefault(modality, []).extend(texts)
-    return out
+def last_reply(record: dict) -> int:
+    """Index of the last assistant turn (the reference)."""
+    return max(i for i, t in enumerate(record["conversations"]) if t["from"] == "assistant")
 
 
 @torch.no_grad()
-def _teacher_forced_loss(
-    model: Any, records: list[dict], media: dict[str, torch.Tensor], max_length: int
-) -> list[tuple[float, int]]:
+def teacher_forced_loss(model: XLLM, records: list[dict], max_length: int) -> list[tuple[float, int]]:
     """Per record: (summed next-token loss over assistant tokens, number of those tokens)."""
-    processor = model.processor(max_length=max_length)
-    items = []
-    for record in records:
-        encoded = processor.encode(record)
-        items.append({"id": record["id"], "input_ids": encoded["input_ids"], "labels": encoded["labels"], "media": {}})
-    batch = ConversationCollator(pad_token_id=model.tokenizer.pad_token_id)(items)
-    device = next(model.parameters()).device
-    media = {m: t.to(device) for m, t in media.items()}
+    batch = model.batch([r["conversations"] for r in records], [r["media"] for r in records], prompt=False,
+                        max_length=max_length)
+    device = model.device
+    media = {m: b.to(device) for m, b in batch["media"].items()}
     embeds, mask, labels = model.embed_inputs(
-        batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device), media,
-        media_text=media_text_batch(processor, records),
+        batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device), media
     )
     # Per-row sums (the LLM's own loss is a batch mean).
     logits = model.llm(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits[:, :-1].float()
@@ -93,28 +70,19 @@ def evaluate(
     """
     model = load_adapter(adapter, llm=llm)
     records = read_records(data, list(model.interfaces), media_root)[:limit]
-    prepare_record_media(model, records)
-    processor = model.processor(max_length=max_length)
+    for modality, interface in model.interfaces.items():  # e.g. cache every file's features once, in batches
+        interface.prepare_media([p for r in records for p in r["media"].get(modality, [])])
     samples: list[dict[str, Any]] = []
     for start in range(0, len(records), batch_size):
         chunk = records[start:start + batch_size]
-        prompts = []
-        for record in chunk:
-            turns = record["conversations"]
-            last = max(i for i, t in enumerate(turns) if t["from"] == "assistant")
-            prompts.append(processor.encode_prompt(turns[:last]))
-        media = media_batch(model, chunk)  # decoded once, used by generation and by the loss
-        predictions = model.generate(
-            prompts, media, max_new_tokens=max_new_tokens,
-            media_text=media_text_batch(processor, chunk), do_sample=False,
-        )
-        losses = _teacher_forced_loss(model, chunk, media, max_length)
+        prompts = [r["conversations"][: last_reply(r)] for r in chunk]
+        predictions = model.reply(prompts, [r["media"] for r in chunk], max_new_tokens=max_new_tokens)
+        losses = teacher_forced_loss(model, chunk, max_length)
         for record, prediction, (loss_sum, tokens) in zip(chunk, predictions, losses):
-            turns = record["conversations"]
-            last = max(i for i, t in enumerate(turns) if t["from"] == "assistant")
+            turns, last = record["conversations"], last_reply(record)
             samples.append({
                 "id": record["id"], "question": turns[last - 1]["value"] if last else "",
-                "reference": turns[last]["value"], "prediction": prediction.strip(),
+                "reference": turns[last]["value"], "prediction": prediction,
                 "loss_sum": loss_sum, "target_tokens": tokens,
             })
     result = {"adapter": adapter, "data": data, "metrics": summarize(samples), "samples": samples}

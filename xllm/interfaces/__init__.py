@@ -1,7 +1,9 @@
-"""Modality interfaces: each turns one kind of media into LLM-space token embeddings."""
+"""Modality interfaces: each turns one kind of media into LLM-space token embeddings (see `base.py`, the contract)."""
 
-from xllm.interfaces.base import ModalityInterface
+from xllm.interfaces.base import MediaBatch, ModalityInterface, ModalityTokens, PretrainableInterface, placeholder
+from xllm.interfaces.bridge import QFormerBridge
 from xllm.interfaces.image import ImageInterface
 from xllm.interfaces.qformer import QFormer
 
-__all__ = ["ImageInterface", "ModalityInterface", "QFormer"]
+__all__ = ["ImageInterface", "MediaBatch", "ModalityInterface", "ModalityTokens", "PretrainableInterface", "QFormer",
+           "QFormerBridge", "placeholder"]

@@ -1,26 +1,123 @@
 """The contract every modality interface keeps, so a new modality is a new file plus a line of config.
 
-An interface owns everything between a media file and the LLM's embedding space: how to load one item
-from disk (`load_media`, run in data workers), how many LLM tokens one item becomes (`num_tokens`, used
-to truncate text without cutting a modality span), and `forward`, which maps a batch of loaded items to
-`[n_items, num_tokens, llm_hidden_size]` embeddings. `XLLM` splices those at the placeholders.
+An interface owns everything between a media file and the LLM's embedding space:
+
+- `load_media(path)` turns one file into an *item* (a tensor, or a dict of tensors such as
+  `{"pixel_values": ...}` or `{"features": ...}`), in data workers;
+- `collate(items)` batches items into a `MediaBatch`: values padded along their first axis where the items
+  differ in length, plus each item's true `lengths` (None when all items have one size);
+- `forward(media)` maps a `MediaBatch` to `ModalityTokens`: `[n_items, max_tokens, llm_hidden]` embeddings
+  and each item's token count, which may differ per item (speech); `XLLM` splices exactly that many tokens
+  of each item at its placeholder;
+- `max_tokens` bounds one item's token count (the processor budgets truncation with it);
+- an instruction-aware interface returns a tokenizer from `instruction_tokenizer()`: the processor then emits,
+  per media item, the ids of the user turn that holds it (`MediaBatch.instruction_ids`), as transformers'
+  InstructBLIP processor emits `qformer_input_ids`. No raw text reaches `forward`.
+
+`PretrainableInterface` names what LLM-free pretraining (stage 0) needs of an interface.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
+Item = torch.Tensor | dict[str, torch.Tensor]
+
+
+def placeholder(modality: str) -> str:
+    """The text that marks one item of `modality` in a conversation, e.g. `<image>`."""
+    return f"<{modality}>"
+
+
+@dataclass
+class MediaBatch:
+    """One modality's items of a batch, in reading order.
+
+    values: name -> `[n_items, ...]`, padded with zeros along axis 1 (the first axis of an item) when items differ.
+    lengths: `[n_items]` true length of each item along that axis, or None when every item has the same size.
+    instruction_ids / instruction_mask: `[n_items, L]` the interface tokenizer's ids of the user turn holding
+        each item (instruction-aware interfaces), or None.
+    """
+
+    values: dict[str, torch.Tensor]
+    lengths: torch.Tensor | None = None
+    instruction_ids: torch.Tensor | None = None
+    instruction_mask: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return next(iter(self.values.values())).shape[0]
+
+    def to(self, device: torch.device | str) -> MediaBatch:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return MediaBatch({k: v.to(device) for k, v in self.values.items()}, move(self.lengths),
+                          move(self.instruction_ids), move(self.instruction_mask))
+
+    def select(self, rows: torch.Tensor) -> MediaBatch:
+        """The items at `rows` (stage 0 pairs an image with other texts this way)."""
+        pick = lambda t: None if t is None else t[rows.to(t.device)]  # noqa: E731
+        return MediaBatch({k: v[rows.to(v.device)] for k, v in self.values.items()}, pick(self.lengths),
+                          pick(self.instruction_ids), pick(self.instruction_mask))
+
+    def with_instructions(self, ids: torch.Tensor | None, mask: torch.Tensor | None) -> MediaBatch:
+        return replace(self, instruction_ids=ids, instruction_mask=mask)
+
+
+@dataclass
+class ModalityTokens:
+    """An interface's output: `embeds [n_items, max_tokens, hidden]`, of which item i uses the first `lengths[i]`."""
+
+    embeds: torch.Tensor
+    lengths: torch.Tensor
+
+    @classmethod
+    def fixed(cls, embeds: torch.Tensor) -> ModalityTokens:
+        """Every item uses all its tokens (a Q-Former's queries)."""
+        lengths = torch.full((embeds.shape[0],), embeds.shape[1], dtype=torch.long, device=embeds.device)
+        return cls(embeds, lengths)
+
+
+def pad_stack(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Stack tensors that may differ along their first axis: zero-padded batch and lengths (None if all equal)."""
+    if all(t.shape == tensors[0].shape for t in tensors):
+        return torch.stack(list(tensors)), None
+    if any(t.shape[1:] != tensors[0].shape[1:] for t in tensors):
+        raise ValueError(f"items differ beyond their first axis: {sorted({tuple(t.shape) for t in tensors})}")
+    lengths = torch.tensor([t.shape[0] for t in tensors], dtype=torch.long)
+    out = tensors[0].new_zeros((len(tensors), int(lengths.max()), *tensors[0].shape[1:]))
+    for row, tensor in enumerate(tensors):
+        out[row, : tensor.shape[0]] = tensor
+    return out, lengths
+
+
+def collate_items(items: Sequence[Item]) -> MediaBatch:
+    """Default `collate`: tensors (or dicts of tensors with the same keys) stacked, padded where lengths differ."""
+    if not items:
+        raise ValueError("collate needs at least one item")
+    as_dicts = [item if isinstance(item, dict) else {"values": item} for item in items]
+    keys = list(as_dicts[0])
+    if any(list(d) != keys for d in as_dicts):
+        raise ValueError(f"items carry different keys: {sorted({tuple(d) for d in as_dicts})}")
+    values, lengths = {}, None
+    for key in keys:
+        values[key], key_lengths = pad_stack([d[key] for d in as_dicts])
+        if key_lengths is not None:
+            if lengths is not None and not torch.equal(lengths, key_lengths):
+                raise ValueError(f"value {key!r} has other lengths than the item's other values")
+            lengths = key_lengths
+    return MediaBatch(values, lengths)
+
 
 class ModalityInterface(nn.Module):
-    """Base class. Subclasses set `modality` ("image", "video", "audio") and implement the methods below.
+    """Base class. Subclasses set `modality` ("image", "video", "audio", ...) and implement the methods below.
 
-    The constructor arguments of every subclass are recorded in `init_args`, so an adapter directory can
+    The constructor arguments of every subclass are recorded in `init_args`, so a checkpoint directory can
     rebuild the interface from its config JSON without pickling anything.
     """
 
@@ -49,37 +146,39 @@ class ModalityInterface(nn.Module):
     @property
     def placeholder(self) -> str:
         """The text placeholder that marks where one item of this modality goes, e.g. `<image>`."""
-        return f"<{self.modality}>"
+        return placeholder(self.modality)
 
     @property
-    def num_tokens(self) -> int:
-        """LLM tokens one item becomes (an upper bound for variable-length modalities)."""
+    def max_tokens(self) -> int:
+        """Most LLM tokens one item becomes (exact for fixed-size interfaces)."""
         raise NotImplementedError
 
-    @property
-    def uses_instructions(self) -> bool:
-        """True when `forward(items, instructions)` wants the text of the user turn holding each item."""
-        return False
+    def instruction_tokenizer(self) -> Callable[[str], list[int]] | None:
+        """For an instruction-aware interface, `text -> ids` of its own tokenizer (else None)."""
+        return None
 
     def attach(self, llm_hidden_size: int) -> None:
-        """Build the adapter into the LLM's embedding space; called once by `XLLM`."""
+        """Build the projection into the LLM's embedding space; called once by `XLLM`."""
         raise NotImplementedError
 
-    def load_media(self, path: str) -> torch.Tensor:
+    def load_media(self, path: str) -> Item:
         """Load and preprocess one item from disk; raise `ValueError` on a corrupt file."""
         raise NotImplementedError
 
-    def media_loader(self) -> Callable[[str], torch.Tensor]:
-        """A picklable `path -> tensor` callable for data workers (override to avoid copying the module)."""
+    def media_loader(self) -> Callable[[str], Item]:
+        """A picklable `path -> item` callable for data workers (override to avoid copying the module)."""
         return self.load_media
 
     def prepare_media(self, paths: list[str]) -> int:
         """Called once with every path of a data set before training (e.g. to cache frozen features)."""
         return 0
 
-    def collate_media(self, items: list[torch.Tensor]) -> torch.Tensor:
-        """Batch loaded items; fixed-size items stack."""
-        return torch.stack(items)
+    def collate(self, items: Sequence[Item]) -> MediaBatch:
+        """Batch loaded items (default: stack, zero-pad items of different lengths and record the lengths)."""
+        return collate_items(items)
+
+    def forward(self, media: MediaBatch) -> ModalityTokens:
+        raise NotImplementedError
 
     def frozen_modules(self) -> list[nn.Module]:
         """Sub-modules that never train (kept in eval mode, outside the optimizer and checkpoints)."""
@@ -91,3 +190,23 @@ class ModalityInterface(nn.Module):
     def to_config(self) -> dict[str, Any]:
         """JSON-ready `{"class_path", "init_args"}`, the same shape LightningCLI configs use."""
         return {"class_path": self.class_path(), "init_args": dict(self.init_args)}
+
+    def reload_config(self) -> dict[str, Any]:
+        """The config that rebuilds this interface before its trained weights are loaded into it.
+
+        Override to drop arguments that only initialise weights the checkpoint replaces anyway."""
+        return self.to_config()
+
+
+@runtime_checkable
+class PretrainableInterface(Protocol):
+    """What an LLM-free pretraining objective (stage 0) needs of an interface.
+
+    `bridge` is the trainable block between the frozen encoder and the LLM (a `QFormerBridge`, a C-Former...);
+    `bridge_inputs(media)` returns what that block reads: the frozen encoder's features and their mask
+    (None when every position is valid). An objective checks that the bridge is a kind it can train.
+    """
+
+    bridge: nn.Module
+
+    def bridge_inputs(self, media: MediaBatch) -> tuple[torch.Tensor, torch.Tensor | None]: ...

@@ -5,43 +5,21 @@ Blip2VisionModel, DINOv2...) or a dual/multimodal checkpoint whose model has a `
 SigLIP), from which only the vision tower is kept. A torchvision CNN works too, from a directory holding
 `xllm_encoder.json` (`{"library": "torchvision", "architecture": "mobilenet_v2", "module": "features",
 "hidden_size": 1280}`), its weights as `model.safetensors` and an image-processor config (see
-`xllm.materialize`); its `C×H×W` feature map becomes `H·W` tokens of width `C`.
+`xllm.demo.materialize`); its `C×H×W` feature map becomes `H·W` tokens of width `C`.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import json
+from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel
 
+from xllm.frozen import check_model_path, freeze, resolve_dtype
+
 TORCHVISION_CONFIG = "xllm_encoder.json"
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
-    return DTYPES[name]
-
-
-def check_model_path(path: str, what: str) -> None:
-    """Fail early with a useful message when a local-looking path is missing (hub ids pass through)."""
-    looks_local = path.startswith((".", "/", "~")) or Path(path).exists() or path.count("/") != 1
-    if looks_local and not Path(path).expanduser().exists():
-        hint = " (tiny test models: run `python -m xllm.data.tiny`)" if ".cache/tiny" in path else ""
-        raise FileNotFoundError(f"{what}: no model directory at {path}{hint}")
-
-
-def freeze(module: nn.Module) -> nn.Module:
-    """Frozen means frozen: no gradients and eval mode (the owner keeps it out of optimizer and checkpoints)."""
-    module.requires_grad_(False)
-    module.eval()
-    return module
 
 
 class FrozenVisionEncoder(nn.Module):

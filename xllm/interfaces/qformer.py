@@ -3,7 +3,7 @@
 Built on transformers' `Blip2QFormerModel` (SDPA attention) rather than a copy of BERT. As in BLIP-2, an
 optional *text side* runs text tokens through the same layers beside the queries: self-attention is
 shared, only queries cross-attend to the image, and queries and text have their own FFNs. The text side
-serves the LLM-free pretraining losses (ITC/ITM/ITG, `qformer_pretraining.py`) and instruction-aware
+serves the LLM-free pretraining losses (ITC/ITM/ITG, `xllm/pretraining/qformer.py`) and instruction-aware
 queries (InstructBLIP: the instruction's tokens sit beside the queries, so the queries read what the
 question asks about).
 
@@ -122,6 +122,7 @@ class QFormer(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         causal_text: bool = False,
+        feature_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Queries and text together; returns (query outputs, text outputs).
 
@@ -137,7 +138,8 @@ class QFormer(nn.Module):
         else:
             query_mask = torch.ones(queries.shape[:2], dtype=attention_mask.dtype, device=attention_mask.device)
             mask = torch.cat([query_mask, attention_mask], dim=1)
-        out = self.model(query_embeds=embeds, query_length=n_query, attention_mask=mask, encoder_hidden_states=features)
+        out = self.model(query_embeds=embeds, query_length=n_query, attention_mask=mask, encoder_hidden_states=features,
+                         encoder_attention_mask=feature_mask)
         hidden = out.last_hidden_state
         return hidden[:, :n_query], hidden[:, n_query:]
 

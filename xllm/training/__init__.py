@@ -1,6 +1,8 @@
-"""Training code (Lightning): the module for stages 1 and 2, the DataModule and the CLI."""
+"""Training code (Lightning): stage 0 (`InterfacePretrainingModule`), stages 1-2 (`XLLMModule`), the DataModule, the CLI."""
 
+from xllm.training.base import TrainingModule
 from xllm.training.datamodule import XLLMDataModule
 from xllm.training.module import XLLMModule
+from xllm.training.pretrain import InterfacePretrainingModule
 
-__all__ = ["XLLMDataModule", "XLLMModule"]
+__all__ = ["InterfacePretrainingModule", "TrainingModule", "XLLMDataModule", "XLLMModule"]

@@ -1,4 +1,10 @@
-"""`python train.py fit --config configs/X.yaml` (also the `xllm-train` console script), via LightningCLI."""
+"""`python train.py fit --config configs/tiny/common.yaml --config configs/tiny/stage1.yaml` (also the
+`xllm-train` console script), via LightningCLI.
+
+The config chooses the LightningModule (`model.class_path`): `xllm.training.InterfacePretrainingModule` for
+stage 0, `xllm.training.XLLMModule` for stages 1-2. Several `--config` files merge in order, so a shared file
+(trainer defaults, the interface) and a per-stage file compose instead of copying.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +13,8 @@ import warnings
 
 from pytorch_lightning.cli import LightningCLI
 
+from xllm.training.base import TrainingModule
 from xllm.training.datamodule import XLLMDataModule
-from xllm.training.module import XLLMModule
 from xllm.training.throughput import ThroughputLogger
 
 
@@ -36,7 +42,7 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 def main(args: list[str] | None = None) -> XLLMCLI:
     return XLLMCLI(
-        XLLMModule, XLLMDataModule, save_config_kwargs={"overwrite": True}, args=args,
+        TrainingModule, XLLMDataModule, subclass_mode_model=True, save_config_kwargs={"overwrite": True}, args=args,
     )
 
 

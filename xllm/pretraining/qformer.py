@@ -1,4 +1,4 @@
-"""BLIP-2's first stage, without any LLM: ITC, ITM and ITG on a Q-Former-based interface.
+"""BLIP-2's first stage, without any LLM: ITC, ITM and ITG on an interface's Q-Former bridge (stage 0).
 
 - ITC (image-text contrastive): each query output and the text's [CLS] output are projected and
   normalised; an image-text similarity is the max over queries; cross-entropy both ways with a learnable
@@ -29,6 +29,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from xllm.interfaces.base import ModalityInterface, PretrainableInterface
+from xllm.interfaces.bridge import QFormerBridge
 
 IGNORE_INDEX = -100
 
@@ -67,18 +70,10 @@ def soft_cross_entropy(logits: torch.Tensor, positives: torch.Tensor) -> torch.T
     return -(F.log_softmax(logits, dim=1) * targets).sum(dim=1).mean()
 
 
-def itc_loss(
-    image_embeds: torch.Tensor, text_embeds: torch.Tensor, temperature: torch.Tensor, positives: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Single-process ITC of normalised `image_embeds [B, Q, D]` and `text_embeds [B, D]`.
-
-    `positives [B, B]` marks matching pairs (the diagonal, plus identical texts). Returns
-    (loss, sim_i2t, sim_t2i), similarities already divided by the temperature.
-    """
-    sim_i2t = itc_similarity(image_embeds, text_embeds) / temperature
-    sim_t2i = sim_i2t.t()
-    loss = (soft_cross_entropy(sim_i2t, positives) + soft_cross_entropy(sim_t2i, positives.t())) / 2
-    return loss, sim_i2t, sim_t2i
+def itc_loss(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """ITC both ways: our images vs all texts (`sim_i2t [B, N]`) and our texts vs all images (`sim_t2i [B, N]`),
+    similarities already divided by the temperature; `positives [B, N]` marks matching pairs."""
+    return (soft_cross_entropy(sim_i2t, positives) + soft_cross_entropy(sim_t2i, positives)) / 2
 
 
 def sample_hard_negatives(similarity: torch.Tensor, positives: torch.Tensor, generator=None) -> torch.Tensor:
@@ -93,77 +88,94 @@ def sample_hard_negatives(similarity: torch.Tensor, positives: torch.Tensor, gen
     return picks.masked_fill(empty, -1)
 
 
-class QFormerPretrainer(nn.Module):
-    """Heads and losses for LLM-free pretraining of `interface` (one with `.qformer` and `.qformer_features`).
+class QFormerObjective(nn.Module):
+    """Heads and losses for LLM-free pretraining of an interface whose bridge is a `QFormerBridge`.
+
+    Built from settings (so a config chooses it), then `bind(interface)` builds the heads at the bridge's width.
 
     Args:
-        interface: the Q-Former interface to pretrain; its Q-Former must have a text side.
-        embed_dim: ITC projection width (BLIP-2: 256).
         itc_weight: weight of ITC (0 turns it off).
         itm_weight: weight of ITM (0 turns it off; ITM negatives come from ITC similarities).
         itg_weight: weight of ITG (0 turns it off).
-        instruction_aware: the pair's instruction joins the queries when computing image embeddings.
         qa_itm_weight: weight of question-aware matching on yes/no pairs (0 turns it off).
+        embed_dim: ITC projection width (BLIP-2: 256).
+        flipped_negatives: a yes/no statement's flipped answer is one more ITM negative.
+        instruction_aware: the pair's instruction joins the queries for ITC/ITM image embeddings
+            (None: as the interface does).
     """
 
     def __init__(
         self,
-        interface: nn.Module,
-        embed_dim: int = 256,
         itc_weight: float = 1.0,
         itm_weight: float = 1.0,
         itg_weight: float = 1.0,
-        instruction_aware: bool = False,
         qa_itm_weight: float = 0.0,
+        embed_dim: int = 256,
+        flipped_negatives: bool = True,
+        instruction_aware: bool | None = None,
     ) -> None:
         super().__init__()
-        qformer = interface.qformer
-        if not qformer.has_text:
-            raise ValueError("Q-Former pretraining needs the Q-Former's text side (qformer_text: true)")
-        hidden = qformer.hidden_size
-        self.interface = interface
         self.weights = {"itc": itc_weight, "itm": itm_weight, "itg": itg_weight, "qa_itm": qa_itm_weight}
-        self.instruction_aware = instruction_aware
-        self.vision_proj = nn.Linear(hidden, embed_dim)
-        self.text_proj = nn.Linear(hidden, embed_dim)
+        self.embed_dim, self.flipped_negatives, self.instruction_aware = embed_dim, flipped_negatives, instruction_aware
+        self.bridge: QFormerBridge | None = None
+
+    def bind(self, interface: ModalityInterface) -> None:
+        """Check that `interface` is one this objective trains, and build the heads at its width."""
+        if not isinstance(interface, PretrainableInterface) or not isinstance(interface.bridge, QFormerBridge):
+            raise TypeError(f"{type(interface).__name__} has no Q-Former bridge; QFormerObjective cannot pretrain it")
+        bridge = interface.bridge
+        if not bridge.qformer.has_text:
+            raise ValueError("Q-Former pretraining needs the Q-Former's text side (qformer_text: true)")
+        if self.instruction_aware is None:
+            self.instruction_aware = bool(getattr(interface, "instruction_aware", False))
+        # Not a submodule: the bridge's parameters belong to the interface (and are saved under its name).
+        object.__setattr__(self, "bridge", bridge)
+        hidden = bridge.qformer.hidden_size
+        self.vision_proj = nn.Linear(hidden, self.embed_dim)
+        self.text_proj = nn.Linear(hidden, self.embed_dim)
         self.itm_head = nn.Linear(hidden, 2)
         self.temperature = nn.Parameter(torch.tensor(0.07))
         # BERT-style prediction head; the output matrix is the frozen word-embedding table.
         self.lm_transform = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.LayerNorm(hidden))
-        self.lm_bias = nn.Parameter(torch.zeros(qformer.config.vocab_size))
+        self.lm_bias = nn.Parameter(torch.zeros(bridge.qformer.config.vocab_size))
 
-    @property
-    def qformer(self):
-        return self.interface.qformer
+    def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Captions and instructions in the Q-Former's own tokenizer (the data loader's collator calls it)."""
+        return self._bound().tokenize(texts)
 
-    def image_embeddings(self, features, instruction_ids=None, instruction_mask=None) -> torch.Tensor:
-        queries = self.qformer(features, instruction_ids=instruction_ids, instruction_mask=instruction_mask)
+    def _bound(self) -> QFormerBridge:
+        if self.bridge is None:
+            raise RuntimeError("QFormerObjective.bind(interface) must be called first")
+        return self.bridge
+
+    def image_embeddings(self, features, feature_mask, instruction_ids=None, instruction_mask=None) -> torch.Tensor:
+        queries = self._bound().qformer(features, feature_mask, instruction_ids, instruction_mask)
         return F.normalize(self.vision_proj(queries), dim=-1)
 
     def text_embeddings(self, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.text_proj(self.qformer.encode_text(text_ids, text_mask)[:, 0]), dim=-1)
+        return F.normalize(self.text_proj(self._bound().qformer.encode_text(text_ids, text_mask)[:, 0]), dim=-1)
+
+    def question_logits(self, features, feature_mask, question_ids, question_mask) -> torch.Tensor:
+        """QA-ITM: `[n, 2]` ITM-head logits of the question-aware queries (class 1: the answer is "Yes").
+
+        `features` are the bridge's (normalised, with positions: `bridge.features(...)`)."""
+        queries = self._bound().qformer(features, feature_mask, question_ids, question_mask)
+        return self.itm_head(queries).mean(dim=1)
 
     def forward(
-        self,
-        media: torch.Tensor,
-        text_ids: torch.Tensor,
-        text_mask: torch.Tensor,
-        pair_keys: list[str],
-        instruction_ids: torch.Tensor | None = None,
-        instruction_mask: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-        flipped_ids: torch.Tensor | None = None,
-        flipped_mask: torch.Tensor | None = None,
-        has_flipped: torch.Tensor | None = None,
-        answers: torch.Tensor | None = None,
+        self, interface: PretrainableInterface, batch: dict, generator: torch.Generator | None = None
     ) -> PretrainOutput:
-        """`answers`: per pair 1 (yes), 0 (no) or -1 (not a yes/no pair), for QA-ITM."""
-        features = self.interface.qformer_features(media)
-        batch = features.shape[0]
+        """Losses on a pair batch (`xllm.data.pairs.PairCollator`): `media` (a `MediaBatch` whose instruction
+        ids are the pairs' questions), `text_ids`/`text_mask`, `pair_keys`, `flipped_*`, `answers`."""
+        qformer = self._bound().qformer
+        media = batch["media"]
+        encoder_features, feature_mask = interface.bridge_inputs(media)
+        features = self._bound().features(encoder_features)
+        text_ids, text_mask, pair_keys = batch["text_ids"], batch["text_mask"], batch["pair_keys"]
+        instruction_ids, instruction_mask = media.instruction_ids, media.instruction_mask
+        size = features.shape[0]
         device = features.device
-        same_text = torch.tensor(
-            [[a == b for b in pair_keys] for a in pair_keys], dtype=torch.bool, device=device
-        )
+        same_text = torch.tensor([[a == b for b in pair_keys] for a in pair_keys], dtype=torch.bool, device=device)
         losses: dict[str, torch.Tensor] = {}
         out = PretrainOutput(loss=torch.zeros((), device=device))
 
@@ -171,60 +183,61 @@ class QFormerPretrainer(nn.Module):
         if self.weights["itc"] > 0 or self.weights["itm"] > 0:
             use_instruction = self.instruction_aware and instruction_ids is not None
             image_embeds = self.image_embeddings(
-                features, instruction_ids if use_instruction else None, instruction_mask if use_instruction else None
+                features, feature_mask, instruction_ids if use_instruction else None,
+                instruction_mask if use_instruction else None,
             )
             text_embeds = self.text_embeddings(text_ids, text_mask)
             all_text, offset = gather_with_grad(text_embeds)
             all_image, _ = gather_with_grad(image_embeds)
             # Positives: our rows vs our own columns with the same text (other ranks' rows are negatives).
-            positives_i2t = torch.zeros((batch, all_text.shape[0]), dtype=torch.bool, device=device)
-            positives_i2t[:, offset:offset + batch] = same_text
+            positives = torch.zeros((size, all_text.shape[0]), dtype=torch.bool, device=device)
+            positives[:, offset:offset + size] = same_text
             temperature = self.temperature.clamp(0.001, 0.5)
             sim_i2t = itc_similarity(image_embeds, all_text) / temperature  # our images vs all texts
             sim_t2i = itc_similarity(all_image, text_embeds).t() / temperature  # our texts vs all images
             if self.weights["itc"] > 0:
-                losses["itc"] = (soft_cross_entropy(sim_i2t, positives_i2t) + soft_cross_entropy(sim_t2i, positives_i2t)) / 2
+                losses["itc"] = itc_loss(sim_i2t, sim_t2i, positives)
 
         if self.weights["itm"] > 0:
             with torch.no_grad():
-                local_i2t = sim_i2t[:, offset:offset + batch]
-                local_t2i = sim_t2i[:, offset:offset + batch]
-                neg_text = sample_hard_negatives(local_i2t, same_text, generator)
-                neg_image = sample_hard_negatives(local_t2i, same_text, generator)
+                neg_text = sample_hard_negatives(sim_i2t[:, offset:offset + size], same_text, generator)
+                neg_image = sample_hard_negatives(sim_t2i[:, offset:offset + size], same_text, generator)
             out.negative_texts, out.negative_images = neg_text, neg_image
-            keep_t = neg_text >= 0
-            keep_i = neg_image >= 0
-            image_rows = torch.cat([torch.arange(batch, device=device), torch.arange(batch, device=device)[keep_t],
-                                    neg_image[keep_i]])
-            text_rows = torch.cat([torch.arange(batch, device=device), neg_text[keep_t],
-                                   torch.arange(batch, device=device)[keep_i]])
-            labels = torch.cat([torch.ones(batch, dtype=torch.long, device=device),
+            keep_t, keep_i = neg_text >= 0, neg_image >= 0
+            rows = torch.arange(size, device=device)
+            image_rows = torch.cat([rows, rows[keep_t], neg_image[keep_i]])
+            text_rows = torch.cat([rows, neg_text[keep_t], rows[keep_i]])
+            labels = torch.cat([torch.ones(size, dtype=torch.long, device=device),
                                 torch.zeros(int(keep_t.sum() + keep_i.sum()), dtype=torch.long, device=device)])
-            query_out, _ = self.qformer.joint(features[image_rows], text_ids[text_rows], text_mask[text_rows])
+            pick = lambda mask, r: None if mask is None else mask[r]  # noqa: E731
+            query_out, _ = qformer.joint(features[image_rows], text_ids[text_rows], text_mask[text_rows],
+                                         feature_mask=pick(feature_mask, image_rows))
             logits = self.itm_head(query_out).mean(dim=1)
-            if flipped_ids is not None and has_flipped is not None and bool(has_flipped.any()):
-                rows = has_flipped.nonzero().flatten()
-                flipped_out, _ = self.qformer.joint(features[rows], flipped_ids[rows], flipped_mask[rows])
+            has_flipped = batch.get("has_flipped")
+            if self.flipped_negatives and has_flipped is not None and bool(has_flipped.any()):
+                flipped = has_flipped.nonzero().flatten().to(device)
+                flipped_out, _ = qformer.joint(features[flipped], batch["flipped_ids"][flipped],
+                                               batch["flipped_mask"][flipped], feature_mask=pick(feature_mask, flipped))
                 logits = torch.cat([logits, self.itm_head(flipped_out).mean(dim=1)])
-                labels = torch.cat([labels, torch.zeros(len(rows), dtype=torch.long, device=device)])
+                labels = torch.cat([labels, torch.zeros(len(flipped), dtype=torch.long, device=device)])
             losses["itm"] = F.cross_entropy(logits, labels)
             out.itm_accuracy = (logits.argmax(dim=1) == labels).float().mean()
 
         if self.weights["itg"] > 0:
-            _, text_out = self.qformer.joint(features, text_ids, text_mask, causal_text=True)
+            _, text_out = qformer.joint(features, text_ids, text_mask, causal_text=True, feature_mask=feature_mask)
             hidden = self.lm_transform(text_out[:, :-1])
-            logits = F.linear(hidden, self.qformer.embeddings.word_embeddings.weight, self.lm_bias)
+            logits = F.linear(hidden, qformer.embeddings.word_embeddings.weight, self.lm_bias)
             targets = text_ids[:, 1:].masked_fill(text_mask[:, 1:] == 0, IGNORE_INDEX)
             losses["itg"] = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX)
 
         if self.weights["qa_itm"] > 0:
+            answers = batch.get("answers")
             if answers is None or instruction_ids is None:
                 raise ValueError("qa_itm needs the pairs' instructions and yes/no answers")
-            rows = (answers >= 0).nonzero().flatten()
+            rows = (answers >= 0).nonzero().flatten().to(device)
             if len(rows):
-                queries = self.qformer(features[rows], instruction_ids=instruction_ids[rows],
-                                       instruction_mask=instruction_mask[rows])
-                logits = self.itm_head(queries).mean(dim=1)
+                logits = self.question_logits(features[rows], None if feature_mask is None else feature_mask[rows],
+                                              instruction_ids[rows], instruction_mask[rows])
                 losses["qa_itm"] = F.cross_entropy(logits, answers[rows])
                 out.qa_itm_accuracy = (logits.argmax(dim=1) == answers[rows]).float().mean()
 

@@ -1,0 +1,5 @@
+"""LLM-free pretraining objectives (stage 0): each trains one kind of interface bridge without loading the LLM."""
+
+from xllm.pretraining.qformer import QFormerObjective
+
+__all__ = ["QFormerObjective"]

@@ -1,0 +1,143 @@
+"""What every xllm LightningModule shares, whatever it trains.
+
+Frozen means frozen: frozen parts stay in eval mode through Lightning's `.train()`, never reach the optimizer
+(AdamW over trainable parameters only, no decay on biases/norms/tables) and never enter a checkpoint
+(`on_save_checkpoint` keeps trainable tensors only). Each run prints and logs its parameter counts. A
+subclass says what it trains (`frozen_modules`, `training_step`), how its data is read (`build_dataset`,
+`collator`) and where its result goes (`save_result`); the DataModule and callbacks ask it, so they never
+need to know which stage runs.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from transformers import get_cosine_schedule_with_warmup
+
+from xllm.data.records import BadSamples
+from xllm.frozen import keep_frozen_in_eval
+from xllm.interfaces.base import ModalityInterface
+from xllm.llm import count_parameters
+
+# Parameters that never get weight decay: biases, norms, and learned token/position tables.
+NO_DECAY_MARKERS = ("bias", "LayerNorm", "layernorm", "ln_", "norm.", "query_tokens", "position")
+
+
+class TrainingModule(pl.LightningModule):
+    """Base of `XLLMModule` (stages 1-2) and `InterfacePretrainingModule` (stage 0): both train interfaces.
+
+    Args:
+        interfaces: modality -> interface, e.g. `{"image": {"class_path": "xllm.interfaces.ImageInterface", ...}}`
+            (the subclass decides where they live: inside an `XLLM`, or alone in stage 0).
+        init_adapter: checkpoint directory to start from (stage 1 starts from stage 0's, stage 2 from stage 1's).
+        adapter_dir: where the result is written after fit (default: `<log dir>/adapter`).
+        lr: peak AdamW learning rate.
+        weight_decay: AdamW weight decay (not applied to biases, norms, query tokens, position tables).
+        betas: AdamW betas.
+        warmup_steps: linear warmup steps before the cosine decay (a float < 1 is a fraction of all steps).
+    """
+
+    def __init__(
+        self,
+        interfaces: dict[str, ModalityInterface],
+        init_adapter: str | None = None,
+        adapter_dir: str | None = None,
+        lr: float = 1e-4,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: float = 0.05,
+    ) -> None:
+        super().__init__()
+        self.init_adapter, self.adapter_dir = init_adapter, adapter_dir
+        self.lr, self.weight_decay, self.betas, self.warmup_steps = lr, weight_decay, tuple(betas), warmup_steps
+        # Checkpoints hold trainable tensors only, so resuming loads non-strictly.
+        self.strict_loading = False
+
+    # --- what a subclass provides ------------------------------------------------------------------
+    def frozen_modules(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def build_dataset(self, path: str, media_root: str | None, bad_samples: BadSamples) -> torch.utils.data.Dataset:
+        """Read, validate and prepare one data file (media features cached here, before training)."""
+        raise NotImplementedError
+
+    def collator(self) -> Any:
+        raise NotImplementedError
+
+    def save_result(self, directory: Path) -> None:
+        raise NotImplementedError
+
+    @property
+    def stage_name(self) -> str:
+        raise NotImplementedError
+
+    # --- frozen stays frozen -----------------------------------------------------------------------
+    def trainable_names(self) -> set[str]:
+        return {name for name, p in self.named_parameters() if p.requires_grad}
+
+    def train(self, mode: bool = True) -> TrainingModule:
+        super().train(mode)
+        keep_frozen_in_eval(self, self.frozen_modules(), mode)
+        return self
+
+    def on_fit_start(self) -> None:
+        trainable, frozen = count_parameters(self)
+        self.print(f"xllm {self.stage_name}: {trainable:,} trainable parameters, {frozen:,} frozen")
+        for logger in self.loggers:
+            logger.log_hyperparams({"params/trainable": trainable, "params/frozen": frozen})
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keep = self.trainable_names()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_fit_end(self) -> None:
+        if self.trainer.is_global_zero:
+            directory = self.resolved_adapter_dir()
+            self.save_result(directory)
+            self.print(f"adapter written to {directory}")
+
+    def resolved_adapter_dir(self) -> Path:
+        if self.adapter_dir is not None:
+            return Path(self.adapter_dir)
+        base = self.trainer.log_dir or self.trainer.default_root_dir
+        return Path(base) / "adapter"
+
+    def log_skipped(self, batch: dict[str, Any], split: str) -> None:
+        if batch["skipped"]:
+            self.log(f"{split}/skipped_media", float(len(batch["skipped"])), reduce_fx="sum", on_epoch=True,
+                     on_step=False, batch_size=1)
+
+    def validation_step(self, batch: dict[str, Any] | None, batch_idx: int) -> None:
+        self.step(batch, "val")
+
+    def training_step(self, batch: dict[str, Any] | None, batch_idx: int) -> dict[str, Any] | None:
+        return self.step(batch, "train")
+
+    def step(self, batch: dict[str, Any] | None, split: str) -> dict[str, Any] | None:
+        raise NotImplementedError
+
+    # --- optimisation ------------------------------------------------------------------------------
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """AdamW groups over trainable parameters only, with no decay on biases/norms/query tokens/positions."""
+        decay, no_decay = [], []
+        for name, parameter in self.named_parameters():
+            if not parameter.requires_grad:
+                continue
+            if parameter.ndim < 2 or any(marker in name for marker in NO_DECAY_MARKERS):
+                no_decay.append(parameter)
+            else:
+                decay.append(parameter)
+        return [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = torch.optim.AdamW(self.parameter_groups(), lr=self.lr, betas=self.betas)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = self.warmup_steps
+        warmup_steps = int(math.ceil(warmup * total)) if warmup < 1 else int(warmup)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

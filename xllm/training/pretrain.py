@@ -1,0 +1,92 @@
+"""Stage 0: LLM-free pretraining of one interface's bridge with an objective chosen in the config.
+
+The LLM is never created, so stage 0 spends neither memory nor time on it. The objective (e.g.
+`xllm.pretraining.QFormerObjective`, BLIP-2's ITC/ITM/ITG + question-aware matching) binds to the interface
+through `PretrainableInterface` and owns its text tokenization; the data are media-text pairs from the usual
+conversation files (`xllm.data.pairs`). The result is an interface checkpoint that stage 1 loads with
+`init_adapter:`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from xllm.checkpoint import load_weights, save_interface_checkpoint
+from xllm.data.pairs import PairCollator, PairDataset, build_pair_dataset
+from xllm.data.records import BadSamples
+from xllm.interfaces.base import ModalityInterface
+from xllm.pretraining.qformer import QFormerObjective
+from xllm.training.base import TrainingModule
+
+
+class InterfacePretrainingModule(TrainingModule):
+    """Pretrains one interface without the LLM.
+
+    Args:
+        interfaces: exactly one modality -> interface (its bridge is what trains).
+        objective: the LLM-free objective and its loss weights.
+        init_adapter, adapter_dir, lr, weight_decay, betas, warmup_steps: see `TrainingModule`.
+    """
+
+    def __init__(
+        self,
+        interfaces: dict[str, ModalityInterface],
+        objective: QFormerObjective | None = None,
+        init_adapter: str | None = None,
+        adapter_dir: str | None = None,
+        lr: float = 1e-4,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: float = 0.05,
+    ) -> None:
+        super().__init__(interfaces, init_adapter, adapter_dir, lr, weight_decay, betas, warmup_steps)
+        if len(interfaces) != 1:
+            raise ValueError(f"stage 0 pretrains one interface at a time, got {sorted(interfaces)}")
+        self.save_hyperparameters(ignore=["interfaces", "objective"])
+        self.interfaces = nn.ModuleDict(interfaces)
+        (self.modality,) = interfaces
+        self.objective = objective if objective is not None else QFormerObjective()
+        self.objective.bind(self.interface)
+        if init_adapter is not None:
+            load_weights(self, init_adapter)
+
+    @property
+    def interface(self) -> ModalityInterface:
+        return self.interfaces[self.modality]
+
+    @property
+    def stage_name(self) -> str:
+        return "stage 0"
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return self.interface.frozen_modules()
+
+    def build_dataset(self, path: str, media_root: str | None, bad_samples: BadSamples) -> PairDataset:
+        rows = build_pair_dataset(path, self.modality, media_root, bad_samples)
+        self.interface.prepare_media(list(rows["path"]))
+        return PairDataset(rows, self.modality, self.interface.media_loader(), bad_samples)
+
+    def collator(self) -> PairCollator:
+        return PairCollator(self.interface.collate, self.objective.tokenize)
+
+    def save_result(self, directory: Path) -> None:
+        save_interface_checkpoint(self.interfaces, directory, stage=0)
+
+    def step(self, batch: dict[str, Any] | None, split: str) -> dict[str, Any] | None:
+        if batch is None:
+            return None
+        self.log_skipped(batch, split)
+        out = self.objective(self.interface, batch)
+        size = len(batch["media"])
+        on_step, sync = split == "train", split != "train"
+        self.log(f"{split}/loss", out.loss, prog_bar=True, batch_size=size, on_step=on_step, on_epoch=not on_step,
+                 sync_dist=sync)
+        for name in ("itc", "itm", "itg", "itm_accuracy", "qa_itm", "qa_itm_accuracy"):
+            value = getattr(out, name)
+            if value is not None:
+                self.log(f"{split}/{name}", value, batch_size=size, on_step=on_step, on_epoch=not on_step, sync_dist=sync)
+        return {"loss": out.loss, "sequences": size}
