@@ -73,7 +73,9 @@ class CachedFeatures:
 
 
 def run(cfg: dict) -> dict:
-    from xllm.interfaces import MediaBatch, QFormerBridge
+    from transformers import AutoTokenizer
+
+    from xllm.interfaces import MediaBatch, QFormer, QFormerBridge
     from xllm.pretraining import QFormerObjective
 
     device = cfg.get("device", "cuda")
@@ -81,10 +83,11 @@ def run(cfg: dict) -> dict:
     torch.backends.cudnn.allow_tf32 = False
     bundle = torch.load(Path(cfg["bundle"]) / "bundle.pt", weights_only=True)
     torch.manual_seed(cfg["seed"])
-    bridge = QFormerBridge(
-        160, num_query_tokens=cfg["queries"], hidden_size=384, num_layers=cfg["layers"], num_heads=12,
-        intermediate_size=1536, cross_attention_frequency=1, dropout=0.0, text_tokenizer=cfg["bundle"],
-        max_text_tokens=32, feature_positions=49, position_kind=cfg["pos"])
+    tokenizer = AutoTokenizer.from_pretrained(cfg["bundle"])
+    qformer = QFormer(160, num_query_tokens=cfg["queries"], hidden_size=384, num_layers=cfg["layers"], num_heads=12,
+                      intermediate_size=1536, cross_attention_frequency=1, dropout=0.0,
+                      text_vocab_size=len(tokenizer), max_text_positions=32)
+    bridge = QFormerBridge(qformer, tokenizer, max_text_tokens=32, feature_positions=49, position_kind=cfg["pos"])
     if cfg["bert"]:  # as `bert_init` does: BERT's weights in, its word/position tables frozen
         own = bridge.qformer.state_dict()
         bridge.qformer.load_state_dict({k: v for k, v in bundle["qformer_state"].items() if k in own}, strict=False)

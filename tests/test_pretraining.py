@@ -2,6 +2,7 @@
 
 import math
 
+import datasets
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from tests.conftest import make_image_interface
-from xllm.data.pairs import PairCollator
+from xllm.data.pairs import PairCollator, PairDataset
 from xllm.interfaces.qformer import itg_attention_mask
 from xllm.pretraining.qformer import QFormerObjective, itc_loss, itc_similarity, sample_hard_negatives
 from xllm.training import InterfacePretrainingModule, XLLMDataModule, XLLMModule
@@ -106,9 +107,11 @@ def test_instruction_changes_the_queries(tiny):
 def pair_batch(interface, objective, tiny):
     images = [f"train_{i:05d}.png" for i in range(8)]
     texts = [f"a {c} {s}." for c in ("red", "green", "blue", "yellow") for s in ("square", "circle")]
-    items = [{"id": str(i), "media": interface.load_media(str(tiny / "data" / "images" / name)), "text": text,
-              "instruction": text, "flipped": ""} for i, (name, text) in enumerate(zip(images, texts))]
-    return PairCollator(interface.collate, objective.tokenize)(items)
+    rows = datasets.Dataset.from_list([
+        {"id": str(i), "source": "test", "path": str(tiny / "data" / "images" / name), "text": text,
+         "instruction": text, "flipped": ""} for i, (name, text) in enumerate(zip(images, texts))])
+    pairs = PairDataset(rows, "image", interface.media_loader(), objective.tokenize)
+    return PairCollator(interface.collate)([pairs[i] for i in range(len(pairs))])
 
 
 def test_objective_losses_fall_and_switch_off(tiny):

@@ -105,3 +105,15 @@ def test_bert_init_rejects_mismatched_width(tiny):
         tiny_qformer(hidden_size=48, num_heads=2, bert_init=str(tiny / "bert"))
     with pytest.raises(FileNotFoundError, match="no BERT checkpoint"):
         tiny_qformer(bert_init=str(tiny / "missing"))
+
+
+def test_instruction_queries_equal_the_full_computation(tiny):
+    """The instruction path skips the last layer's unused text FFN; the query outputs must not change."""
+    torch.manual_seed(0)
+    qformer = tiny_qformer(text_vocab_size=40, max_text_positions=16).eval()
+    features = torch.randn(3, 7, 24)
+    ids = torch.randint(0, 40, (3, 6))
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 3 + [0] * 3])
+    full, _ = qformer.joint(features, ids, mask)  # every layer computed whole
+    assert torch.allclose(qformer(features, None, ids, mask), full, atol=1e-6)
+    assert "feed_forward_chunk" not in vars(qformer.model.encoder.layer[-1])  # restored afterwards

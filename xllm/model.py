@@ -302,7 +302,9 @@ class XLLM(nn.Module):
     def next_token_logits(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """`[n, vocab]` logits of the first reply token of each prompt in `batch`."""
         embeds, mask = self.embed_prompts(batch)
-        return self.llm(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits[:, -1].float()
+        # Only the last position's logits: the LM head over a 49k vocabulary is ~20% of a small LLM's forward.
+        out = self.llm(inputs_embeds=embeds, attention_mask=mask, use_cache=False, logits_to_keep=1)
+        return out.logits[:, -1].float()
 
     @torch.no_grad()
     def generate(self, batch: Mapping[str, Any], max_new_tokens: int = 64, **generate_kwargs: Any) -> list[str]:

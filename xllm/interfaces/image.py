@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
-from transformers import AutoImageProcessor
+from transformers import AutoImageProcessor, AutoTokenizer
 
 from xllm.interfaces.base import MediaBatch, ModalityInterface, ModalityTokens
 from xllm.interfaces.bridge import QFormerBridge
@@ -16,6 +16,7 @@ from xllm.interfaces.encoders import FrozenVisionEncoder
 from xllm.interfaces.feature_cache import FEATURES, CachedFeatureLoader, FeatureCache
 from xllm.interfaces.positions import PositionKind
 from xllm.interfaces.projection import ProjectionKind
+from xllm.interfaces.qformer import QFormer
 
 
 class ImageLoader:
@@ -97,13 +98,15 @@ class ImageInterface(ModalityInterface):
         self.instruction_aware = instruction_aware
         self.encoder = FrozenVisionEncoder(encoder, feature_layer=feature_layer, dtype=encoder_dtype)
         self.processor = AutoImageProcessor.from_pretrained(encoder)
-        self.bridge = QFormerBridge(
+        tokenizer = AutoTokenizer.from_pretrained(text_tokenizer or bert_init) if qformer_text else None
+        qformer = QFormer(
             self.encoder.hidden_size, num_query_tokens=num_query_tokens, hidden_size=qformer_hidden_size,
             num_layers=qformer_layers, num_heads=qformer_heads, intermediate_size=qformer_intermediate_size,
             cross_attention_frequency=cross_attention_frequency, dropout=dropout, bert_init=bert_init,
-            text_tokenizer=(text_tokenizer or bert_init) if qformer_text else None, max_text_tokens=max_text_tokens,
-            feature_positions=feature_positions, position_kind=feature_position_kind, projection=projection,
+            text_vocab_size=len(tokenizer) if tokenizer is not None else None, max_text_positions=max_text_tokens,
         )
+        self.bridge = QFormerBridge(qformer, tokenizer, max_text_tokens, feature_positions, feature_position_kind,
+                                    projection)
         tag = json.dumps(["v2", encoder, feature_layer, self.processor.to_dict()], sort_keys=True, default=str)
         self.cache = FeatureCache(feature_cache, tag) if feature_cache else None
 

@@ -15,6 +15,8 @@ stay frozen (they come from the BERT checkpoint at load time, which keeps adapte
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -104,11 +106,12 @@ class QFormer(nn.Module):
             return out.last_hidden_state
         embeds = torch.cat([queries, self._text_embeds(instruction_ids).to(queries.dtype)], dim=1)
         query_mask = torch.ones(queries.shape[:2], dtype=instruction_mask.dtype, device=instruction_mask.device)
-        out = self.model(
-            query_embeds=embeds, query_length=self.num_query_tokens,
-            attention_mask=torch.cat([query_mask, instruction_mask], dim=1),
-            encoder_hidden_states=features, encoder_attention_mask=feature_mask,
-        )
+        with text_output_skipped(self.model.encoder.layer[-1]):
+            out = self.model(
+                query_embeds=embeds, query_length=self.num_query_tokens,
+                attention_mask=torch.cat([query_mask, instruction_mask], dim=1),
+                encoder_hidden_states=features, encoder_attention_mask=feature_mask,
+            )
         return out.last_hidden_state[:, : self.num_query_tokens]
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -142,6 +145,25 @@ class QFormer(nn.Module):
                          encoder_attention_mask=feature_mask)
         hidden = out.last_hidden_state
         return hidden[:, :n_query], hidden[:, n_query:]
+
+
+@contextmanager
+def text_output_skipped(layer: nn.Module) -> Iterator[None]:
+    """Within the block, `layer` (a `Blip2QFormerLayer`) skips its text FFN and passes the text positions through.
+
+    For the last layer of an instruction-aware forward: only the query positions are returned, and nothing
+    reads that layer's text outputs, yet transformers runs its text FFN anyway. With a question of ~14 tokens
+    beside 4 queries that FFN was ~40% of a 1-layer Q-Former's compute (measured: stage-0 steps 1.5x faster);
+    the query outputs are unchanged (tested against the full layer)."""
+    layer.feed_forward_chunk = _identity  # an instance attribute shadows the method for this call only
+    try:
+        yield
+    finally:
+        del layer.feed_forward_chunk
+
+
+def _identity(hidden: torch.Tensor) -> torch.Tensor:
+    return hidden
 
 
 def itg_attention_mask(text_mask: torch.Tensor, n_query: int, dtype: torch.dtype) -> torch.Tensor:

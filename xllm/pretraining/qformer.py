@@ -23,8 +23,6 @@ Losses are weighted and switchable (weight 0 turns one off and skips its compute
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -32,21 +30,9 @@ from torch import nn
 
 from xllm.interfaces.base import ModalityInterface, PretrainableInterface
 from xllm.interfaces.bridge import QFormerBridge
+from xllm.pretraining.base import PretrainingObjective, PretrainOutput
 
 IGNORE_INDEX = -100
-
-
-@dataclass
-class PretrainOutput:
-    loss: torch.Tensor
-    itc: torch.Tensor | None = None
-    itm: torch.Tensor | None = None
-    itg: torch.Tensor | None = None
-    qa_itm: torch.Tensor | None = None
-    qa_itm_accuracy: torch.Tensor | None = None
-    itm_accuracy: torch.Tensor | None = None
-    negative_texts: torch.Tensor | None = None  # for each image, the index of its ITM negative text
-    negative_images: torch.Tensor | None = None  # for each text, the index of its ITM negative image
 
 
 def gather_with_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -88,7 +74,7 @@ def sample_hard_negatives(similarity: torch.Tensor, positives: torch.Tensor, gen
     return picks.masked_fill(empty, -1)
 
 
-class QFormerObjective(nn.Module):
+class QFormerObjective(PretrainingObjective):
     """Heads and losses for LLM-free pretraining of an interface whose bridge is a `QFormerBridge`.
 
     Built from settings (so a config chooses it), then `bind(interface)` builds the heads at the bridge's width.

@@ -37,7 +37,7 @@ class XLLMModule(TrainingModule):
         trust_remote_code: allow hub remote code (ChatGLM-6B/2/3); off unless you set it.
         lora: LoRA settings for stage 2 (null: no LoRA).
         max_length: longest sequence, text plus modality tokens.
-        init_adapter, adapter_dir, lr, weight_decay, betas, warmup_steps: see `TrainingModule`.
+        **training: `TrainingModule`'s settings (init_adapter, adapter_dir, lr, weight_decay, betas, warmup_steps).
     """
 
     def __init__(
@@ -51,14 +51,9 @@ class XLLMModule(TrainingModule):
         trust_remote_code: bool = False,
         lora: LoraSettings | None = None,
         max_length: int = 2048,
-        init_adapter: str | None = None,
-        adapter_dir: str | None = None,
-        lr: float = 1e-4,
-        weight_decay: float = 0.05,
-        betas: tuple[float, float] = (0.9, 0.999),
-        warmup_steps: float = 0.05,
+        **training: Any,
     ) -> None:
-        super().__init__(interfaces, init_adapter, adapter_dir, lr, weight_decay, betas, warmup_steps)
+        super().__init__(interfaces, **training)
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2 (stage 0 is xllm.training.InterfacePretrainingModule), got {stage}")
         if lora is not None and stage != 2:
@@ -71,9 +66,9 @@ class XLLMModule(TrainingModule):
         )
         if lora is not None:
             self.model.enable_lora(lora)
-        if init_adapter is not None:
+        if self.init_adapter is not None:
             # After LoRA is in place, so a stage-2 adapter (with LoRA tensors) can be resumed too.
-            load_weights(self.model, init_adapter)
+            load_weights(self.model, self.init_adapter)
         llm_params = list(self.model.llm.parameters())
         # litgpt's rule: trained parameters cost 6 FLOPs per token they touch, frozen LLM weights 4 (gradients
         # still flow through them to the spliced inputs). Interface parameters are counted per media token.

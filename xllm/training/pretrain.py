@@ -19,6 +19,7 @@ from xllm.checkpoint import load_weights, save_interface_checkpoint
 from xllm.data.pairs import PairCollator, PairDataset, build_pair_dataset
 from xllm.data.records import BadSamples
 from xllm.interfaces.base import ModalityInterface
+from xllm.pretraining.base import PretrainingObjective
 from xllm.pretraining.qformer import QFormerObjective
 from xllm.training.base import TrainingModule
 
@@ -28,22 +29,17 @@ class InterfacePretrainingModule(TrainingModule):
 
     Args:
         interfaces: exactly one modality -> interface (its bridge is what trains).
-        objective: the LLM-free objective and its loss weights.
-        init_adapter, adapter_dir, lr, weight_decay, betas, warmup_steps: see `TrainingModule`.
+        objective: the LLM-free objective and its loss weights (default: `QFormerObjective()`).
+        **training: `TrainingModule`'s settings (init_adapter, adapter_dir, lr, weight_decay, betas, warmup_steps).
     """
 
     def __init__(
         self,
         interfaces: dict[str, ModalityInterface],
-        objective: QFormerObjective | None = None,
-        init_adapter: str | None = None,
-        adapter_dir: str | None = None,
-        lr: float = 1e-4,
-        weight_decay: float = 0.05,
-        betas: tuple[float, float] = (0.9, 0.999),
-        warmup_steps: float = 0.05,
+        objective: PretrainingObjective | None = None,
+        **training: Any,
     ) -> None:
-        super().__init__(interfaces, init_adapter, adapter_dir, lr, weight_decay, betas, warmup_steps)
+        super().__init__(interfaces, **training)
         if len(interfaces) != 1:
             raise ValueError(f"stage 0 pretrains one interface at a time, got {sorted(interfaces)}")
         self.save_hyperparameters(ignore=["interfaces", "objective"])
@@ -51,8 +47,8 @@ class InterfacePretrainingModule(TrainingModule):
         (self.modality,) = interfaces
         self.objective = objective if objective is not None else QFormerObjective()
         self.objective.bind(self.interface)
-        if init_adapter is not None:
-            load_weights(self, init_adapter)
+        if self.init_adapter is not None:
+            load_weights(self, self.init_adapter)
 
     @property
     def interface(self) -> ModalityInterface:
@@ -68,10 +64,10 @@ class InterfacePretrainingModule(TrainingModule):
     def build_dataset(self, path: str, media_root: str | None, bad_samples: BadSamples) -> PairDataset:
         rows = build_pair_dataset(path, self.modality, media_root, bad_samples)
         self.interface.prepare_media(list(rows["path"]))
-        return PairDataset(rows, self.modality, self.interface.media_loader(), bad_samples)
+        return PairDataset(rows, self.modality, self.interface.media_loader(), self.objective.tokenize, bad_samples)
 
     def collator(self) -> PairCollator:
-        return PairCollator(self.interface.collate, self.objective.tokenize)
+        return PairCollator(self.interface.collate)
 
     def save_result(self, directory: Path) -> None:
         save_interface_checkpoint(self.interfaces, directory, stage=0)

@@ -1,0 +1,45 @@
+"""What a stage-0 objective is: a module that binds to one interface, tokenizes its pair texts, and returns losses.
+
+`InterfacePretrainingModule` takes any subclass (chosen in the config by `class_path`), so each kind of
+bridge brings its own LLM-free objective: the Q-Former BLIP-2's ITC/ITM/ITG (`qformer.py`), a C-Former a
+CIF speech-recognition loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from xllm.interfaces.base import ModalityInterface, PretrainableInterface
+
+
+@dataclass
+class PretrainOutput:
+    """`loss` (weighted sum) plus each named part, for logging; parts an objective does not compute stay None."""
+
+    loss: torch.Tensor
+    itc: torch.Tensor | None = None
+    itm: torch.Tensor | None = None
+    itg: torch.Tensor | None = None
+    qa_itm: torch.Tensor | None = None
+    qa_itm_accuracy: torch.Tensor | None = None
+    itm_accuracy: torch.Tensor | None = None
+    negative_texts: torch.Tensor | None = None  # for each image, the index of its ITM negative text
+    negative_images: torch.Tensor | None = None  # for each text, the index of its ITM negative image
+
+
+class PretrainingObjective(nn.Module):
+    """Base class of stage-0 objectives."""
+
+    def bind(self, interface: ModalityInterface) -> None:
+        """Check that `interface` is a kind this objective trains and build heads at its width."""
+        raise NotImplementedError
+
+    def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded ids and mask of the pairs' texts and instructions, in the tokenizer this objective reads."""
+        raise NotImplementedError
+
+    def forward(self, interface: PretrainableInterface, batch: dict) -> PretrainOutput:
+        raise NotImplementedError
