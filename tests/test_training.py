@@ -227,3 +227,23 @@ def test_throughput_logger_reports_rates_and_mfu(tiny, tmp_path):
     batch = fixed_batch(module.model, tiny, n=4, file="train_captions.jsonl")
     out = module.model(batch["input_ids"], batch["attention_mask"], batch["media"], batch["labels"])
     assert out.media_tokens == 16 and out.tokens == int(batch["attention_mask"].sum()) - 4 + 16
+
+
+@pytest.mark.parametrize("llm,template,lora", [("llama", "vicuna_v1", False), ("glm", "glm4", True)])
+def test_loss_on_supervised_positions_equals_the_llm_own_loss(tiny, llm, template, lora):
+    """Training computes logits only where a label is predicted; the loss and its gradients must equal the
+    LLM's own loss on full logits."""
+    model = make_model(tiny, llm=llm, template=template)
+    if lora:
+        model.enable_lora(LoraSettings(r=2, alpha=4, dropout=0.0))
+    model.eval()
+    batch = fixed_batch(model, tiny, n=4)
+    out = model(batch["input_ids"], batch["attention_mask"], batch["media"], batch["labels"])
+    assert out.logits.shape[0] == int((batch["labels"] != -100).sum())  # one row per supervised token
+    embeds, mask, labels = model.embed_inputs(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["media"])
+    full = model.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels, use_cache=False).loss
+    assert torch.allclose(out.loss, full, atol=1e-5)
+    weight = model.interfaces["image"].bridge.projection.weight
+    (fast,) = torch.autograd.grad(out.loss, weight)
+    (slow,) = torch.autograd.grad(full, weight)
+    assert torch.allclose(fast, slow, atol=1e-6)

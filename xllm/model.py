@@ -12,11 +12,13 @@ One inference path: `chat(messages, media)` for one conversation, `reply` for ma
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -281,12 +283,31 @@ class XLLM(nn.Module):
         media: Mapping[str, MediaBatch],
         labels: torch.Tensor | None = None,
     ) -> XLLMOutput:
-        """LLM output on the spliced batch; `.loss` is the mean next-token loss over assistant tokens."""
+        """LLM output on the spliced batch; `.loss` is the mean next-token loss over assistant tokens.
+
+        With `labels`, `.logits` holds only the positions that predict a label (`[n_labels, vocab]`): the LM
+        head over a large vocabulary is a big share of a small LLM's step (SmolLM2: 28M of 135M parameters),
+        and only those positions enter the loss. Without labels, `.logits` is the whole `[batch, length, vocab]`."""
         embeds, mask, labels = self.embed_inputs(input_ids, attention_mask, labels, media)
-        out = self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels, use_cache=False)
         tokens = int(mask.sum())
-        text_tokens = int((attention_mask.bool() & (input_ids >= 0)).sum())
-        return XLLMOutput(out.loss, out.logits, tokens, tokens - text_tokens)
+        media_tokens = tokens - int((attention_mask.bool() & (input_ids >= 0)).sum())
+        if labels is None:
+            out = self.llm(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
+            return XLLMOutput(None, out.logits, tokens, media_tokens)
+        if not self._keeps_logits():
+            out = self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels, use_cache=False)
+            return XLLMOutput(out.loss, out.logits, tokens, media_tokens)
+        predicts = torch.zeros_like(labels, dtype=torch.bool)
+        predicts[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+        logits = self.llm(inputs_embeds=embeds, attention_mask=mask, use_cache=False, logits_to_keep=predicts).logits
+        # The same mean over supervised tokens that transformers' causal-LM loss computes on the full logits.
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels[:, 1:][predicts[:, :-1]])
+        return XLLMOutput(loss, logits, tokens, media_tokens)
+
+    def _keeps_logits(self) -> bool:
+        """Whether the LLM's forward takes `logits_to_keep` (transformers' own models do; hub remote code may not)."""
+        base = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+        return "logits_to_keep" in inspect.signature(type(base).forward).parameters
 
     def embed_prompts(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """A prompt batch (from `batch`) spliced and left-padded on the LLM's device: `(inputs_embeds,
