@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from torch import nn
 
 from xllm.checkpoint import load_weights, save_adapter
