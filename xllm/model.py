@@ -12,6 +12,7 @@ One inference path: `chat(messages, media)` for one conversation, `reply` for ma
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -95,6 +96,17 @@ def splice_modality_tokens(
         out_mask[row, span] = 1
         out_labels[row, span] = row_labels
     return out_embeds, out_mask, (out_labels if labels is not None else None)
+
+
+def _as_list(value: Any) -> list:
+    """One media value (a path or a loaded item) or a sequence of them, as a list."""
+    return [value] if isinstance(value, (str, torch.Tensor, dict)) else list(value)
+
+
+@functools.cache
+def _forward_takes_logits_to_keep(model_class: type) -> bool:
+    # Once per class, not once per training step.
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
 @dataclass
@@ -223,9 +235,7 @@ class XLLM(nn.Module):
         if len(media) != len(conversations):
             raise ValueError(f"{len(conversations)} conversations but {len(media)} media entries")
         processor = self.processor(max_length)
-        per_item = [{m: [v] if isinstance(v, (str, torch.Tensor, dict)) else list(v) for m, v in entry.items()}
-                    for entry in media]
-        loaded = self._load(per_item)
+        loaded = self.load_media(media)
         items = []
         for index, (turns, item_media) in enumerate(zip(conversations, loaded)):
             turns = normalize_turns(list(turns), f"conversation {index}")
@@ -240,17 +250,21 @@ class XLLM(nn.Module):
             items.append({"id": str(index), **encoded, "media": item_media})
         return self.collator()(items)
 
-    def _load(self, media: list[dict[str, list[str | Item]]]) -> list[dict[str, list[Item]]]:
-        """Load every path (each interface prepares all of its paths at once, e.g. caching features in batches)."""
+    def prepare_media(self, media: Sequence[MediaInput]) -> None:
+        """Let each interface prepare all of its paths at once (e.g. cache their features in batches)."""
+        for modality, interface in self.interfaces.items():
+            paths = [v for entry in media for v in _as_list(entry.get(modality, [])) if isinstance(v, str)]
+            if paths:
+                interface.prepare_media(paths)
+
+    def load_media(self, media: Sequence[MediaInput]) -> list[dict[str, list[Item]]]:
+        """Each entry's media as loaded items: paths are prepared and loaded, loaded items pass through."""
+        media = [{m: _as_list(v) for m, v in entry.items()} for entry in media]
         unknown = sorted({m for entry in media for m in entry if m not in self.interfaces})
         if unknown:
             raise ValueError(f"media of {unknown} given, but the model has interfaces for {sorted(self.interfaces)} only")
-        loaders = {}
-        for modality, interface in self.interfaces.items():
-            paths = [v for entry in media for v in entry.get(modality, []) if isinstance(v, str)]
-            if paths:
-                interface.prepare_media(paths)
-                loaders[modality] = interface.media_loader()
+        self.prepare_media(media)
+        loaders = {m: i.media_loader() for m, i in self.interfaces.items() if any(m in entry for entry in media)}
         return [{m: [loaders[m](v) if isinstance(v, str) else v for v in values] for m, values in entry.items()}
                 for entry in media]
 
@@ -307,7 +321,7 @@ class XLLM(nn.Module):
     def _keeps_logits(self) -> bool:
         """Whether the LLM's forward takes `logits_to_keep` (transformers' own models do; hub remote code may not)."""
         base = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
-        return "logits_to_keep" in inspect.signature(type(base).forward).parameters
+        return _forward_takes_logits_to_keep(type(base))
 
     def embed_prompts(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """A prompt batch (from `batch`) spliced and left-padded on the LLM's device: `(inputs_embeds,

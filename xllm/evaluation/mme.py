@@ -30,8 +30,7 @@ def answer_token_ids(tokenizer: Any) -> tuple[int, int]:
 def score_yes_no(model: XLLM, records: list[dict], batch_size: int = 32) -> list[dict]:
     """Per record: `{"id", "category", "image_id", "reference", "prediction", "margin"}`."""
     yes_id, no_id = answer_token_ids(model.tokenizer)
-    for modality, interface in model.interfaces.items():  # cache every file's features once, in batches
-        interface.prepare_media([p for r in records for p in r["media"].get(modality, [])])
+    model.prepare_media([r["media"] for r in records])  # e.g. cache every file's features once, in batches
     results = []
     model.eval()
     for start in range(0, len(records), batch_size):

@@ -26,10 +26,11 @@ def last_reply(record: dict) -> int:
 
 
 @torch.no_grad()
-def teacher_forced_loss(model: XLLM, records: list[dict], max_length: int) -> list[tuple[float, int]]:
-    """Per record: (summed next-token loss over assistant tokens, number of those tokens)."""
-    batch = model.batch([r["conversations"] for r in records], [r["media"] for r in records], prompt=False,
-                        max_length=max_length)
+def teacher_forced_loss(
+    model: XLLM, records: list[dict], media: list[dict], max_length: int
+) -> list[tuple[float, int]]:
+    """Per record: (summed next-token loss over assistant tokens, number of those tokens); `media` per record."""
+    batch = model.batch([r["conversations"] for r in records], media, prompt=False, max_length=max_length)
     device = model.device
     media = {m: b.to(device) for m, b in batch["media"].items()}
     embeds, mask, labels = model.embed_inputs(
@@ -70,14 +71,14 @@ def evaluate(
     """
     model = load_adapter(adapter, llm=llm)
     records = read_records(data, list(model.interfaces), media_root)[:limit]
-    for modality, interface in model.interfaces.items():  # e.g. cache every file's features once, in batches
-        interface.prepare_media([p for r in records for p in r["media"].get(modality, [])])
+    model.prepare_media([r["media"] for r in records])  # e.g. cache every file's features once, in batches
     samples: list[dict[str, Any]] = []
     for start in range(0, len(records), batch_size):
         chunk = records[start:start + batch_size]
+        media = model.load_media([r["media"] for r in chunk])  # decoded once, for generation and for the loss
         prompts = [r["conversations"][: last_reply(r)] for r in chunk]
-        predictions = model.reply(prompts, [r["media"] for r in chunk], max_new_tokens=max_new_tokens)
-        losses = teacher_forced_loss(model, chunk, max_length)
+        predictions = model.reply(prompts, media, max_new_tokens=max_new_tokens)
+        losses = teacher_forced_loss(model, chunk, media, max_length)
         for record, prediction, (loss_sum, tokens) in zip(chunk, predictions, losses):
             turns, last = record["conversations"], last_reply(record)
             samples.append({
