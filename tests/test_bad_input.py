@@ -53,7 +53,7 @@ def test_bad_record_is_named_or_counted(media, tmp_path, bad, reason, message):
     path = write_jsonl(tmp_path / "data.jsonl", [good("ok1"), bad, good("ok2")])
     with pytest.raises(BadSampleError, match=message) as info:
         read_records(path, ["image"], str(media))
-    assert f"data.jsonl:2" in str(info.value)
+    assert "data.jsonl:2" in str(info.value)
     assert info.value.reason == reason
 
     skipped = BadSamples("skip")

@@ -26,3 +26,14 @@ def test_summary():
     assert metrics["yes_no_samples"] == 2 and metrics["yes_no_accuracy"] == 0.5
     assert math.isclose(metrics["loss"], 1.5) and math.isclose(metrics["perplexity"], math.exp(1.5))
     assert math.isclose(metrics["exact_match"], 2 / 3)
+
+
+def test_error_rates_count_characters_and_words_not_case_or_punctuation():
+    from xllm.evaluation.metrics import error_rates
+
+    rates = error_rates(["The red circle.", "two red stars", ""], ["the red circle", "two red squares", "a ring"])
+    # words: 0 + 1 substitution + 2 deletions over 3 + 3 + 2 reference words
+    assert math.isclose(rates["wer"], 3 / 8)
+    # characters: "stars" -> "squares" is 3 edits; "a ring" deleted is 6; over 14 + 15 + 6 reference characters
+    assert math.isclose(rates["cer"], 9 / 35)
+    assert "cer" in summarize([{"prediction": "x", "reference": "y", "loss_sum": 0.0, "target_tokens": 1}])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -40,6 +41,35 @@ def load_frozen_llm(path: str, dtype: str = "float32", trust_remote_code: bool =
         path, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
     )
     return freeze(model)
+
+
+def embedding_table(path: str, which: str = "output", trust_remote_code: bool = False) -> torch.Tensor:
+    """The LM head's (`output`) or the input embeddings' (`input`) `[vocab, hidden]` weight, read from the
+    checkpoint's safetensors without building the model (for a 7B LLM that is one table, not 14 GB). A tied
+    head is read under its input-embedding name."""
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    check_model_path(path, "LLM")
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):  # names and shapes only, no memory
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    table = (model.get_output_embeddings() if which == "output" else model.get_input_embeddings()).weight
+    names = [name for name, p in model.named_parameters(remove_duplicate=False) if p is table]
+    folder = Path(path)
+    index = folder / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    for file in files:
+        if not (folder / file).is_file():
+            continue
+        with safe_open(str(folder / file), framework="pt") as handle:
+            for name in names:
+                if name in handle.keys():
+                    return handle.get_tensor(name)
+    raise FileNotFoundError(f"{path}: none of {names} found in its safetensors files {files}")
 
 
 def apply_lora(model: PreTrainedModel, settings: LoraSettings) -> nn.Module:
@@ -95,4 +125,5 @@ __all__ = [
     "llm_hidden_size",
     "load_frozen_llm",
     "load_tokenizer",
+    "embedding_table",
 ]

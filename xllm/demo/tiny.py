@@ -2,7 +2,7 @@
 
 Everything is written as ordinary local model directories, so the configs load them through the same
 `from_pretrained` paths a user's hub models take. Nothing here is downloaded. The data are the demo's
-generator (`synthetic.py`) at 32 px; the tokenizers are trained on its text.
+generator (`synthetic.py`) at 32 px, plus a few eSpeak clips for speech; the tokenizers are trained on their text.
 
     python -m xllm.demo.tiny --out .cache/tiny
 """
@@ -28,7 +28,7 @@ CHATML_TEMPLATE = (
 # 0.1 makes the frozen tiny LLM responsive enough that training its inputs visibly lowers the loss.
 TINY_INIT_RANGE = 0.1
 TRAIN_IMAGES = 32  # 32 captions, 32 chats, 256 yes/no questions
-TINY_VERSION = "4"  # bump when anything below changes, so stale caches are rebuilt
+TINY_VERSION = "5"  # bump when anything below changes, so stale caches are rebuilt
 
 
 def build_tokenizer(out: Path, corpus: list[str]):
@@ -92,6 +92,41 @@ def build_vit(out: Path) -> None:
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(out)
 
 
+def build_whisper(out: Path) -> None:
+    """A tiny random Whisper whose encoder window is 64 mel frames (0.64 s), so a 1-s clip spans two windows."""
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
+
+    config = WhisperConfig(
+        vocab_size=64, num_mel_bins=80, d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_source_positions=32,
+        max_target_positions=16, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+    )
+    WhisperModel(config).save_pretrained(out)
+    WhisperFeatureExtractor(feature_size=80).save_pretrained(out)
+
+
+SPEECH_SENTENCES = ["red circle", "blue square", "green triangle", "the red square", "a blue circle",
+                    "the green star", "two red circles", "one blue star"]
+
+
+def build_speech_data(out: Path) -> None:
+    """`train_asr.jsonl`: the sentences above spoken by eSpeak (two voices), as 16 kHz wav files."""
+    from xllm.demo.espeak import Espeak, Voice
+    from xllm.demo.speech_data import TRANSCRIBE, resample, write_wav
+
+    speaker = Espeak()
+    (out / "audio").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for index, (sentence, voice) in enumerate((s, v) for s in SPEECH_SENTENCES
+                                              for v in (Voice("en-us"), Voice("en-gb-x-rp+f2", 190))):
+        wave, rate = speaker.say(sentence, voice)
+        name = f"audio/train_{index:03d}.wav"
+        write_wav(out / name, resample(wave, rate, 16000), 16000)
+        lines.append(json.dumps({"id": f"asr_{index:03d}", "audio": name, "conversations": [
+            {"from": "human", "value": f"<audio>\n{TRANSCRIBE}"}, {"from": "gpt", "value": sentence}]}))
+    (out / "train_asr.jsonl").write_text("\n".join(lines) + "\n")
+
+
 def build_bert(out: Path, corpus: list[str]) -> None:
     """A tiny BERT with its own WordPiece tokenizer ([CLS] ... [SEP]), like a real BERT checkpoint."""
     from tokenizers import BertWordPieceTokenizer, processors
@@ -124,12 +159,13 @@ def corpus_for_tokenizer(data: Path) -> list[str]:
     texts = list(TEMPLATE_WORDS)
     for path in sorted(data.glob("train_*.jsonl")):
         for line in path.read_text().splitlines():
-            texts += [turn["value"].replace("<image>", "") for turn in json.loads(line)["conversations"]]
+            texts += [turn["value"].replace("<image>", "").replace("<audio>", "")
+                      for turn in json.loads(line)["conversations"]]
     return texts
 
 
 def build_all(out: str | Path = ".cache/tiny", force: bool = False) -> Path:
-    """Write tokenizer/, llama/, glm/, vit/, bert/ and data/ under `out` (skips when already complete)."""
+    """Write tokenizer/, llama/, glm/, vit/, bert/, whisper/ and data/ under `out` (skips when already complete)."""
     out = Path(out)
     stamp = out / "COMPLETE"
     if stamp.exists() and stamp.read_text().strip() == TINY_VERSION and not force:
@@ -139,12 +175,14 @@ def build_all(out: str | Path = ".cache/tiny", force: bool = False) -> Path:
 
     torch.manual_seed(0)
     build_shapes_task(out / "data", train=TRAIN_IMAGES, val=4, test=6, seed=0, image_size=32)
+    build_speech_data(out / "data")
     corpus = corpus_for_tokenizer(out / "data")
     tokenizer = build_tokenizer(out / "tokenizer", corpus)
     build_llama(out / "llama", tokenizer)
     build_glm(out / "glm", tokenizer)
     build_vit(out / "vit")
     build_bert(out / "bert", corpus)
+    build_whisper(out / "whisper")
     stamp.write_text(TINY_VERSION + "\n")
     return out
 

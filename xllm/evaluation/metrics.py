@@ -1,4 +1,4 @@
-"""Text metrics for generated answers: exact match, yes/no accuracy (MME-style), perplexity."""
+"""Text metrics for generated answers: exact match, yes/no accuracy (MME-style), perplexity, CER and WER."""
 
 from __future__ import annotations
 
@@ -23,6 +23,19 @@ def yes_no(text: str) -> str | None:
     return match.group(1) if match else None
 
 
+def error_rates(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Corpus-level character and word error rates (jiwer: edit distance / reference length) after
+    `normalize_answer` (case and punctuation do not count), over pairs whose reference is not empty."""
+    import jiwer
+
+    pairs = [(normalize_answer(p), normalize_answer(r)) for p, r in zip(predictions, references)]
+    pairs = [(p, r) for p, r in pairs if r]
+    if not pairs:
+        return {"cer": float("nan"), "wer": float("nan")}
+    hypotheses, truths = [p for p, _ in pairs], [r for _, r in pairs]
+    return {"cer": float(jiwer.cer(truths, hypotheses)), "wer": float(jiwer.wer(truths, hypotheses))}
+
+
 def summarize(samples: list[dict]) -> dict[str, float | int | None]:
     """Aggregate per-sample `{prediction, reference, loss_sum, target_tokens}` into corpus metrics."""
     count = len(samples)
@@ -37,4 +50,5 @@ def summarize(samples: list[dict]) -> dict[str, float | int | None]:
         "exact_match": sum(exact_match(s["prediction"], s["reference"]) for s in samples) / count if count else None,
         "yes_no_samples": len(judged),
         "yes_no_accuracy": correct / len(judged) if judged else None,
+        **error_rates([s["prediction"] for s in samples], [s["reference"] for s in samples]),
     }

@@ -4,6 +4,7 @@ from xllm.interfaces.base import MediaBatch, ModalityInterface, ModalityTokens, 
 from xllm.interfaces.bridge import QFormerBridge
 from xllm.interfaces.image import ImageInterface
 from xllm.interfaces.qformer import QFormer
+from xllm.interfaces.speech import SpeechInterface
 
 __all__ = ["ImageInterface", "MediaBatch", "ModalityInterface", "ModalityTokens", "PretrainableInterface", "QFormer",
-           "QFormerBridge", "placeholder"]
+           "QFormerBridge", "SpeechInterface", "placeholder"]

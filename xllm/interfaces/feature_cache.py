@@ -38,15 +38,18 @@ class FeatureCache:
         self,
         paths: list[str],
         load: Callable[[str], Any],
-        encode: Callable[[list[Any]], torch.Tensor],
+        encode: Callable[[list[Any]], torch.Tensor | list[torch.Tensor]],
         batch_size: int = 32,
         what: str = "media",
+        order: Callable[[str], Any] | None = None,
     ) -> int:
-        """Encode every path not cached yet (`load` one raw item, `encode` a list of them); returns how many.
+        """Encode every path not cached yet (`load` one raw item, `encode` a list of them into a batch tensor or
+        one tensor per item, for items of different lengths); returns how many. Paths are encoded in sorted
+        order, or sorted by `order` (e.g. file size, so clips of similar length share a batch).
 
         Files that cannot be decoded are left uncached: loading them later raises (or skips) naming their record."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        missing = sorted({p for p in paths if not self.file_for(p).exists()})
+        missing = sorted({p for p in paths if not self.file_for(p).exists()}, key=order)
         encoded = 0
         for start in tqdm(range(0, len(missing), batch_size), desc=f"caching {what} features", disable=len(missing) < 64):
             chunk, items = [], []
@@ -59,10 +62,10 @@ class FeatureCache:
             if not chunk:
                 continue
             # Stored in the encoder's own dtype: exactly what an uncached forward would give.
-            features = encode(items).to("cpu")
+            features = encode(items)
             encoded += len(chunk)
             for path, tensor in zip(chunk, features):
-                save_file({FEATURES: tensor.contiguous()}, str(self.file_for(path)))
+                save_file({FEATURES: tensor.to("cpu").contiguous()}, str(self.file_for(path)))
         return encoded
 
     def loader(self, decode: Callable[[str], Any] | None = None, memory_bytes: int = 2 << 30) -> CachedFeatureLoader:

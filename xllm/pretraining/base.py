@@ -28,10 +28,17 @@ class PretrainOutput:
     itm_accuracy: torch.Tensor | None = None
     negative_texts: torch.Tensor | None = None  # for each image, the index of its ITM negative text
     negative_images: torch.Tensor | None = None  # for each text, the index of its ITM negative image
+    token_ce: torch.Tensor | None = None  # speech: cross-entropy of fired tokens against the transcript's tokens
+    quantity: torch.Tensor | None = None  # speech: CIF quantity loss |Σα − L|
+    token_accuracy: torch.Tensor | None = None
+    embedding_distance: torch.Tensor | None = None  # speech: fired tokens vs their typed tokens' input embeddings
 
 
 class PretrainingObjective(nn.Module):
-    """Base class of stage-0 objectives."""
+    """Base class of stage-0 objectives. `pair_texts`: which texts of a pair it reads (`xllm.data.pairs`),
+    each tokenized once with `tokenize` and batched as `<name>_ids` / `<name>_mask`."""
+
+    pair_texts: tuple[str, ...] = ("text", "instruction", "flipped")
 
     def bind(self, interface: ModalityInterface) -> None:
         """Check that `interface` is a kind this objective trains and build heads at its width."""

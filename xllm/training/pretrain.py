@@ -63,7 +63,8 @@ class InterfacePretrainingModule(TrainingModule):
     def build_dataset(self, path: str, media_root: str | None, bad_samples: BadSamples) -> PairDataset:
         rows = build_pair_dataset(path, self.modality, media_root, bad_samples)
         self.interface.prepare_media(list(rows["path"]))
-        return PairDataset(rows, self.modality, self.interface.media_loader(), self.objective.tokenize, bad_samples)
+        return PairDataset(rows, self.modality, self.interface.media_loader(), self.objective.tokenize, bad_samples,
+                           self.objective.pair_texts)
 
     def collator(self) -> PairCollator:
         return PairCollator(self.interface.collate)
@@ -80,7 +81,8 @@ class InterfacePretrainingModule(TrainingModule):
         on_step, sync = split == "train", split != "train"
         self.log(f"{split}/loss", out.loss, prog_bar=True, batch_size=size, on_step=on_step, on_epoch=not on_step,
                  sync_dist=sync)
-        for name in ("itc", "itm", "itg", "itm_accuracy", "qa_itm", "qa_itm_accuracy"):
+        for name in ("itc", "itm", "itg", "itm_accuracy", "qa_itm", "qa_itm_accuracy", "token_ce", "quantity",
+                     "token_accuracy", "embedding_distance"):
             value = getattr(out, name)
             if value is not None:
                 self.log(f"{split}/{name}", value, batch_size=size, on_step=on_step, on_epoch=not on_step, sync_dist=sync)
