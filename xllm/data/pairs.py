@@ -3,8 +3,9 @@
 Every assistant turn of a sample with exactly one media item makes a pair: the text is the user turn
 before it (placeholders removed) followed by the reply — a caption ("Describe the image. A red square.")
 or a yes/no statement ("Is the shape red? No") — and that user turn is also the pair's instruction, for
-instruction-aware queries. The reply alone is kept too (a speech objective's target is the transcript). A yes/no pair also carries its *flipped* statement ("Is the shape red? Yes"),
-a hard ITM negative that only the image can tell apart from the positive.
+instruction-aware queries. The reply alone is kept too (a speech objective's target is the transcript). A
+yes/no pair also carries its *flipped* statement ("Is the shape red? Yes"), a hard ITM negative that only the
+image can tell apart from the positive.
 """
 
 from __future__ import annotations
@@ -83,9 +84,9 @@ class PairDataset(torch.utils.data.Dataset):
         self.bad_samples = bad_samples if bad_samples is not None else BadSamples()
         self.texts = texts
         for key in texts:
-            texts = [row[key] or row["text"] for row in self.rows]  # a pair with no flipped twin repeats its text
-            for start in range(0, len(texts), 1024):
-                ids, mask = tokenize(texts[start:start + 1024])
+            strings = [row[key] or row["text"] for row in self.rows]  # a pair with no flipped twin repeats its text
+            for start in range(0, len(strings), 1024):
+                ids, mask = tokenize(strings[start:start + 1024])
                 for row, row_ids, row_mask in zip(self.rows[start:start + 1024], ids, mask):
                     row[f"{key}_ids"] = row_ids[row_mask.bool()].tolist()
 

@@ -23,7 +23,8 @@ from xllm.pretraining.base import PretrainingObjective, PretrainOutput
 
 
 class CIFObjective(PretrainingObjective):
-    """Token cross-entropy through the frozen LLM's output embeddings + CIF quantity loss.
+    """Token cross-entropy through the frozen LLM's output embeddings + a pull toward the typed tokens' input
+    embeddings + CIF quantity loss. Train it on transcription data: every reply is taken as its clip's transcript.
 
     Args:
         llm: path of the LLM that later stages use (its tokenizer and embedding tables are read).
