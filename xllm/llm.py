@@ -43,10 +43,10 @@ def load_frozen_llm(path: str, dtype: str = "float32", trust_remote_code: bool =
     return freeze(model)
 
 
-def embedding_table(path: str, which: str = "output", trust_remote_code: bool = False) -> torch.Tensor:
-    """The LM head's (`output`) or the input embeddings' (`input`) `[vocab, hidden]` weight, read from the
-    checkpoint's safetensors without building the model (for a 7B LLM that is one table, not 14 GB). A tied
-    head is read under its input-embedding name."""
+def embedding_tables(path: str, trust_remote_code: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input embeddings' and the LM head's `[vocab, hidden]` weights, read from the checkpoint's safetensors
+    without building the model (for a 7B LLM that is two tables, not 14 GB). A tied head is the same tensor as
+    the input table, read once."""
     import json
     from pathlib import Path
 
@@ -57,19 +57,27 @@ def embedding_table(path: str, which: str = "output", trust_remote_code: bool = 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     with torch.device("meta"):  # names and shapes only, no memory
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    table = (model.get_output_embeddings() if which == "output" else model.get_input_embeddings()).weight
-    names = [name for name, p in model.named_parameters(remove_duplicate=False) if p is table]
+    wanted = {"input": model.get_input_embeddings().weight, "output": model.get_output_embeddings().weight}
+    names = {which: [n for n, p in model.named_parameters(remove_duplicate=False) if p is table]
+             for which, table in wanted.items()}
     folder = Path(path)
     index = folder / "model.safetensors.index.json"
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    found: dict[str, torch.Tensor] = {}
     for file in files:
         if not (folder / file).is_file():
             continue
         with safe_open(str(folder / file), framework="pt") as handle:
-            for name in names:
-                if name in handle.keys():
-                    return handle.get_tensor(name)
-    raise FileNotFoundError(f"{path}: none of {names} found in its safetensors files {files}")
+            for which in wanted:
+                name = next((n for n in names[which] if n in handle.keys()), None)
+                if which not in found and name is not None:
+                    found[which] = handle.get_tensor(name)
+    if wanted["input"] is wanted["output"] and "input" in found:
+        found["output"] = found["input"]  # tied: one tensor
+    missing = [f"{which} ({names[which]})" for which in wanted if which not in found]
+    if missing:
+        raise FileNotFoundError(f"{path}: no {', '.join(missing)} in its safetensors files {files}")
+    return found["input"], found["output"]
 
 
 def apply_lora(model: PreTrainedModel, settings: LoraSettings) -> nn.Module:
@@ -125,5 +133,5 @@ __all__ = [
     "llm_hidden_size",
     "load_frozen_llm",
     "load_tokenizer",
-    "embedding_table",
+    "embedding_tables",
 ]

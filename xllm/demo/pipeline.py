@@ -40,12 +40,14 @@ def _hms(seconds: float) -> str:
     return f"00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def localized_config(name: str, out: Path, data: Path, models: Path, edit=None) -> Path:
-    """A demo config file with its paths pointed at `out`/`data`/`models`, written into `out` (as JSON)."""
-    config = yaml.safe_load((CONFIGS / name).read_text())
+def localized_config(name: str, out: Path, data: Path, models: Path, edit=None, configs: Path = CONFIGS) -> Path:
+    """A demo config file (from `configs/<demo>/`) with its default folders — `runs/<demo>`, `.cache/<demo>/data`,
+    `.cache/models` — pointed at `out`/`data`/`models`, written into `out` (as JSON)."""
+    config = yaml.safe_load((configs / name).read_text())
     if edit is not None:
         edit(config)
-    text = json.dumps(config).replace("runs/demo", str(out)).replace(".cache/demo/data", str(data))
+    demo = configs.name
+    text = json.dumps(config).replace(f"runs/{demo}", str(out)).replace(f".cache/{demo}/data", str(data))
     path = out / f"{Path(name).stem}.config.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text.replace(".cache/models", str(models)))

@@ -28,30 +28,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
 import torch
-import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs" / "demo_speech"
-
-
-def localized_config(name: str, out: Path, data: Path, models: Path) -> Path:
-    """A config file of the speech demo with its paths pointed at `out`/`data`/`models`, written into `out`."""
-    text = json.dumps(yaml.safe_load((CONFIGS / name).read_text()))
-    text = text.replace("runs/demo_speech", str(out)).replace(".cache/demo_speech/data", str(data))
-    path = out / f"{Path(name).stem}.config.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text.replace(".cache/models", str(models)))
-    return path
 
 
 def run_stage(stage: int, out: Path, seed: int, step_scale: float, data: Path, models: Path) -> float:
     """One `fit` through LightningCLI (common + stage config); returns its seconds."""
     import wandb
 
+    from xllm.demo.pipeline import localized_config
     from xllm.training.cli import main as cli_main
 
-    common = localized_config("common.yaml", out, data, models)
-    path = localized_config(f"stage{stage}.yaml", out, data, models)
+    common = localized_config("common.yaml", out, data, models, configs=CONFIGS)
+    path = localized_config(f"stage{stage}.yaml", out, data, models, configs=CONFIGS)
     steps = max(1, round(json.loads(path.read_text())["trainer"]["max_steps"] * step_scale))
     start = time.perf_counter()
     cli_main(["fit", "--config", str(common), "--config", str(path), "--seed_everything", str(seed),

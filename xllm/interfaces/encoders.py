@@ -18,6 +18,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel
 
 from xllm.frozen import check_model_path, freeze, resolve_dtype
+from xllm.interfaces.base import pad_stack
 
 TORCHVISION_CONFIG = "xllm_encoder.json"
 
@@ -79,6 +80,14 @@ def _load_torchvision(path: Path, dtype: torch.dtype, feature_layer: int = -1) -
     return module.to(dtype), int(channels)
 
 
+def log_mel(feature_extractor, waveform) -> torch.Tensor:
+    """`[frames, mel_bins]` Whisper log-mel features of one mono waveform at the extractor's rate, on its own
+    length (the extractor would pad to 30 s by default)."""
+    features = feature_extractor(waveform, sampling_rate=feature_extractor.sampling_rate, return_tensors="pt",
+                                 padding="longest", truncation=False)["input_features"][0]
+    return features.transpose(0, 1).contiguous()
+
+
 class FrozenSpeechEncoder(nn.Module):
     """A frozen Whisper encoder run on each clip's own length: `forward(mel, mel_lengths) -> (features, lengths)`.
 
@@ -115,9 +124,7 @@ class FrozenSpeechEncoder(nn.Module):
 
     def mel(self, waveform) -> torch.Tensor:
         """`[frames, mel_bins]` log-mel features of one mono waveform at `sample_rate`, on its own length."""
-        features = self.feature_extractor(waveform, sampling_rate=self.sample_rate, return_tensors="pt",
-                                          padding="longest", truncation=False)["input_features"][0]
-        return features.transpose(0, 1)
+        return log_mel(self.feature_extractor, waveform)
 
     @torch.no_grad()
     def forward(self, mel: torch.Tensor, mel_lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,11 +142,7 @@ class FrozenSpeechEncoder(nn.Module):
         for owner, features, length in zip(owners, row_features, row_lengths.tolist()):
             per_item[owner].append(features[:length])
         items = [torch.cat(parts) for parts in per_item]
-        lengths = torch.tensor([len(t) for t in items], dtype=torch.long)
-        out = items[0].new_zeros((batch, int(lengths.max()), self.hidden_size))
-        for row, tensor in enumerate(items):
-            out[row, : len(tensor)] = tensor
-        return out, lengths
+        return pad_stack(items)[0], torch.tensor([len(t) for t in items], dtype=torch.long)
 
     def _encode_rows(self, rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         encoder = self.model
@@ -155,11 +158,8 @@ class FrozenSpeechEncoder(nn.Module):
                 mel[i, : len(row)] = row
             hidden = encoder(mel.transpose(1, 2).to(device, dtype)).last_hidden_state
             return hidden, out_lengths
-        frames = int(lengths.max())
-        mel = rows[0].new_zeros((len(rows), frames, rows[0].shape[1]))
-        for i, row in enumerate(rows):
-            mel[i, : len(row)] = row
-        mel = mel.to(device, dtype).transpose(1, 2)  # [rows, bins, frames]
+        mel = pad_stack(rows)[0].to(device, dtype).transpose(1, 2)  # [rows, bins, frames], zero-padded
+        frames = mel.shape[2]
         valid = torch.arange(frames, device=device)[None] < lengths[:, None]
         hidden = nn.functional.gelu(encoder.conv1(mel)) * valid[:, None].to(dtype)  # as an own-length run's padding
         hidden = nn.functional.gelu(encoder.conv2(hidden)).transpose(1, 2)

@@ -19,7 +19,7 @@ from torch import nn
 
 from xllm.interfaces.base import MediaBatch, ModalityInterface, ModalityTokens
 from xllm.interfaces.cformer import CFormer
-from xllm.interfaces.encoders import FrozenSpeechEncoder
+from xllm.interfaces.encoders import FrozenSpeechEncoder, log_mel
 from xllm.interfaces.feature_cache import FEATURES, CachedFeatureLoader, FeatureCache
 from xllm.interfaces.projection import ProjectionKind
 from xllm.interfaces.window_qformer import WindowQFormer
@@ -37,7 +37,7 @@ def decode_audio(path: str, sample_rate: int, min_peak: float = 1e-4) -> np.ndar
         container = av.open(path)
     except av.error.FFmpegError as err:
         raise ValueError(f"cannot open audio {path}: {err}") from err
-    chunks, rate_in = [], None
+    chunks = []
     with container:
         if not container.streams.audio:
             kinds = ", ".join(s.type for s in container.streams) or "no streams"
@@ -86,11 +86,8 @@ class AudioLoader:
         self.feature_extractor, self.min_peak = feature_extractor, min_peak
 
     def __call__(self, path: str) -> dict[str, torch.Tensor]:
-        rate = self.feature_extractor.sampling_rate
-        wave = decode_audio(path, rate, self.min_peak)
-        mel = self.feature_extractor(wave, sampling_rate=rate, return_tensors="pt", padding="longest",
-                                     truncation=False)["input_features"][0]
-        return {MEL: mel.transpose(0, 1).contiguous()}
+        wave = decode_audio(path, self.feature_extractor.sampling_rate, self.min_peak)
+        return {MEL: log_mel(self.feature_extractor, wave)}
 
 
 class SpeechInterface(ModalityInterface):
@@ -143,7 +140,7 @@ class SpeechInterface(ModalityInterface):
     ) -> None:
         super().__init__()
         self.encoder = FrozenSpeechEncoder(encoder, dtype=encoder_dtype, pad_to_window=pad_to_window)
-        self.bridge_kind, self._max_tokens, self.min_peak = bridge, max_tokens, min_peak
+        self._max_tokens, self.min_peak = max_tokens, min_peak
         width = self.encoder.hidden_size
         if bridge == "cformer":
             self.bridge: CFormer | WindowQFormer = CFormer(

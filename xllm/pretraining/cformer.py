@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from xllm.interfaces.base import MediaBatch, ModalityInterface, PretrainableInterface
 from xllm.interfaces.cformer import CFormer, quantity_loss
-from xllm.llm import embedding_table, load_tokenizer
+from xllm.llm import embedding_tables, load_tokenizer
 from xllm.pretraining.base import PretrainingObjective, PretrainOutput
 
 
@@ -42,10 +42,10 @@ class CIFObjective(PretrainingObjective):
         self.quantity_weight, self.embedding_weight = quantity_weight, embedding_weight
         self.tokenizer = load_tokenizer(llm, trust_remote_code)
         # Not persistent: frozen, never in a checkpoint (they are the LLM's, read again from `llm`).
-        output = embedding_table(llm, "output", trust_remote_code).float()
-        inputs = embedding_table(llm, "input", trust_remote_code).float()
-        self.register_buffer("output_embeddings", output, persistent=False)
-        self.register_buffer("input_embeddings", output if torch.equal(inputs, output) else inputs, persistent=False)
+        inputs, output = embedding_tables(llm, trust_remote_code)
+        self.register_buffer("output_embeddings", output.float(), persistent=False)
+        self.register_buffer("input_embeddings", self.output_embeddings if inputs is output else inputs.float(),
+                             persistent=False)
 
     def bind(self, interface: ModalityInterface) -> None:
         bridge = getattr(interface, "bridge", None)
