@@ -24,10 +24,10 @@ os.environ.setdefault("WANDB_MODE", "offline")
 import pytorch_lightning as pl
 import torch
 
-from xllm.checkpoint import load_adapter
 from xllm.demo.tiny import build_all
 from xllm.interfaces import ImageInterface, MediaBatch
 from xllm.llm import LoraSettings, count_parameters
+from xllm.model import XLLM
 from xllm.training import XLLMDataModule, XLLMModule
 
 TINY = dict(num_query_tokens=4, qformer_hidden_size=32, qformer_layers=2, qformer_heads=2, qformer_intermediate_size=64)
@@ -56,7 +56,7 @@ def tiny_pipeline(root: Path, device: str) -> dict:
         unchanged = all(torch.equal(frozen[n].cpu(), params[n].detach().cpu()) for n in frozen)
         results[f"stage{stage}"] = {"frozen_unchanged": unchanged, "final_loss": float(trainer.callback_metrics["train/loss"]),
                                     "device": str(trainer.strategy.root_device)}
-    model = load_adapter(root / "adapter2").to(device)
+    model = XLLM.from_pretrained(root / "adapter2", device=device)
     results["generate"] = model.chat([{"from": "user", "value": "<image>\nWhat colour is the shape?"}],
                                      {"image": str(tiny / "data" / "images" / "test_00000.png")}, max_new_tokens=8)
     return results

@@ -46,7 +46,7 @@ def test_print_config_lists_the_typed_options(tiny, tmp_path):
 def readme_library_example() -> str:
     """The README's Python block that loads an adapter (a user copies exactly this)."""
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
-    (example,) = [b for b in blocks if "load_adapter(" in b]
+    (example,) = [b for b in blocks if 'from_pretrained("runs/tiny_stage2/adapter")' in b]
     return example
 
 

@@ -13,7 +13,6 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from xllm.checkpoint import load_adapter
 from xllm.data.dataset import ConversationDataset, build_tokenized_dataset
 from xllm.interfaces.base import MediaBatch, ModalityInterface, ModalityTokens
 from xllm.model import XLLM
@@ -99,9 +98,9 @@ def test_a_variable_length_modality_goes_all_the_way(tiny, tmp_path, signal_data
     trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
     trainer.fit(module, datamodule=XLLMDataModule(train_file=str(signal_data), batch_size=4))
-    with pytest.raises(ValueError, match="outside xllm"):
-        load_adapter(tmp_path / "adapter")
-    reloaded = load_adapter(tmp_path / "adapter", interface_classes=[SignalInterface])
+    with pytest.raises(ValueError, match="not one of xllm's interfaces"):
+        XLLM.from_pretrained(tmp_path / "adapter")
+    reloaded = XLLM.from_pretrained(tmp_path / "adapter", interface_classes=[SignalInterface])
     module.model.eval()
     with torch.no_grad():
         expected = module.model(batch["input_ids"], batch["attention_mask"], batch["media"]).logits

@@ -218,9 +218,9 @@ def test_tiny_speech_fit_stage0_then_stage1_then_chat(tiny, tmp_path):
     loaded = dict(stage1.model.interfaces["audio"].named_parameters())
     torch.testing.assert_close(loaded["bridge.alpha_out.weight"], stage0.interface.bridge.alpha_out.weight)
     fit(stage1, 4)
-    from xllm.checkpoint import load_adapter
+    from xllm.model import XLLM
 
-    model = load_adapter(tmp_path / "stage1")
+    model = XLLM.from_pretrained(tmp_path / "stage1")
     reply = model.chat([{"from": "user", "value": "<audio>\nTranscribe the audio."}],
                        {"audio": str(tiny / "data" / "audio" / "train_000.wav")}, max_new_tokens=5)
     assert isinstance(reply, str)

@@ -1,7 +1,8 @@
 """Layers: each part of the package imports only the parts below it, so the arrows never run back up.
 
-frozen <- llm; frozen <- interfaces (the contract) <- data <- model <- checkpoint <- training; interfaces, llm <-
-pretraining <- training; model/checkpoint <- evaluation; demo sits on top and nothing in the core imports it.
+frozen <- llm; frozen <- interfaces (the contract) <- checkpoint (the adapter directory format), data <- model <-
+training; interfaces, llm <- pretraining <- training; model/checkpoint <- evaluation; demo sits on top and nothing
+in the core imports it.
 """
 
 import ast
@@ -14,8 +15,8 @@ ALLOWED = {
     "llm": {"frozen"},
     "interfaces": {"frozen", "interfaces"},
     "data": {"data", "interfaces"},
-    "model": {"data", "frozen", "interfaces", "llm"},
-    "checkpoint": {"interfaces", "llm", "model"},
+    "checkpoint": {"interfaces"},
+    "model": {"checkpoint", "data", "frozen", "interfaces", "llm"},
     "pretraining": {"interfaces", "llm", "pretraining"},
     "training": {"checkpoint", "data", "frozen", "interfaces", "llm", "model", "pretraining", "training"},
     "evaluation": {"checkpoint", "data", "evaluation", "model"},

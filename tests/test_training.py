@@ -6,9 +6,9 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import make_image_interface, make_model
-from xllm.checkpoint import load_adapter, save_adapter
 from xllm.data.dataset import ConversationDataset, build_tokenized_dataset
 from xllm.llm import LoraSettings
+from xllm.model import XLLM
 from xllm.training import XLLMDataModule, XLLMModule
 
 
@@ -108,7 +108,7 @@ def test_adapter_and_checkpoint_hold_only_trainable_tensors(tiny, tmp_path):
     assert set(checkpoint["state_dict"]) == {"model." + k for k in trainable}
 
     # The adapter reloads through the public path and gives the same outputs as the trained model.
-    reloaded = load_adapter(tmp_path / "adapter1")
+    reloaded = XLLM.from_pretrained(tmp_path / "adapter1")
     module.model.eval()
     batch = fixed_batch(module.model, tiny, n=2)
     with torch.no_grad():
@@ -139,7 +139,7 @@ def test_stage2_lora_starts_from_stage1_adapter(tiny, tmp_path):
             assert torch.equal(parameter, base_before[name]), name
     saved = load_file(str(tmp_path / "adapter2" / "adapter.safetensors"))
     assert set(saved) == set(stage2.model.trainable_state_dict())
-    assert load_adapter(tmp_path / "adapter2").lora is not None
+    assert XLLM.from_pretrained(tmp_path / "adapter2").lora is not None
 
 
 def test_lora_in_stage1_is_refused(tiny, tmp_path):
@@ -151,12 +151,12 @@ def test_adapter_refuses_foreign_class_paths(tiny, tmp_path):
     import json
 
     model = make_model(tiny)
-    directory = save_adapter(model, tmp_path / "adapter")
+    directory = model.save_pretrained(tmp_path / "adapter")
     config = json.loads((directory / "config.json").read_text())
     config["interfaces"]["image"]["class_path"] = "os.system"
     (directory / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="outside xllm"):
-        load_adapter(directory)
+    with pytest.raises(ValueError, match="not one of xllm's interfaces"):
+        XLLM.from_pretrained(directory)
 
 
 def test_chat_answers_about_media_and_uses_it(tiny):

@@ -1,20 +1,29 @@
-"""Checkpoint directories: what training writes and what `load_adapter` reads, one format for every stage.
+"""The adapter directory: one format for stage-0 interface checkpoints and stage-1/2 adapters.
 
-A directory holds `config.json` (how to rebuild: the interfaces' `class_path` + `init_args`, and for stages 1-2
-the frozen LLM by path, template, system prompt and LoRA settings) and `adapter.safetensors` (the trainable
-tensors only, named as inside an `XLLM`: `interfaces.image.bridge.qformer.query_tokens`, `llm.*lora_*`).
-Stage 0 writes the same format with `"llm": null` (an *interface checkpoint*: no LLM yet); stage 1 starts from
-it with `init_adapter:`. A stage-1/2 directory is an *adapter*: `load_adapter` rebuilds a ready `XLLM` from it.
+A directory holds
+- `config.json`: format version, xllm version, stage; the frozen LLM it was trained against (path or hub id,
+  dtype, hidden size), chat template, system prompt, LoRA settings; each interface's `class_path` + `init_args`
+  and its frozen encoder's hidden size; `local_paths`, the settings that name local files or folders;
+- `adapter.safetensors`: the trainable tensors only, named as inside an `XLLM`
+  (`interfaces.image.bridge.qformer.query_tokens`, `llm.*lora_*`);
+- files an interface needs to be rebuilt and cannot find elsewhere (the Q-Former's own tokenizer and its
+  frozen BERT word tables, in `image_qformer_text/`);
+- `README.md`: a model card (Hugging Face Hub layout, so `huggingface_hub.upload_folder` publishes it as is).
 
-The frozen LLM and encoders are referenced by path, never copied, so an adapter is a few MB. Tensors are read
-with safetensors (no pickle). Interface classes resolve only from xllm itself or from classes the caller
-names; no file decides to run code.
+Stage 0 writes `"llm": null` (no LLM yet); stage 1 starts from it with `init_adapter:`. `XLLM.from_pretrained`
+rebuilds a ready model from a stage-1/2 directory.
+
+Local paths are stored relative to the adapter directory, so a project tree that moves (or is cloned
+elsewhere) still loads; an adapter copied on its own says which override to pass for each model it cannot find.
+Frozen models are referenced, never copied, so an adapter stays a few MB. Tensors are read with safetensors (no
+pickle), and nothing a file says runs code: interface classes come from xllm's own list or from classes the
+caller passes, and remote code for the LLM is only ever the caller's choice.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -23,14 +32,24 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+import xllm
 from xllm.interfaces.base import ModalityInterface
-from xllm.llm import LoraSettings, lora_to_dict
-from xllm.model import XLLM
+from xllm.interfaces.image import ImageInterface
+from xllm.interfaces.speech import SpeechInterface
 
 FORMAT = "xllm-adapter"
-VERSION = 1
+VERSION = 2  # 2: local paths relative to the adapter, hidden sizes, xllm version, self-contained Q-Former text
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "adapter.safetensors"
+CARD_NAME = "README.md"
+
+# The interfaces a config may name without the caller passing the class. A fixed list, not "anything under
+# xllm.": importing a module runs its code, and some modules (xllm.demo.__main__) run a whole job.
+XLLM_INTERFACES: tuple[type[ModalityInterface], ...] = (ImageInterface, SpeechInterface)
+
+
+def class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _json_ready(value: Any) -> Any:
@@ -43,37 +62,64 @@ def _json_ready(value: Any) -> Any:
     return value
 
 
+def _relative_if_local(value: Any, directory: Path) -> tuple[Any, bool]:
+    """A path that exists here, relative to `directory`; anything else (a hub id, None) unchanged."""
+    if isinstance(value, str) and value and Path(value).exists():
+        return os.path.relpath(Path(value).resolve(), directory.resolve()), True
+    return value, False
+
+
+def encoder_hidden_size(interface: ModalityInterface) -> int | None:
+    """Width of the interface's frozen encoder output, when it has one (recorded to catch a swapped encoder)."""
+    return getattr(getattr(interface, "encoder", None), "hidden_size", None)
+
+
 def write_checkpoint(
     directory: str | Path,
     tensors: Mapping[str, torch.Tensor],
     interfaces: Mapping[str, ModalityInterface],
     stage: int | None = None,
-    model: XLLM | None = None,
+    llm: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write `config.json` + `adapter.safetensors`; with `model` (stages 1-2) the LLM settings too."""
+    """Write `config.json` + `adapter.safetensors` (+ interface files and a model card).
+
+    Args:
+        directory: where to write (created).
+        tensors: the trainable tensors, named as inside an `XLLM`.
+        interfaces: modality -> interface, to rebuild them.
+        stage: the training stage that produced them.
+        llm: for adapters, `{"llm": {"path", "dtype", "hidden_size"}, "template", "system_prompt", "lora"}`.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     if not tensors:
         raise ValueError("nothing trainable to save")
-    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": FORMAT})
-    config = {
-        "format": FORMAT,
-        "version": VERSION,
-        "stage": stage,
-        "llm": None if model is None else {"path": model.llm_path, "dtype": model.llm_dtype},
-        "template": None if model is None else model.template,
-        "system_prompt": None if model is None else model.system_prompt,
-        "lora": None if model is None else lora_to_dict(model.lora),
-        "interfaces": {name: _json_ready(i.reload_config()) for name, i in interfaces.items()},
+    local_paths: list[str] = []
+    config: dict[str, Any] = {
+        "format": FORMAT, "version": VERSION, "xllm_version": xllm.__version__, "stage": stage,
+        "llm": None, "template": None, "system_prompt": None, "lora": None,
     }
+    if llm is not None:
+        config.update({k: _json_ready(v) for k, v in llm.items()})
+        config["llm"] = dict(config["llm"])
+        config["llm"]["path"], local = _relative_if_local(config["llm"]["path"], directory)
+        if local:
+            local_paths.append("llm.path")
+    config["interfaces"] = {}
+    for name, interface in interfaces.items():
+        spec = _json_ready(interface.reload_config(directory))
+        for key in getattr(interface, "path_args", ()):
+            spec["init_args"][key], local = _relative_if_local(spec["init_args"].get(key), directory)
+            if local:
+                local_paths.append(f"interfaces.{name}.init_args.{key}")
+        spec["encoder_hidden_size"] = encoder_hidden_size(interface)
+        config["interfaces"][name] = spec
+    config["local_paths"] = local_paths
+    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": FORMAT})
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    write_model_card(directory, config)
     return directory
-
-
-def save_adapter(model: XLLM, directory: str | Path, stage: int | None = None) -> Path:
-    """An adapter directory of `model`: its trainable tensors (interfaces, projections, LoRA) and config."""
-    return write_checkpoint(directory, model.trainable_state_dict(), dict(model.interfaces), stage, model)
 
 
 def save_interface_checkpoint(interfaces: Mapping[str, ModalityInterface], directory: str | Path, stage: int = 0) -> Path:
@@ -87,49 +133,138 @@ def save_interface_checkpoint(interfaces: Mapping[str, ModalityInterface], direc
     return write_checkpoint(directory, tensors, interfaces, stage)
 
 
+def _get(config: dict, dotted: str) -> tuple[dict, str]:
+    *parents, last = dotted.split(".")
+    node = config
+    for part in parents:
+        node = node[part]
+    return node, last
+
+
 def read_config(directory: str | Path) -> dict[str, Any]:
-    path = Path(directory) / CONFIG_NAME
+    """The checkpoint's config with its local paths made absolute (resolved against the directory)."""
+    directory = Path(directory)
+    path = directory / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"not an xllm checkpoint directory (no {CONFIG_NAME}): {directory}")
     config = json.loads(path.read_text())
     if config.get("format") != FORMAT:
         raise ValueError(f"{path}: format is {config.get('format')!r}, expected {FORMAT!r}")
     if config.get("version", 0) > VERSION:
-        raise ValueError(f"{path}: checkpoint version {config['version']} is newer than this xllm supports ({VERSION})")
+        raise ValueError(
+            f"{path}: format version {config['version']} (written by xllm {config.get('xllm_version', '?')}) is "
+            f"newer than this xllm ({xllm.__version__}) reads (≤ {VERSION}); upgrade xllm"
+        )
+    for dotted in config.get("local_paths", []):
+        node, key = _get(config, dotted)
+        node[key] = str((directory / node[key]).resolve())
     return config
 
 
-def build_interface(name: str, spec: Mapping[str, Any], allowed: Iterable[type] = ()) -> ModalityInterface:
-    """Instantiate `{"class_path", "init_args"}`: a class inside `xllm`, or one of the `allowed` classes.
+def missing_path_error(directory: str | Path, what: str, stored: str, override: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"adapter {directory}: {what} was trained against {stored}, which does not exist here; pass {override}"
+    )
 
-    Nothing outside xllm is imported because a file names it: the caller passes such classes itself."""
-    class_path = spec["class_path"]
-    named = {f"{c.__module__}.{c.__qualname__}": c for c in allowed}
-    if class_path in named:
-        cls = named[class_path]
-    elif class_path.startswith("xllm."):
-        module_name, _, class_name = class_path.rpartition(".")
-        cls = getattr(importlib.import_module(module_name), class_name, None)
-    else:
+
+def apply_overrides(
+    config: dict[str, Any],
+    llm: str | None = None,
+    encoders: Mapping[str, str] | None = None,
+    interface_overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    dtype: str | None = None,
+) -> dict[str, Any]:
+    """The config with the caller's replacements (an overridden path is the caller's, no longer checked)."""
+    replaced: list[str] = []
+    if llm is not None:
+        config["llm"]["path"] = llm
+        replaced.append("llm.path")
+    if dtype is not None and config.get("llm"):
+        config["llm"]["dtype"] = dtype
+    unknown = sorted((set(encoders or {}) | set(interface_overrides or {})) - set(config["interfaces"]))
+    if unknown:
+        raise ValueError(f"overrides for {unknown}, but the adapter has interfaces {sorted(config['interfaces'])}")
+    for name, spec in config["interfaces"].items():
+        args = dict(spec["init_args"])
+        if dtype is not None and "encoder_dtype" in args:
+            args["encoder_dtype"] = dtype
+        if name in (encoders or {}):
+            args["encoder"] = encoders[name]
+        args.update((interface_overrides or {}).get(name, {}))
+        replaced += [f"interfaces.{name}.init_args.{k}" for k in args if args[k] != spec["init_args"].get(k)]
+        spec["init_args"] = args
+    config["local_paths"] = [p for p in config.get("local_paths", []) if p not in replaced]
+    return config
+
+
+def check_paths(directory: str | Path, config: Mapping[str, Any]) -> None:
+    """Every local path the config names must exist; the error says which override replaces it."""
+    # Version-1 configs stored paths as written (relative to the training run's working directory), unmarked.
+    dotted = config.get("local_paths", [])
+    for entry in dotted:
+        node, key = _get(config, entry)
+        if key == "feature_cache" or Path(node[key]).exists():
+            continue
+        if entry == "llm.path":
+            raise missing_path_error(directory, "the LLM", node[key], "llm=PATH (evaluate.py: --llm PATH)")
+        name = entry.split(".")[1]
+        if key == "encoder":
+            raise missing_path_error(directory, f"its {name} encoder", node[key],
+                                     f"encoders={{{name!r}: PATH}} (evaluate.py: --encoders '{{\"{name}\": PATH}}')")
+        raise missing_path_error(directory, f"its {name} interface's {key}", node[key],
+                                 f"interface_overrides={{{name!r}: {{{key!r}: PATH}}}}")
+
+
+def build_interface(name: str, spec: Mapping[str, Any], allowed: Iterable[type] = ()) -> ModalityInterface:
+    """Instantiate `{"class_path", "init_args"}`: one of xllm's interfaces, or one of the `allowed` classes.
+
+    Nothing is imported because a file names it: a class from elsewhere must be passed by the caller."""
+    classes = {class_path(c): c for c in (*XLLM_INTERFACES, *allowed)}
+    cls = classes.get(spec["class_path"])
+    if cls is None:
         raise ValueError(
-            f"interface {name!r}: class_path {class_path!r} is outside xllm; pass the class itself "
-            "(interface_classes=[MyInterface]) to allow it"
+            f"interface {name!r}: class_path {spec['class_path']!r} is not one of xllm's interfaces "
+            f"({', '.join(class_path(c) for c in XLLM_INTERFACES)}); nothing was imported. If you trust it, import "
+            "the class yourself and pass it: interface_classes=[MyInterface]"
         )
     if not (isinstance(cls, type) and issubclass(cls, ModalityInterface)):
-        raise TypeError(f"interface {name!r}: {class_path} is not a ModalityInterface")
+        raise TypeError(f"interface {name!r}: {spec['class_path']} is not a ModalityInterface")
     return cls(**spec.get("init_args", {}))
 
 
-def load_weights(module: nn.Module, directory: str | Path) -> list[str]:
-    """Load `adapter.safetensors` into the parameters of `module`; every file key must match one, shape and all."""
+def check_encoder_width(directory: str | Path, name: str, spec: Mapping[str, Any], interface: ModalityInterface) -> None:
+    trained, now = spec.get("encoder_hidden_size"), encoder_hidden_size(interface)
+    if trained is not None and now is not None and trained != now:
+        raise ValueError(
+            f"adapter {directory}: its {name} interface was trained on encoder features of width {trained}, but the "
+            f"encoder at {spec['init_args'].get('encoder')} gives {now}: pass the encoder it was trained with"
+        )
+
+
+def _listed(keys: list[str], limit: int = 8) -> str:
+    return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def load_weights(module: nn.Module, directory: str | Path, strict: bool = True) -> list[str]:
+    """Load `adapter.safetensors` into the parameters of `module`; returns the keys loaded.
+
+    Every file tensor must match a parameter, shape and all. With `strict`, every trainable parameter of
+    `module` must also be in the file (an adapter is complete); without it (stage 1 starting from a stage-0
+    checkpoint), trainable parameters the file lacks keep their initialisation."""
     path = Path(directory) / WEIGHTS_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in checkpoint directory {directory}")
     tensors = load_file(str(path))
     own = dict(module.named_parameters())
-    unknown = sorted(set(tensors) - set(own))
-    if unknown:
-        raise KeyError(f"{path}: {len(unknown)} tensors match no parameter of this model, e.g. {unknown[:3]}")
+    unexpected = sorted(set(tensors) - set(own))
+    missing = sorted(k for k, p in own.items() if p.requires_grad and k not in tensors) if strict else []
+    if unexpected or missing:
+        problems = []
+        if unexpected:
+            problems.append(f"{len(unexpected)} unexpected tensors that match no parameter: {_listed(unexpected)}")
+        if missing:
+            problems.append(f"{len(missing)} trained parameters missing: {_listed(missing)}")
+        raise KeyError(f"{path}: " + "; ".join(problems) + " (was it written for another interface configuration?)")
     with torch.no_grad():
         for key, tensor in tensors.items():
             if own[key].shape != tensor.shape:
@@ -138,40 +273,37 @@ def load_weights(module: nn.Module, directory: str | Path) -> list[str]:
     return sorted(tensors)
 
 
-def load_adapter(
-    directory: str | Path,
-    llm: str | None = None,
-    trust_remote_code: bool = False,
-    interface_overrides: Mapping[str, Mapping[str, Any]] | None = None,
-    interface_classes: Iterable[type] = (),
-) -> XLLM:
-    """Rebuild an `XLLM` from an adapter directory: frozen LLM by path (or `llm`), interfaces, LoRA, weights.
-
-    Args:
-        directory: the adapter directory (written after a stage-1/2 fit).
-        llm: load the LLM from here instead of the stored path.
-        trust_remote_code: allow hub remote code for the LLM (ChatGLM-6B); only the caller decides this.
-        interface_overrides: replaced init args, e.g. `{"image": {"encoder": "/my/vit"}}` for moved models.
-        interface_classes: interface classes from outside xllm that the config may name.
-    """
-    config = read_config(directory)
-    if config.get("llm") is None:
-        raise ValueError(
-            f"{directory} is a stage-0 interface checkpoint (no LLM yet); train stage 1 from it with init_adapter"
-        )
-    interfaces = {}
+def write_model_card(directory: str | Path, config: Mapping[str, Any], metrics: Mapping[str, Any] | None = None,
+                     trained_on: str | None = None) -> Path:
+    """`README.md` for the directory: what it is, what it was trained against, its numbers, how to load it."""
+    directory = Path(directory)
+    llm = config.get("llm") or {}
+    modalities = sorted(config["interfaces"])
+    lines = ["---", "library_name: xllm", "tags:", "- xllm", *[f"- {m}" for m in modalities],
+             "- multimodal", "---", "", f"# xllm {'adapter' if llm else 'interface checkpoint'} "
+             f"(stage {config.get('stage')})", ""]
+    if llm:
+        lines += [f"Foreign-language interfaces ({', '.join(modalities)}) for the frozen LLM `{llm.get('path')}` "
+                  f"(hidden size {llm.get('hidden_size')}, template `{config.get('template')}`"
+                  f"{', LoRA' if config.get('lora') else ''}).", ""]
+    else:
+        lines += [f"LLM-free stage-0 pretraining of the {', '.join(modalities)} interface; train stage 1 from it "
+                  "with `init_adapter:`.", ""]
+    lines += ["| interface | class | frozen encoder | encoder width |", "|---|---|---|---:|"]
     for name, spec in config["interfaces"].items():
-        spec = {**spec, "init_args": {**spec.get("init_args", {}), **(interface_overrides or {}).get(name, {})}}
-        interfaces[name] = build_interface(name, spec, interface_classes)
-    llm_path = llm or config["llm"]["path"]
-    if not llm_path:
-        raise ValueError(f"{directory}: config has no LLM path; pass llm=...")
-    model = XLLM.from_paths(
-        llm_path, interfaces, llm_dtype=config["llm"].get("dtype", "float32"), trust_remote_code=trust_remote_code,
-        template=config["template"], system_prompt=config.get("system_prompt"),
-    )
-    if config.get("lora"):
-        model.enable_lora(LoraSettings(**config["lora"]))
-    load_weights(model, directory)
-    model.eval()
-    return model
+        lines.append(f"| {name} | `{spec['class_path']}` | `{spec['init_args'].get('encoder')}` | "
+                     f"{spec.get('encoder_hidden_size')} |")
+    if trained_on:
+        lines += ["", f"Trained on: {trained_on}"]
+    if metrics:
+        lines += ["", "## Evaluation", "", "| metric | value |", "|---|---:|"]
+        lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
+    lines += ["", "## Load", "", "```python", "from xllm import XLLM", "",
+              "model = XLLM.from_pretrained(\"path/to/this/folder\")  # llm=..., encoders={...} if models moved",
+              "print(model.chat([{\"from\": \"user\", \"value\": \"<image>\\nWhat is in the picture?\"}], "
+              "{\"image\": \"photo.jpg\"}))", "```", "",
+              "Paths in `config.json` listed under `local_paths` are relative to this folder. Only the trained "
+              "tensors are in `adapter.safetensors`; the frozen LLM and encoders are loaded from their paths.", ""]
+    path = directory / CARD_NAME
+    path.write_text("\n".join(lines))
+    return path

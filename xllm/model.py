@@ -16,6 +16,7 @@ import functools
 import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,12 +24,29 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from xllm.checkpoint import (
+    apply_overrides,
+    build_interface,
+    check_encoder_width,
+    check_paths,
+    load_weights,
+    read_config,
+    write_checkpoint,
+)
 from xllm.data.collator import ConversationCollator
 from xllm.data.processor import IGNORE_INDEX, ConversationProcessor
 from xllm.data.records import normalize_turns
 from xllm.frozen import keep_frozen_in_eval
 from xllm.interfaces.base import Item, MediaBatch, ModalityInterface, ModalityTokens
-from xllm.llm import LoraSettings, apply_lora, input_embeddings, llm_hidden_size, load_frozen_llm, load_tokenizer
+from xllm.llm import (
+    LoraSettings,
+    apply_lora,
+    input_embeddings,
+    llm_hidden_size,
+    load_frozen_llm,
+    load_tokenizer,
+    lora_to_dict,
+)
 
 SENTINEL_BASE = -200  # LLaVA's IMAGE_TOKEN_INDEX; one id per modality counts down from here
 
@@ -179,6 +197,72 @@ class XLLM(nn.Module):
         tokenizer = load_tokenizer(llm, trust_remote_code=trust_remote_code)
         return cls(model, tokenizer, interfaces, template=template, system_prompt=system_prompt, llm_path=llm,
                    llm_dtype=llm_dtype, trust_remote_code=trust_remote_code)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | Path,
+        llm: str | None = None,
+        encoders: Mapping[str, str] | None = None,
+        device: str | torch.device | None = None,
+        dtype: str | None = None,
+        trust_remote_code: bool = False,
+        interface_overrides: Mapping[str, Mapping[str, Any]] | None = None,
+        interface_classes: Sequence[type] = (),
+    ) -> XLLM:
+        """A ready model from an adapter directory (written by training or `save_pretrained`), in eval mode.
+
+        Args:
+            directory: the adapter directory.
+            llm: load the frozen LLM from here instead of the path stored in the adapter.
+            encoders: modality -> frozen encoder path, replacing the stored ones (`{"image": "/models/vit"}`).
+            device: move the model there (`"cuda"`); default: the CPU.
+            dtype: dtype of the frozen LLM and encoders (`"bfloat16"` on a GPU; keep float32 on a CPU).
+            trust_remote_code: allow hub remote code for the LLM. Only the caller decides this; a config that
+                asks for it is refused.
+            interface_overrides: other replaced init args, e.g. `{"image": {"feature_cache": "cache/"}}`.
+            interface_classes: interface classes from outside xllm that the adapter may name.
+        """
+        config = read_config(directory)
+        if config.get("llm") is None:
+            raise ValueError(
+                f"{directory} is a stage-0 interface checkpoint (no LLM yet); train stage 1 from it with init_adapter"
+            )
+        if not trust_remote_code and (config.get("trust_remote_code") or config["llm"].get("trust_remote_code")):
+            raise ValueError(
+                f"adapter {directory}: its config asks for trust_remote_code, and xllm never takes that from a file; "
+                "nothing was loaded. If you trust the LLM's code, pass trust_remote_code=True yourself"
+            )
+        config = apply_overrides(config, llm=llm, encoders=encoders, interface_overrides=interface_overrides,
+                                 dtype=dtype)
+        check_paths(directory, config)
+        interfaces = {}
+        for name, spec in config["interfaces"].items():
+            interfaces[name] = build_interface(name, spec, interface_classes)
+            check_encoder_width(directory, name, spec, interfaces[name])
+        model = cls.from_paths(
+            config["llm"]["path"], interfaces, llm_dtype=config["llm"].get("dtype", "float32"),
+            trust_remote_code=trust_remote_code, template=config["template"], system_prompt=config.get("system_prompt"),
+        )
+        trained, now = config["llm"].get("hidden_size"), llm_hidden_size(model.llm)
+        if trained is not None and trained != now:
+            raise ValueError(
+                f"adapter {directory} was trained for an LLM of hidden size {trained}, but {config['llm']['path']} has "
+                f"hidden size {now}: pass the LLM it was trained with (llm=...)"
+            )
+        if config.get("lora"):
+            model.enable_lora(LoraSettings(**config["lora"]))
+        load_weights(model, directory, strict=True)
+        model.eval()
+        return model.to(device) if device is not None else model
+
+    def save_pretrained(self, directory: str | Path, stage: int | None = None) -> Path:
+        """Write an adapter directory: the trainable tensors (interfaces, projections, LoRA), config, model card."""
+        llm = {
+            "llm": {"path": self.llm_path, "dtype": self.llm_dtype, "hidden_size": llm_hidden_size(self.llm)},
+            "template": self.template, "system_prompt": self.system_prompt, "lora": lora_to_dict(self.lora),
+        }
+        return write_checkpoint(directory, self.trainable_state_dict(), dict(self.interfaces), stage, llm)
 
     # --- what trains -------------------------------------------------------------------------------
     def frozen_modules(self) -> list[nn.Module]:

@@ -77,12 +77,26 @@ def run_stage(
     return time.perf_counter() - start
 
 
-def untrained_model(adapter: Path):
-    """The trained adapter's architecture with freshly initialised interfaces (the 'before' column)."""
-    from xllm.checkpoint import build_interface, read_config
+def feature_caches(configs: Path = CONFIGS) -> dict[str, dict[str, str]]:
+    """The demo's feature-cache folders per interface (an adapter stores none), as `interface_overrides`."""
+    interfaces = yaml.safe_load((configs / "common.yaml").read_text())["model"]["init_args"]["interfaces"]
+    return {name: {"feature_cache": spec["init_args"]["feature_cache"]} for name, spec in interfaces.items()
+            if spec["init_args"].get("feature_cache")}
+
+
+def trained_model(adapter: Path, configs: Path = CONFIGS):
+    """The adapter as a user loads it (`XLLM.from_pretrained`), reading the demo's cached encoder features."""
     from xllm.model import XLLM
 
-    config = read_config(adapter)
+    return XLLM.from_pretrained(adapter, interface_overrides=feature_caches(configs))
+
+
+def untrained_model(adapter: Path, configs: Path = CONFIGS):
+    """The trained adapter's architecture with freshly initialised interfaces (the 'before' column)."""
+    from xllm.checkpoint import apply_overrides, build_interface, read_config
+    from xllm.model import XLLM
+
+    config = apply_overrides(read_config(adapter), interface_overrides=feature_caches(configs))
     interfaces = {name: build_interface(name, spec) for name, spec in config["interfaces"].items()}
     return XLLM.from_paths(config["llm"]["path"], interfaces, template=config["template"],
                            system_prompt=config.get("system_prompt"))
@@ -128,7 +142,6 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     out, data, models = Path(args.out), Path(args.data), Path(args.models)
 
-    from xllm.checkpoint import load_adapter
     from xllm.demo.materialize import materialize_all
     from xllm.demo.synthetic import build_shapes_task
     from xllm.evaluation.mme import load_yes_no, mme_table, score_yes_no
@@ -147,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
 
     step = time.perf_counter()
-    trained = load_adapter(out / "stage2" / "adapter")
+    trained = trained_model(out / "stage2" / "adapter")
     test = load_yes_no(str(data / "test_yesno.jsonl"), trained)
     after = mme_table(score_yes_no(trained, test))
     exchange = chat(trained, data)

@@ -55,10 +55,11 @@ def cformer_alone(adapter: Path, llm: Path, records: list[dict]) -> list[str]:
     """Greedy transcripts of the stage-0 C-Former on its own: each fired token's nearest LLM output embedding."""
     from torch import nn
 
-    from xllm.checkpoint import build_interface, load_weights, read_config
+    from xllm.checkpoint import apply_overrides, build_interface, load_weights, read_config
+    from xllm.demo.pipeline import feature_caches
     from xllm.pretraining.cformer import CIFObjective
 
-    config = read_config(adapter)
+    config = apply_overrides(read_config(adapter), interface_overrides=feature_caches(CONFIGS))
     (name, spec), = config["interfaces"].items()
     interface = build_interface(name, spec)
     objective = CIFObjective(str(llm))
@@ -120,10 +121,9 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     out, data, models = Path(args.out), Path(args.data), Path(args.models)
 
-    from xllm.checkpoint import load_adapter
     from xllm.data.records import read_records
     from xllm.demo.materialize import materialize_all
-    from xllm.demo.pipeline import untrained_model  # the adapter's architecture, freshly initialised
+    from xllm.demo.pipeline import trained_model, untrained_model
     from xllm.demo.speech_data import build_speech_task
     from xllm.evaluation.metrics import error_rates
 
@@ -140,12 +140,12 @@ def main(argv: list[str] | None = None) -> dict:
     references = [r["conversations"][-1]["value"] for r in records]
     rows = {"C-Former alone (stage 0, greedy, no LLM)": cformer_alone(
         out / "stage0" / "adapter", paths["smollm2-135m-instruct"], records)}
-    trained = load_adapter(out / "stage1" / "adapter")
+    trained = trained_model(out / "stage1" / "adapter", CONFIGS)
     rows["trained (stage 0 + 1, through the LLM)"] = transcribe(trained, records)
     question = spoken_question(trained, out)
     del trained
     rows = {"untrained (fresh C-Former, through the LLM)": transcribe(
-        untrained_model(out / "stage1" / "adapter"), records), **rows}
+        untrained_model(out / "stage1" / "adapter", CONFIGS), records), **rows}
     timings["evaluate"] = time.perf_counter() - step
     timings["total"] = time.perf_counter() - started
 

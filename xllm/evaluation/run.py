@@ -13,7 +13,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from xllm.checkpoint import load_adapter
 from xllm.data.processor import IGNORE_INDEX
 from xllm.data.records import read_records
 from xllm.evaluation.metrics import summarize
@@ -51,6 +50,10 @@ def evaluate(
     output: str,
     media_root: str | None = None,
     llm: str | None = None,
+    encoders: dict[str, str] | None = None,
+    interface_overrides: dict[str, dict[str, Any]] | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
     max_new_tokens: int = 32,
     batch_size: int = 8,
     max_length: int = 2048,
@@ -64,12 +67,17 @@ def evaluate(
         output: JSON file to write (metrics + one entry per sample).
         media_root: folder media paths resolve against (default: the data file's folder).
         llm: override the LLM path stored in the adapter (e.g. the same model in another folder).
+        encoders: override frozen encoder paths per modality, e.g. `{"image": "/models/vit"}`.
+        interface_overrides: other interface settings per modality, e.g. `{"image": {"feature_cache": "c/"}}`.
+        device: run on this device (`cuda`, `cuda:1`; default the CPU).
+        dtype: dtype of the frozen LLM and encoders (`bfloat16` on a GPU).
         max_new_tokens: generation length limit.
         batch_size: samples per generation batch.
         max_length: longest sequence for the teacher-forced loss.
         limit: evaluate only the first N samples.
     """
-    model = load_adapter(adapter, llm=llm)
+    model = XLLM.from_pretrained(adapter, llm=llm, encoders=encoders, interface_overrides=interface_overrides,
+                                 device=device, dtype=dtype)
     records = read_records(data, list(model.interfaces), media_root)[:limit]
     model.prepare_media([r["media"] for r in records])  # e.g. cache every file's features once, in batches
     samples: list[dict[str, Any]] = []

@@ -23,6 +23,7 @@ import functools
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -122,6 +123,8 @@ class ModalityInterface(nn.Module):
     """
 
     modality: str = ""
+    # init args that name local files or folders: a checkpoint stores them relative to itself
+    path_args: tuple[str, ...] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -191,10 +194,12 @@ class ModalityInterface(nn.Module):
         """JSON-ready `{"class_path", "init_args"}`, the same shape LightningCLI configs use."""
         return {"class_path": self.class_path(), "init_args": dict(self.init_args)}
 
-    def reload_config(self) -> dict[str, Any]:
+    def reload_config(self, directory: Path) -> dict[str, Any]:
         """The config that rebuilds this interface before its trained weights are loaded into it.
 
-        Override to drop arguments that only initialise weights the checkpoint replaces anyway."""
+        Called when a checkpoint is written to `directory`. Override to drop arguments that only initialise
+        weights the checkpoint replaces anyway, or to write files into `directory` that the interface needs
+        and that would otherwise live only at a path of the training machine."""
         return self.to_config()
 
 

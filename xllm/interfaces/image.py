@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -64,9 +65,12 @@ class ImageInterface(ModalityInterface):
             `prepare_media` encodes each image once and training reads features instead of pixels.
         feature_position_kind: `learned`, `factorised` (row + column; fastest to learn in the demo) or
             `sincos2d` (fixed); see `xllm.interfaces.positions`.
+        text_embeddings: safetensors file with the Q-Former text side's frozen word and position tables (an
+            adapter writes its own, so it loads without the `bert_init` checkpoint).
     """
 
     modality = "image"
+    path_args = ("encoder", "bert_init", "text_tokenizer", "text_embeddings", "feature_cache")
 
     def __init__(
         self,
@@ -89,6 +93,7 @@ class ImageInterface(ModalityInterface):
         feature_positions: int | None = None,
         feature_cache: str | None = None,
         feature_position_kind: PositionKind = "learned",
+        text_embeddings: str | None = None,
     ) -> None:
         super().__init__()
         if instruction_aware and not qformer_text:
@@ -104,6 +109,7 @@ class ImageInterface(ModalityInterface):
             num_layers=qformer_layers, num_heads=qformer_heads, intermediate_size=qformer_intermediate_size,
             cross_attention_frequency=cross_attention_frequency, dropout=dropout, bert_init=bert_init,
             text_vocab_size=len(tokenizer) if tokenizer is not None else None, max_text_positions=max_text_tokens,
+            text_embeddings=text_embeddings,
         )
         self.bridge = QFormerBridge(qformer, tokenizer, max_text_tokens, feature_positions, feature_position_kind,
                                     projection)
@@ -123,12 +129,20 @@ class ImageInterface(ModalityInterface):
     def frozen_modules(self) -> list[nn.Module]:
         return [self.encoder, *self.bridge.frozen_modules()]
 
-    def reload_config(self) -> dict[str, Any]:
+    def reload_config(self, directory: Path) -> dict[str, Any]:
         config = self.to_config()
-        # The trained weights replace BERT's initialisation, so the checkpoint is not needed again, unless
-        # the Q-Former's text side reads its tokenizer and frozen word embeddings from it.
-        if not config["init_args"].get("qformer_text"):
-            config["init_args"].pop("bert_init", None)
+        args = config["init_args"]
+        args["feature_cache"] = None  # a training-time cache, not part of the adapter (pass one to reuse it)
+        # The trained weights replace BERT's initialisation. What the text side still reads from outside (its
+        # tokenizer, and the frozen word tables when BERT gave them) is written into the checkpoint itself.
+        args["bert_init"] = None
+        if self.bridge.tokenizer is not None:
+            folder = directory / f"{self.modality}_qformer_text"
+            self.bridge.tokenizer.save_pretrained(str(folder))
+            args["text_tokenizer"] = str(folder)
+            if self.bridge.frozen_modules():
+                self.bridge.qformer.save_text_embeddings(folder / "embeddings.safetensors")
+                args["text_embeddings"] = str(folder / "embeddings.safetensors")
         return config
 
     # --- media ---------------------------------------------------------------------------------------

@@ -25,6 +25,9 @@ from transformers import Blip2QFormerConfig, Blip2QFormerModel
 from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 
 
+TEXT_TABLES = ("word_embeddings.weight", "position_embeddings.weight")
+
+
 class QFormer(nn.Module):
     """Query tokens + Blip2QFormerModel (+ optional text side).
 
@@ -45,6 +48,7 @@ class QFormer(nn.Module):
         bert_init: str | None = None,
         text_vocab_size: int | None = None,
         max_text_positions: int = 512,
+        text_embeddings: str | None = None,
     ) -> None:
         super().__init__()
         self.config = Blip2QFormerConfig(
@@ -71,10 +75,33 @@ class QFormer(nn.Module):
             nn.init.normal_(self.embeddings.position_embeddings.weight, std=0.02)
         if bert_init is not None:
             load_bert_into_qformer(self, bert_init)
-        if self.embeddings is not None and bert_init is not None:
-            # Frozen only when they come from a checkpoint that a later load can read again; random
-            # tables must train (and so be saved), or a reloaded adapter would see other embeddings.
+        if text_embeddings is not None:
+            self.load_text_embeddings(text_embeddings)
+        if self.embeddings is not None and (bert_init is not None or text_embeddings is not None):
+            # Frozen only when they come from a file that a later load can read again (an adapter writes them
+            # out, see `save_text_embeddings`); random tables must train (and so be saved with the adapter).
             self.embeddings.requires_grad_(False)
+
+    def save_text_embeddings(self, path: Path) -> None:
+        """The text side's word and position tables as one safetensors file (read back by `text_embeddings`)."""
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.embeddings.state_dict().items()
+                   if k in TEXT_TABLES}, str(path))
+
+    def load_text_embeddings(self, path: str | Path) -> None:
+        from safetensors.torch import load_file
+
+        if self.embeddings is None:
+            raise ValueError("text_embeddings given, but this Q-Former has no text side (qformer_text: false)")
+        tables = load_file(str(path))
+        own = self.embeddings.state_dict()
+        for key in TEXT_TABLES:
+            if key not in tables or tables[key].shape != own[key].shape:
+                found = tuple(tables[key].shape) if key in tables else "nothing"
+                raise ValueError(f"text_embeddings {path}: {key} should have shape {tuple(own[key].shape)} "
+                                 f"(the Q-Former's tokenizer and max_text_tokens), found {found}")
+        self.embeddings.load_state_dict({k: tables[k] for k in TEXT_TABLES}, strict=False)
 
     @property
     def num_query_tokens(self) -> int:

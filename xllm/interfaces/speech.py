@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -117,6 +118,7 @@ class SpeechInterface(ModalityInterface):
     """
 
     modality = "audio"
+    path_args = ("encoder", "bert_init", "feature_cache")
 
     def __init__(
         self,
@@ -168,9 +170,10 @@ class SpeechInterface(ModalityInterface):
     def frozen_modules(self) -> list[nn.Module]:
         return [self.encoder]
 
-    def reload_config(self) -> dict[str, Any]:
+    def reload_config(self, directory: Path) -> dict[str, Any]:
         config = self.to_config()
-        config["init_args"].pop("bert_init", None)  # the trained weights replace BERT's initialisation
+        config["init_args"]["bert_init"] = None  # the trained weights replace BERT's initialisation
+        config["init_args"]["feature_cache"] = None  # a training-time cache, not part of the adapter
         return config
 
     # --- media ---------------------------------------------------------------------------------------

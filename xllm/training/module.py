@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from torch import nn
 
-from xllm.checkpoint import load_weights, save_adapter
+from xllm.checkpoint import load_weights
 from xllm.data.collator import ConversationCollator
 from xllm.data.dataset import ConversationDataset, build_tokenized_dataset
 from xllm.data.records import BadSamples
@@ -67,7 +67,7 @@ class XLLMModule(TrainingModule):
             self.model.enable_lora(lora)
         if self.init_adapter is not None:
             # After LoRA is in place, so a stage-2 adapter (with LoRA tensors) can be resumed too.
-            load_weights(self.model, self.init_adapter)
+            load_weights(self.model, self.init_adapter, strict=False)
         llm_params = list(self.model.llm.parameters())
         # litgpt's rule: trained parameters cost 6 FLOPs per token they touch, frozen LLM weights 4 (gradients
         # still flow through them to the spliced inputs). Interface parameters are counted per media token.
@@ -95,7 +95,7 @@ class XLLMModule(TrainingModule):
         return self.model.collator()
 
     def save_result(self, directory: Path) -> None:
-        save_adapter(self.model, directory, stage=self.stage)
+        self.model.save_pretrained(directory, stage=self.stage)
 
     def step(self, batch: dict[str, Any] | None, split: str) -> dict[str, Any] | None:
         if batch is None:  # every item of this batch was skipped as bad input

@@ -47,7 +47,7 @@ class InterfacePretrainingModule(TrainingModule):
         self.objective = objective if objective is not None else QFormerObjective()
         self.objective.bind(self.interface)
         if self.init_adapter is not None:
-            load_weights(self, self.init_adapter)
+            load_weights(self, self.init_adapter, strict=False)
 
     @property
     def interface(self) -> ModalityInterface:
