@@ -86,7 +86,100 @@ def test_aishell_layout_to_jsonl(tmp_path):
     assert read_records(out, ["audio"])[1]["media"]["audio"][0].endswith("BAC009S0002W0123.wav")
 
 
-@pytest.mark.parametrize("script", ["librispeech.py", "aishell.py"])
-def test_recipes_explain_themselves(script):
+def write_image(path: Path) -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(path)
+    return path
+
+
+def test_llava_pretrain_and_instruct_to_jsonl(tmp_path):
+    # LLaVA-Pretrain's blip_laion_cc_sbu_558k.json and images/<shard>/<id>.jpg, as distributed.
+    pretrain = [{"id": "004539375", "image": "00453/004539375.jpg", "conversations": [
+        {"from": "human", "value": "Render a clear and concise summary of the photo.\n<image>"},
+        {"from": "gpt", "value": "select luxury furniture 3 - inch gel memory foam mattress topper"}]},
+        {"id": "002239345", "image": "00223/002239345.jpg", "conversations": [
+            {"from": "human", "value": "<image>\nWrite a terse but informative summary of the picture."},
+            {"from": "gpt", "value": "a grey watch with an army style strap"}]}]
+    (tmp_path / "blip_laion_cc_sbu_558k.json").write_text(json.dumps(pretrain))
+    write_image(tmp_path / "images" / "00453" / "004539375.jpg")
+    out = tmp_path / "out" / "pretrain.jsonl"
+    result = run("llava.py", "--json", str(tmp_path / "blip_laion_cc_sbu_558k.json"), "--images",
+                 str(tmp_path / "images"), "--out", str(out))
+    assert result.returncode != 0 and "record 1 (id '002239345')" in result.stderr and "002239345.jpg" in result.stderr
+    result = run("llava.py", "--json", str(tmp_path / "blip_laion_cc_sbu_558k.json"), "--images",
+                 str(tmp_path / "images"), "--out", str(out), "--skip_missing")
+    assert result.returncode == 0 and "1 records, 1 skipped for missing media" in result.stdout
+    (record,) = read_records(out, ["image"])
+    assert Path(record["media"]["image"][0]).resolve() == tmp_path / "images" / "00453" / "004539375.jpg"
+    assert record["conversations"][1]["value"].startswith("select luxury")
+
+    # LLaVA-Instruct-150K: multi-turn, images named as in COCO train2017.
+    instruct = [{"id": "000000033471", "image": "000000033471.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nWhat are the colors of the bus in the image?"},
+        {"from": "gpt", "value": "The bus in the image is white and red."},
+        {"from": "human", "value": "What feature can be seen on the back of the bus?"},
+        {"from": "gpt", "value": "The back of the bus features an advertisement."}]}]
+    (tmp_path / "llava_instruct_150k.json").write_text(json.dumps(instruct))
+    write_image(tmp_path / "train2017" / "000000033471.jpg")
+    out = tmp_path / "out" / "instruct.jsonl"
+    assert run("llava.py", "--json", str(tmp_path / "llava_instruct_150k.json"), "--images",
+               str(tmp_path / "train2017"), "--out", str(out)).returncode == 0
+    (record,) = read_records(out, ["image"])
+    assert len(record["conversations"]) == 4
+
+
+def test_coco_karpathy_split_to_jsonl(tmp_path):
+    captions = ["A man with a red helmet on a small moped on a dirt road. ", "Man riding a motor bike on a dirt road."]
+    karpathy = {"images": [
+        {"filepath": "val2014", "sentids": [770337, 771687], "filename": "COCO_val2014_000000391895.jpg", "imgid": 0,
+         "split": "test", "sentences": [{"tokens": c.lower().split(), "raw": c, "imgid": 0, "sentid": i}
+                                        for i, c in enumerate(captions)], "cocoid": 391895},
+        {"filepath": "train2014", "sentids": [1, 2], "filename": "COCO_train2014_000000000009.jpg", "imgid": 1,
+         "split": "restval", "sentences": [{"tokens": [], "raw": c, "imgid": 1, "sentid": 9 + i}
+                                           for i, c in enumerate(captions)], "cocoid": 9}],
+        "dataset": "coco"}
+    (tmp_path / "dataset_coco.json").write_text(json.dumps(karpathy))
+    write_image(tmp_path / "coco" / "val2014" / "COCO_val2014_000000391895.jpg")
+    write_image(tmp_path / "coco" / "train2014" / "COCO_train2014_000000000009.jpg")
+    args = ["--karpathy", str(tmp_path / "dataset_coco.json"), "--coco", str(tmp_path / "coco")]
+    assert run("coco_captions.py", *args, "--split", "train", "--out", str(tmp_path / "train.jsonl")).returncode == 0
+    train = read_records(tmp_path / "train.jsonl", ["image"])
+    assert [r["id"] for r in train] == ["9-0", "9-1"]  # restval is training data; one record per caption
+    assert run("coco_captions.py", *args, "--split", "test", "--out", str(tmp_path / "test.jsonl")).returncode == 0
+    (test,) = [json.loads(line) for line in (tmp_path / "test.jsonl").read_text().splitlines()]
+    assert test["references"] == [c.strip() for c in captions] and test["image"].endswith("000000391895.jpg")
+
+
+def test_mme_folder_to_jsonl(tmp_path):
+    root = tmp_path / "MME_Benchmark_release_version"
+    # Two layouts, as MME ships them: images/ + questions_answers_YN/, or each image beside its questions.
+    write_image(root / "artwork" / "images" / "10002.jpg")
+    (root / "artwork" / "questions_answers_YN").mkdir(parents=True)
+    (root / "artwork" / "questions_answers_YN" / "10002.txt").write_text(
+        "Does this artwork exist in the form of painting?\tYes\nDoes this artwork exist in the form of glassware?\tNo\n")
+    write_image(root / "existence" / "000000006040.jpg")
+    (root / "existence" / "000000006040.txt").write_text(
+        "Is there a train in this image? Please answer yes or no.\tYes\n"
+        "Is there a bed in this image? Please answer yes or no.\tNo\n")
+    out = tmp_path / "mme.jsonl"
+    result = run("mme.py", "--root", str(root), "--out", str(out))
+    assert result.returncode == 0 and "4 questions" in result.stdout
+    assert len(read_records(out, ["image"])) == 4  # xllm reads it: images found, placeholders match
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["category"] for r in records} == {"existence", "artwork"}
+    assert [r["conversations"][1]["value"] for r in records] == ["Yes", "No", "Yes", "No"]
+    assert records[0]["image_id"] == records[1]["image_id"] and records[0]["task"] == "perception"
+
+    (root / "existence" / "000000006040.txt").write_text("Is there a train in this image?\tMaybe\n")
+    result = run("mme.py", "--root", str(root), "--out", str(out))
+    assert result.returncode != 0 and "000000006040.txt:1" in result.stderr
+
+
+@pytest.mark.parametrize("script, flag", [("librispeech.py", "--root"), ("aishell.py", "--root"),
+                                          ("llava.py", "--json"), ("coco_captions.py", "--karpathy"),
+                                          ("mme.py", "--root")])
+def test_recipes_explain_themselves(script, flag):
     result = run(script, "--help")
-    assert result.returncode == 0 and "--root" in result.stdout
+    assert result.returncode == 0 and flag in result.stdout
