@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import make_model
+from xllm.checkpoint import write_model_card
 from xllm.model import XLLM
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,6 +76,8 @@ def test_a_moved_project_loads_and_an_adapter_alone_says_which_override_to_pass(
     torch.testing.assert_close(logits(model, moved / "photo.png"), expected, atol=1e-5, rtol=0)
     card = (alone / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: xllm\n") and "XLLM.from_pretrained" in card
+    write_model_card(alone, metrics={"accuracy": 0.5, "questions": 10})
+    assert "| accuracy | 0.5000 |\n| questions | 10 |" in (alone / "README.md").read_text()
 
 
 def test_an_adapter_for_another_llm_width_names_both_sizes(tiny, tmp_path):

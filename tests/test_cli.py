@@ -71,6 +71,7 @@ def test_stage0_then_stage1_then_stage2_then_evaluate_then_the_readme_example(ti
         assert any("lora_" in k for k in keys) == (stage == "tiny_stage2")
         config = json.loads((adapter / "config.json").read_text())
         assert config["interfaces"]["image"]["init_args"]["num_query_tokens"] == 4
+        assert "train_" in config["trained_on"] and "optimizer steps" in (adapter / "README.md").read_text()
     assert list((runs / "tiny_stage1").rglob("offline-run-*")), "W&B offline run folder missing"
 
     output = tmp_path / "eval.json"

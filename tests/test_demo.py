@@ -3,6 +3,7 @@
 A broken splice, a frozen-LLM bug or a data bug leaves the held-out yes/no accuracy at chance (0.5)."""
 
 import importlib.util
+import shutil
 
 import pytest
 
@@ -30,3 +31,18 @@ def test_shortened_demo_learns_above_chance(tmp_path):
     assert result["after"]["count"]["acc"] >= 0.8, result["after"]
     assert after["acc"] >= 0.75 and after["acc"] >= before["acc"] + 0.2, (before, after)
     assert (tmp_path / "runs" / "report.md").read_text().count("|") > 20
+
+    # The adapter copied on its own to another folder answers as it does in place, given the documented
+    # overrides (its own config points at the run's models, relative to where it was written).
+    from xllm.model import XLLM
+
+    models, image = tmp_path / "models", str(tmp_path / "data" / "images" / "test_00000.png")
+    question = [{"from": "user", "value": "<image>\nIs there a circle in the image?"}]
+    in_place = XLLM.from_pretrained(tmp_path / "runs" / "stage2" / "adapter").chat(question, {"image": image})
+    alone = shutil.copytree(tmp_path / "runs" / "stage2" / "adapter", tmp_path / "elsewhere" / "adapter")
+    shutil.move(models, tmp_path / "moved_models")
+    with pytest.raises(FileNotFoundError, match="pass llm=PATH"):
+        XLLM.from_pretrained(alone)
+    copied = XLLM.from_pretrained(alone, llm=str(tmp_path / "moved_models" / "smollm2-135m-instruct"),
+                                  encoders={"image": str(tmp_path / "moved_models" / "mobilenet-v2")})
+    assert copied.chat(question, {"image": image}) == in_place

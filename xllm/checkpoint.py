@@ -80,6 +80,7 @@ def write_checkpoint(
     interfaces: Mapping[str, ModalityInterface],
     stage: int | None = None,
     llm: Mapping[str, Any] | None = None,
+    trained_on: str | None = None,
 ) -> Path:
     """Write `config.json` + `adapter.safetensors` (+ interface files and a model card).
 
@@ -89,6 +90,7 @@ def write_checkpoint(
         interfaces: modality -> interface, to rebuild them.
         stage: the training stage that produced them.
         llm: for adapters, `{"llm": {"path", "dtype", "hidden_size"}, "template", "system_prompt", "lora"}`.
+        trained_on: what it was trained on, for the model card.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -98,7 +100,7 @@ def write_checkpoint(
     local_paths: list[str] = []
     config: dict[str, Any] = {
         "format": FORMAT, "version": VERSION, "xllm_version": xllm.__version__, "stage": stage,
-        "llm": None, "template": None, "system_prompt": None, "lora": None,
+        "trained_on": trained_on, "llm": None, "template": None, "system_prompt": None, "lora": None,
     }
     if llm is not None:
         config.update({k: _json_ready(v) for k, v in llm.items()})
@@ -118,11 +120,12 @@ def write_checkpoint(
     config["local_paths"] = local_paths
     save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": FORMAT})
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, ensure_ascii=False))
-    write_model_card(directory, config)
+    write_model_card(directory)
     return directory
 
 
-def save_interface_checkpoint(interfaces: Mapping[str, ModalityInterface], directory: str | Path, stage: int = 0) -> Path:
+def save_interface_checkpoint(interfaces: Mapping[str, ModalityInterface], directory: str | Path, stage: int = 0,
+                              trained_on: str | None = None) -> Path:
     """Stage 0's output: the interfaces' trainable tensors, named as inside an `XLLM`, and their config."""
     tensors = {
         f"interfaces.{name}.{key}": p
@@ -130,7 +133,7 @@ def save_interface_checkpoint(interfaces: Mapping[str, ModalityInterface], direc
         for key, p in interface.named_parameters()
         if p.requires_grad
     }
-    return write_checkpoint(directory, tensors, interfaces, stage)
+    return write_checkpoint(directory, tensors, interfaces, stage, trained_on=trained_on)
 
 
 def _get(config: dict, dotted: str) -> tuple[dict, str]:
@@ -155,8 +158,10 @@ def read_config(directory: str | Path) -> dict[str, Any]:
             f"{path}: format version {config['version']} (written by xllm {config.get('xllm_version', '?')}) is "
             f"newer than this xllm ({xllm.__version__}) reads (≤ {VERSION}); upgrade xllm"
         )
+    stored = config["stored_paths"] = {}  # as written, for error messages
     for dotted in config.get("local_paths", []):
         node, key = _get(config, dotted)
+        stored[dotted] = node[key]
         node[key] = str((directory / node[key]).resolve())
     return config
 
@@ -205,13 +210,14 @@ def check_paths(directory: str | Path, config: Mapping[str, Any]) -> None:
         node, key = _get(config, entry)
         if key == "feature_cache" or Path(node[key]).exists():
             continue
+        where = f"{config.get('stored_paths', {}).get(entry, node[key])} (relative to the adapter: {node[key]})"
         if entry == "llm.path":
-            raise missing_path_error(directory, "the LLM", node[key], "llm=PATH (evaluate.py: --llm PATH)")
+            raise missing_path_error(directory, "the LLM", where, "llm=PATH (evaluate.py: --llm PATH)")
         name = entry.split(".")[1]
         if key == "encoder":
-            raise missing_path_error(directory, f"its {name} encoder", node[key],
+            raise missing_path_error(directory, f"its {name} encoder", where,
                                      f"encoders={{{name!r}: PATH}} (evaluate.py: --encoders '{{\"{name}\": PATH}}')")
-        raise missing_path_error(directory, f"its {name} interface's {key}", node[key],
+        raise missing_path_error(directory, f"its {name} interface's {key}", where,
                                  f"interface_overrides={{{name!r}: {{{key!r}: PATH}}}}")
 
 
@@ -273,10 +279,10 @@ def load_weights(module: nn.Module, directory: str | Path, strict: bool = True) 
     return sorted(tensors)
 
 
-def write_model_card(directory: str | Path, config: Mapping[str, Any], metrics: Mapping[str, Any] | None = None,
-                     trained_on: str | None = None) -> Path:
-    """`README.md` for the directory: what it is, what it was trained against, its numbers, how to load it."""
+def write_model_card(directory: str | Path, metrics: Mapping[str, Any] | None = None) -> Path:
+    """(Re)write the directory's `README.md`: what it is, what it was trained against, its numbers, how to load it."""
     directory = Path(directory)
+    config = json.loads((directory / CONFIG_NAME).read_text())
     llm = config.get("llm") or {}
     modalities = sorted(config["interfaces"])
     lines = ["---", "library_name: xllm", "tags:", "- xllm", *[f"- {m}" for m in modalities],
@@ -293,8 +299,8 @@ def write_model_card(directory: str | Path, config: Mapping[str, Any], metrics: 
     for name, spec in config["interfaces"].items():
         lines.append(f"| {name} | `{spec['class_path']}` | `{spec['init_args'].get('encoder')}` | "
                      f"{spec.get('encoder_hidden_size')} |")
-    if trained_on:
-        lines += ["", f"Trained on: {trained_on}"]
+    if config.get("trained_on"):
+        lines += ["", f"Trained on: {config['trained_on']}."]
     if metrics:
         lines += ["", "## Evaluation", "", "| metric | value |", "|---|---:|"]
         lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]

@@ -256,13 +256,13 @@ class XLLM(nn.Module):
         model.eval()
         return model.to(device) if device is not None else model
 
-    def save_pretrained(self, directory: str | Path, stage: int | None = None) -> Path:
+    def save_pretrained(self, directory: str | Path, stage: int | None = None, trained_on: str | None = None) -> Path:
         """Write an adapter directory: the trainable tensors (interfaces, projections, LoRA), config, model card."""
         llm = {
             "llm": {"path": self.llm_path, "dtype": self.llm_dtype, "hidden_size": llm_hidden_size(self.llm)},
             "template": self.template, "system_prompt": self.system_prompt, "lora": lora_to_dict(self.lora),
         }
-        return write_checkpoint(directory, self.trainable_state_dict(), dict(self.interfaces), stage, llm)
+        return write_checkpoint(directory, self.trainable_state_dict(), dict(self.interfaces), stage, llm, trained_on)
 
     # --- what trains -------------------------------------------------------------------------------
     def frozen_modules(self) -> list[nn.Module]:

@@ -169,6 +169,12 @@ def main(argv: list[str] | None = None) -> dict:
     timings["evaluate"] = time.perf_counter() - step  # includes the chat
     timings["total"] = time.perf_counter() - started
 
+    from xllm.checkpoint import write_model_card
+
+    write_model_card(out / "stage2" / "adapter", metrics={
+        "held-out yes/no questions": after["all"]["questions"], "accuracy": after["all"]["acc"],
+        "acc+ (both questions of an image right)": after["all"]["acc_plus"],
+        "accuracy before training": before["all"]["acc"]})
     table = format_table(before, after)
     title = "without stage 0, its time given to stage 2" if args.no_stage0 else "all stages"
     report = [f"# xllm demo (seed {args.seed}, {title})", "", "Held-out MME-style yes/no questions "

@@ -150,6 +150,11 @@ def main(argv: list[str] | None = None) -> dict:
     timings["total"] = time.perf_counter() - started
 
     scores = {name: error_rates(predictions, references) for name, predictions in rows.items()}
+    from xllm.checkpoint import write_model_card
+
+    trained_scores = scores["trained (stage 0 + 1, through the LLM)"]
+    write_model_card(out / "stage1" / "adapter", metrics={
+        f"held-out {args.split} clips": len(records), "CER": trained_scores["cer"], "WER": trained_scores["wer"]})
     lines = ["| model | CER | WER |", "|---|---:|---:|"]
     lines += [f"| {name} | {s['cer']:.3f} | {s['wer']:.3f} |" for name, s in scores.items()]
     examples = [f"- reference: `{references[i]}`  \n  heard: `{rows['trained (stage 0 + 1, through the LLM)'][i]}`"

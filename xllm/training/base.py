@@ -101,6 +101,11 @@ class TrainingModule(pl.LightningModule):
             self.save_result(directory)
             self.print(f"adapter written to {directory}")
 
+    def trained_on(self) -> str:
+        """For the model card: the training file and how far training went."""
+        data = getattr(self.trainer.datamodule, "train_file", None) or "data given to the trainer"
+        return f"`{data}`, {self.trainer.global_step} optimizer steps"
+
     def resolved_adapter_dir(self) -> Path:
         if self.adapter_dir is not None:
             return Path(self.adapter_dir)

@@ -95,7 +95,7 @@ class XLLMModule(TrainingModule):
         return self.model.collator()
 
     def save_result(self, directory: Path) -> None:
-        self.model.save_pretrained(directory, stage=self.stage)
+        self.model.save_pretrained(directory, stage=self.stage, trained_on=self.trained_on())
 
     def step(self, batch: dict[str, Any] | None, split: str) -> dict[str, Any] | None:
         if batch is None:  # every item of this batch was skipped as bad input

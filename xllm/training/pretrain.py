@@ -70,7 +70,7 @@ class InterfacePretrainingModule(TrainingModule):
         return PairCollator(self.interface.collate)
 
     def save_result(self, directory: Path) -> None:
-        save_interface_checkpoint(self.interfaces, directory, stage=0)
+        save_interface_checkpoint(self.interfaces, directory, stage=0, trained_on=self.trained_on())
 
     def step(self, batch: dict[str, Any] | None, split: str) -> dict[str, Any] | None:
         if batch is None:
