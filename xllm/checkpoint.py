@@ -111,10 +111,11 @@ def write_checkpoint(
     config["interfaces"] = {}
     for name, interface in interfaces.items():
         spec = _json_ready(interface.reload_config(directory))
-        for key in getattr(interface, "path_args", ()):
-            spec["init_args"][key], local = _relative_if_local(spec["init_args"].get(key), directory)
-            if local:
-                local_paths.append(f"interfaces.{name}.init_args.{key}")
+        for key in interface.path_args:
+            if key in spec["init_args"]:
+                spec["init_args"][key], local = _relative_if_local(spec["init_args"][key], directory)
+                if local:
+                    local_paths.append(f"interfaces.{name}.init_args.{key}")
         spec["encoder_hidden_size"] = encoder_hidden_size(interface)
         config["interfaces"][name] = spec
     config["local_paths"] = local_paths

@@ -64,6 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reference", required=True, help="the folder make_reference.py wrote")
     parser.add_argument("--checkpoint", default=None, help="default: the random LAVIS checkpoint in --reference")
+    parser.add_argument("--heads", type=int, default=None, help="ignored here: make_reference.py records the head count")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no_timing", action="store_true")
     args = parser.parse_args()

@@ -8,8 +8,9 @@ queries, EVA-ViT-g's 257 x 1408 features) for the checker to compare with xllm's
 
     python make_reference.py --out DIR [--checkpoint YOUR_LAVIS.pth] [--lavis_qformer PATH/TO/Qformer.py]
 
-With `--checkpoint`, LAVIS's Q-Former (bert-base shape) is loaded with your checkpoint's weights instead of
-random ones, and the reference outputs are computed from it.
+With `--checkpoint`, LAVIS's Q-Former is built in your checkpoint's shape (read from its tensors; the head count,
+which tensors cannot tell, from `--heads`, default width / 64 as in BERT) and loaded with its weights instead
+of random ones, and the reference outputs are computed from it.
 """
 
 import argparse
@@ -52,13 +53,22 @@ def build(qformer_module, settings: dict, queries: int, vision: int):
     return qformer, query_tokens, nn.LayerNorm(vision)
 
 
-def from_checkpoint(qformer_module, path: str):
-    """LAVIS's Q-Former at bert-base shape holding a checkpoint's weights (the query count and widths from it)."""
+def from_checkpoint(qformer_module, path: str, heads: int | None):
+    """LAVIS's Q-Former in a checkpoint's shape, holding its weights."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     state = state.get("model", state)
     queries_key = "query_tokens" if "query_tokens" in state else "video_query_tokens"
     queries, vision = state[queries_key].shape[1], state["ln_vision.weight"].shape[0]
-    qformer, query_tokens, ln_vision = build(qformer_module, REAL, queries, vision)
+    hidden = state[queries_key].shape[2]
+    prefix = "Qformer.bert."
+    layers = {int(k[len(prefix):].split(".")[2]) for k in state if k.startswith(prefix + "encoder.layer.")}
+    words = state.get(prefix + "embeddings.word_embeddings.weight")
+    positions = state.get(prefix + "embeddings.position_embeddings.weight")
+    settings = dict(hidden_size=hidden, num_hidden_layers=len(layers), num_attention_heads=heads or hidden // 64,
+                    intermediate_size=state[prefix + "encoder.layer.0.intermediate_query.dense.weight"].shape[0],
+                    vocab_size=words.shape[0] if words is not None else REAL["vocab_size"],
+                    max_position_embeddings=positions.shape[0] if positions is not None else 512)
+    qformer, query_tokens, ln_vision = build(qformer_module, settings, queries, vision)
     own = {f"Qformer.{k}": v for k, v in qformer.state_dict().items()}
     missing = sorted(k for k in own if k not in state and "position_ids" not in k)
     with torch.no_grad():
@@ -71,8 +81,8 @@ def from_checkpoint(qformer_module, path: str):
     (proj,) = [k[: -len(".weight")] for k in state if k in ("opt_proj.weight", "llm_proj.weight", "t5_proj.weight")]
     projection = nn.Linear(state[f"{proj}.weight"].shape[1], state[f"{proj}.weight"].shape[0])
     projection.load_state_dict({"weight": state[f"{proj}.weight"].float(), "bias": state[f"{proj}.bias"].float()})
-    print(f"{path}: {len(missing)} Q-Former tensors not in the checkpoint (kept random): {missing[:6]}")
-    return qformer, query_tokens, ln_vision, projection
+    print(f"{path}: {settings}; {len(missing)} Q-Former tensors not in the checkpoint (kept random): {missing[:6]}")
+    return qformer, query_tokens, ln_vision, projection, settings["num_attention_heads"]
 
 
 def query_output(qformer, query_tokens, ln_vision, features):
@@ -89,6 +99,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--lavis_qformer", default=None, help="LAVIS's Qformer.py (default: the installed one)")
     parser.add_argument("--checkpoint", default=None, help="a LAVIS / X-LLM checkpoint to use instead of random weights")
+    parser.add_argument("--heads", type=int, default=None, help="with --checkpoint: attention heads (default width/64)")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     out = Path(args.out)
@@ -97,9 +108,10 @@ def main() -> None:
 
     torch.manual_seed(0)
     if args.checkpoint:
-        qformer, query_tokens, ln_vision, projection = from_checkpoint(module, args.checkpoint)
+        qformer, query_tokens, ln_vision, projection, heads = from_checkpoint(module, args.checkpoint, args.heads)
     else:
         qformer, query_tokens, ln_vision = build(module, SMALL, SMALL_QUERIES, SMALL_VISION)
+        heads = SMALL["num_attention_heads"]
         projection = nn.Linear(SMALL["hidden_size"], LLM_WIDTH)
         for m in (qformer, ln_vision, projection):  # off the init's ones and zeros, so a wrong mapping shows
             for p in m.parameters():
@@ -116,7 +128,6 @@ def main() -> None:
     state.update({f"llm_proj.{k}": v for k, v in projection.state_dict().items()})
     if not args.checkpoint:
         torch.save({"model": state}, out / "lavis_qformer.pth")
-    heads = (REAL if args.checkpoint else SMALL)["num_attention_heads"]
     (out / "shape.json").write_text(json.dumps({"num_attention_heads": heads}))
     torch.save({"image_features": features, "query_output": queries, "projected": projected},
                out / "lavis_reference.pth")
