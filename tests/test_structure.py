@@ -20,6 +20,8 @@ ALLOWED = {
     "pretraining": {"interfaces", "llm", "pretraining"},
     "training": {"checkpoint", "data", "frozen", "interfaces", "llm", "model", "pretraining", "training"},
     "evaluation": {"checkpoint", "data", "evaluation", "model"},
+    "chat": {"model"},
+    "cli": {"chat"},
     "demo": {"checkpoint", "data", "demo", "evaluation", "frozen", "interfaces", "llm", "model", "pretraining",
              "training"},
 }

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -454,3 +455,31 @@ class XLLM(nn.Module):
         """The assistant's reply to one conversation: `messages` as `{"from": "user", "value": "<image>\\n..."}`
         (or `{"role", "content"}`), `media` as `{"image": "photo.jpg"}` (paths, lists of paths, or loaded items)."""
         return self.reply([messages], [media or {}], max_new_tokens, **generate_kwargs)[0]
+
+    def stream(
+        self, messages: Sequence[Mapping[str, str]], media: MediaInput | None = None, max_new_tokens: int = 64,
+        **generate_kwargs: Any,
+    ) -> Iterator[str]:
+        """`chat`, with the reply's text yielded piece by piece as it is generated (greedy unless sampling
+        arguments are given); the pieces join to what `chat` returns, before stripping."""
+        from transformers import TextIteratorStreamer
+
+        generate_kwargs.setdefault("do_sample", False)
+        batch = self.batch([messages], [media or {}])
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                self.generate(batch, max_new_tokens, streamer=streamer, **generate_kwargs)
+            except BaseException as err:  # re-raised in the caller's thread, after the stream ends
+                errors.append(err)
+                streamer.end()
+
+        # transformers streams from a generating thread: the caller reads pieces while tokens are produced.
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        yield from streamer
+        thread.join()
+        if errors:
+            raise errors[0]

@@ -1,0 +1,107 @@
+"""`xllm chat --adapter DIR`: talk to a trained model in the terminal, replies streamed as they are generated.
+
+Lines are user turns. `/image PATH` (any modality the adapter has: `/audio PATH`, ...) attaches media to the next
+turn, `/reset` starts a new conversation, `/quit` (or end of input) leaves. The whole conversation goes through
+the model's one inference path (`XLLM.stream`) each turn; the LLM's KV cache is not yet carried across turns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TextIO
+
+from xllm.model import XLLM
+
+
+class ChatSession:
+    """One conversation: its turns, the media they hold, and the media waiting for the next user turn."""
+
+    def __init__(self, model: XLLM, max_new_tokens: int = 128, **generate_kwargs) -> None:
+        self.model, self.max_new_tokens, self.generate_kwargs = model, max_new_tokens, generate_kwargs
+        self.reset()
+
+    def reset(self) -> None:
+        self.turns: list[dict[str, str]] = []
+        self.media: dict[str, list[str]] = {}
+        self.pending: list[tuple[str, str]] = []
+
+    def attach(self, modality: str, path: str) -> None:
+        """Media for the next user turn; checked now, so a typo is reported before the question is asked."""
+        if modality not in self.model.interfaces:
+            raise ValueError(f"this model reads {', '.join(sorted(self.model.interfaces))}, not {modality}")
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"no such file: {path}")
+        self.pending.append((modality, path))
+
+    def ask(self, text: str) -> Iterable[str]:
+        """The user's turn (with the pending media in front of it); yields the reply as it is generated."""
+        placeholders = "".join(f"<{modality}>\n" for modality, _ in self.pending)
+        turns = [*self.turns, {"from": "user", "value": placeholders + text}]
+        media = {m: list(paths) for m, paths in self.media.items()}
+        for modality, path in self.pending:
+            media.setdefault(modality, []).append(path)
+        pieces = []
+        for piece in self.model.stream(turns, media, self.max_new_tokens, **self.generate_kwargs):
+            pieces.append(piece)
+            yield piece
+        # Only a finished exchange joins the conversation (an error above leaves it as it was).
+        self.turns = [*turns, {"from": "assistant", "value": "".join(pieces).strip()}]
+        self.media, self.pending = media, []
+
+
+def run(session: ChatSession, lines: TextIO, out: TextIO) -> None:
+    """The read-reply loop over `lines` (stdin, or a script)."""
+    commands = ", ".join(f"/{m} PATH" for m in sorted(session.model.interfaces))
+    print(f"xllm chat: type a message; {commands} attaches media to it; /reset; /quit", file=out, flush=True)
+    for line in lines:
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            break
+        if line == "/reset":
+            session.reset()
+            print("(new conversation)", file=out, flush=True)
+            continue
+        if line.startswith("/"):
+            command, _, argument = line[1:].partition(" ")
+            try:
+                session.attach(command, argument.strip())
+                print(f"({command} attached: {argument.strip()})", file=out, flush=True)
+            except (ValueError, FileNotFoundError) as err:
+                print(f"error: {err}", file=out, flush=True)
+            continue
+        print("xllm: ", end="", file=out, flush=True)
+        try:
+            for piece in session.ask(line):
+                print(piece, end="", file=out, flush=True)
+        except ValueError as err:  # e.g. an undecodable image: say so, keep the conversation
+            print(f"\nerror: {err}", file=out, flush=True)
+            session.pending = []
+            continue
+        print(file=out, flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="xllm chat", description=__doc__.split("\n")[0])
+    parser.add_argument("--adapter", required=True, help="adapter directory (written by training)")
+    parser.add_argument("--llm", default=None, help="load the LLM from here instead of the adapter's path")
+    parser.add_argument("--encoder", action="append", default=[], metavar="MODALITY=PATH",
+                        help="replace a frozen encoder's path, e.g. image=/models/vit (repeatable)")
+    parser.add_argument("--device", default=None, help="cuda, cuda:1, ... (default: the CPU)")
+    parser.add_argument("--dtype", default=None, help="dtype of the frozen LLM and encoders (bfloat16 on a GPU)")
+    parser.add_argument("--max_new_tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    args = parser.parse_args(argv)
+    encoders = dict(item.split("=", 1) for item in args.encoder)
+    model = XLLM.from_pretrained(args.adapter, llm=args.llm, encoders=encoders or None, device=args.device,
+                                 dtype=args.dtype)
+    sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {}
+    run(ChatSession(model, args.max_new_tokens, **sampling), sys.stdin, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
