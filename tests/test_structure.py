@@ -21,7 +21,8 @@ ALLOWED = {
     "training": {"checkpoint", "data", "frozen", "interfaces", "llm", "model", "pretraining", "training"},
     "evaluation": {"checkpoint", "data", "evaluation", "model"},
     "chat": {"model"},
-    "cli": {"chat"},
+    "cli": {"chat", "serve"},
+    "serve": {"model"},
     "demo": {"checkpoint", "data", "demo", "evaluation", "frozen", "interfaces", "llm", "model", "pretraining",
              "training"},
 }

@@ -1,11 +1,14 @@
-"""The `xllm` command: `xllm chat --adapter DIR` (terminal chat). Training and evaluation have their own
-scripts (`xllm-train`, `xllm-evaluate`)."""
+"""The `xllm` command: `xllm chat --adapter DIR` (terminal chat), `xllm serve --adapter DIR` (HTTP API + page).
+Training and evaluation have their own scripts (`xllm-train`, `xllm-evaluate`)."""
 
 from __future__ import annotations
 
 import sys
 
-COMMANDS = {"chat": "talk to a trained model in the terminal, replies streamed"}
+COMMANDS = {
+    "chat": "talk to a trained model in the terminal, replies streamed",
+    "serve": "an OpenAI-compatible chat-completions API and a web page (needs the `serve` extra)",
+}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -14,9 +17,12 @@ def main(argv: list[str] | None = None) -> None:
         listed = "\n".join(f"  {name:6} {what}" for name, what in COMMANDS.items())
         print(f"usage: xllm COMMAND [--help]\n\ncommands:\n{listed}", file=sys.stderr)
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
-    from xllm.chat import main as chat  # the one command so far; each imports only what it needs
-
-    chat(argv[1:])
+    # Each command imports only what it needs (the server's web framework is an optional extra).
+    if argv[0] == "chat":
+        from xllm.chat import main as command
+    else:
+        from xllm.serve import main as command
+    command(argv[1:])
 
 
 if __name__ == "__main__":

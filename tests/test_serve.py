@@ -1,0 +1,127 @@
+"""`xllm serve`: the official `openai` client talks to it; answers equal `XLLM.chat`'s, errors use OpenAI's shape."""
+
+from __future__ import annotations
+
+import base64
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from tests.conftest import make_model
+from xllm.serve import ChatCompletions, create_app
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    model = make_model(tiny, qformer_text=True, instruction_aware=True, bert_init=str(tiny / "bert")).eval()
+    images = tiny / "data" / "images"
+    completions = ChatCompletions(model, "tiny", media_dirs=[images], max_media=3)
+    port = free_port()
+    config = uvicorn.Config(create_app(completions, max_request_bytes=2**20), host="127.0.0.1", port=port,
+                            log_level="warning")
+    uvicorn_server = uvicorn.Server(config)
+    thread = threading.Thread(target=uvicorn_server.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if uvicorn_server.started:
+            break
+        time.sleep(0.05)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+    yield model, client, images, port
+    uvicorn_server.should_exit = True
+    thread.join(timeout=10)
+
+
+def data_url(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def ask(text: str, image: Path | None = None) -> dict:
+    parts = [{"type": "image_url", "image_url": {"url": data_url(image)}}] if image else []
+    return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
+
+
+def test_an_answer_about_an_image_plain_and_streamed(server):
+    model, client, images, _ = server
+    image = images / "test_00000.png"
+    expected = model.chat([{"from": "user", "value": "<image>\nIs there a red circle?"}], {"image": str(image)},
+                          max_new_tokens=6)
+    response = client.chat.completions.create(model="tiny", messages=[ask("Is there a red circle?", image)],
+                                              max_tokens=6)
+    assert response.choices[0].message.content == expected
+    assert response.usage.prompt_tokens > 4 and response.usage.completion_tokens >= 1
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+    stream = client.chat.completions.create(model="tiny", messages=[ask("Is there a red circle?", image)],
+                                            max_tokens=6, stream=True)
+    pieces = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
+    assert "".join(pieces).strip() == expected
+
+
+def test_a_conversation_continues_and_a_path_inside_an_allowed_folder_works(server):
+    model, client, images, _ = server
+    image = images / "test_00001.png"
+    first = client.chat.completions.create(model="tiny", max_tokens=5, messages=[
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(image)}},
+                                     {"type": "text", "text": "What is there?"}]}]).choices[0].message.content
+    second = client.chat.completions.create(model="tiny", max_tokens=5, messages=[
+        ask("What is there?", image), {"role": "assistant", "content": first},
+        {"role": "user", "content": "And what colour?"}]).choices[0].message.content
+    assert second == model.chat([{"from": "user", "value": "<image>\nWhat is there?"},
+                                 {"from": "assistant", "value": first},
+                                 {"from": "user", "value": "And what colour?"}], {"image": str(image)}, max_new_tokens=5)
+
+
+def test_bad_requests_get_openai_errors(server, tmp_path):
+    _, client, images, port = server
+    with pytest.raises(openai.BadRequestError, match="'messages' must be a non-empty list"):
+        client.chat.completions.create(model="tiny", messages=[])
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"this is not a png")
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError, match="cannot decode image"):
+            client.chat.completions.create(model="tiny", messages=[ask("What is this?", broken)], stream=stream)
+    with pytest.raises(openai.BadRequestError, match="too many media items: at most 3"):
+        client.chat.completions.create(model="tiny", messages=[ask("?", images / "test_00000.png")] * 4 + [
+            {"role": "user", "content": "?"}])
+    outside = tmp_path / "photo.png"
+    outside.write_bytes((images / "test_00000.png").read_bytes())
+    with pytest.raises(openai.BadRequestError, match="not inside a folder this server may read"):
+        client.chat.completions.create(model="tiny", messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(outside)}}]}])
+    too_big = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", content=b"x" * (2**20 + 1))
+    assert too_big.status_code == 413 and "limit" in too_big.json()["error"]["message"]
+
+
+def test_eight_concurrent_clients_each_get_their_own_answer(server):
+    model, client, images, _ = server
+    questions = [(images / f"test_0000{i % 4}.png", f"Question {i}: is there a shape?") for i in range(8)]
+    expected = [model.chat([{"from": "user", "value": f"<image>\n{q}"}], {"image": str(p)}, max_new_tokens=5)
+                for p, q in questions]
+
+    def one(index: int) -> str:
+        path, question = questions[index]
+        return client.chat.completions.create(model="tiny", messages=[ask(question, path)],
+                                              max_tokens=5).choices[0].message.content
+
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(one, range(8))) == expected
+
+
+def test_the_page_is_served(server):
+    _, _, _, port = server
+    page = httpx.get(f"http://127.0.0.1:{port}/")
+    assert page.status_code == 200 and "/v1/chat/completions" in page.text and 'type="file"' in page.text

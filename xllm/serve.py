@@ -1,0 +1,256 @@
+"""`xllm serve --adapter DIR`: the OpenAI chat-completions protocol over a trained model, and a small web page.
+
+`POST /v1/chat/completions` takes OpenAI's `messages` with content parts (`text`, `image_url` as a `data:` URL
+or a path inside a folder the server was allowed to read, `input_audio` as base64), `max_tokens`, `temperature`
+and `stream` (server-sent events); `GET /v1/models` lists the one model; `GET /` is a page to upload an image,
+ask, and watch the answer stream. Requests are queued: one generation runs at a time, so concurrent clients
+never share state. Errors use OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`).
+
+Binds to 127.0.0.1 unless told otherwise. Behind a load balancer, run one `xllm serve` per GPU/replica: each is
+stateless between requests (the conversation travels in `messages`), so no controller is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import json
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from xllm.model import XLLM
+
+AUDIO_FORMATS = {"wav", "mp3", "flac", "ogg", "m4a"}
+
+
+class RequestError(ValueError):
+    """A bad request: answered with HTTP 400 and OpenAI's error shape."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def error_response(message: str, status: int = 400, param: str | None = None, kind: str = "invalid_request_error"):
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}},
+                        status_code=status)
+
+
+class ChatCompletions:
+    """Turns OpenAI requests into `XLLM.chat` / `XLLM.stream` calls, one at a time.
+
+    Args:
+        model: the loaded model.
+        name: the model id clients send and see.
+        media_dirs: folders whose files a request may name by path (none: only `data:` URLs).
+        max_media: most media items in one request.
+    """
+
+    def __init__(self, model: XLLM, name: str, media_dirs: Sequence[str | Path] = (), max_media: int = 8) -> None:
+        self.model, self.name, self.max_media = model, name, max_media
+        self.media_dirs = [Path(d).resolve() for d in media_dirs]
+        self.lock = threading.Lock()  # the queue: one generation at a time on the one model
+
+    # --- requests ------------------------------------------------------------------------------------
+    def _media_path(self, url: str, folder: Path, index: int, param: str) -> str:
+        if url.startswith("data:"):
+            header, _, payload = url.partition(",")
+            if ";base64" not in header:
+                raise RequestError("a data: URL must be base64-encoded", param)
+            suffix = "." + header[5:].split(";")[0].split("/")[-1] if "/" in header else ""
+            path = folder / f"media_{index}{suffix}"
+            try:
+                path.write_bytes(base64.b64decode(payload, validate=True))
+            except (binascii.Error, ValueError) as err:
+                raise RequestError(f"media {index + 1}: invalid base64 ({err})", param) from err
+            return str(path)
+        path = Path(url.removeprefix("file://")).resolve()
+        if not any(path.is_relative_to(d) for d in self.media_dirs):
+            raise RequestError(f"media {index + 1}: {url} is not a data: URL and not inside a folder this server "
+                               "may read (xllm serve --media_dir)", param)
+        if not path.is_file():
+            raise RequestError(f"media {index + 1}: no such file {url}", param)
+        return str(path)
+
+    def parse(self, body: Any, folder: Path) -> tuple[list[dict], dict[str, list[str]], dict[str, Any]]:
+        """`(turns, media, generation settings)` of a request; media from data: URLs are written into `folder`."""
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list) or not body["messages"]:
+            raise RequestError("'messages' must be a non-empty list", "messages")
+        turns, media, count = [], {}, 0
+        for number, message in enumerate(body["messages"]):
+            param = f"messages[{number}]"
+            if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
+                raise RequestError("each message needs a role: system, user or assistant", param)
+            content = message.get("content")
+            parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+            if not isinstance(parts, list):
+                raise RequestError("content must be a string or a list of parts", param)
+            value = ""
+            for part in parts:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text" and isinstance(part.get("text"), str):
+                    value += part["text"]
+                    continue
+                if kind == "image_url" and isinstance(part.get("image_url"), dict):
+                    modality, url = "image", part["image_url"].get("url", "")
+                elif kind == "input_audio" and isinstance(part.get("input_audio"), dict):
+                    audio = part["input_audio"]
+                    if audio.get("format") not in AUDIO_FORMATS:
+                        raise RequestError(f"input_audio format must be one of {sorted(AUDIO_FORMATS)}", param)
+                    modality, url = "audio", f"data:audio/{audio['format']};base64,{audio.get('data', '')}"
+                else:
+                    raise RequestError(f"unsupported content part {kind!r} (text, image_url, input_audio)", param)
+                if modality not in self.model.interfaces:
+                    raise RequestError(f"this model reads {sorted(self.model.interfaces)}, not {modality}", param)
+                if message["role"] != "user":
+                    raise RequestError("media belong in user messages", param)
+                count += 1
+                if count > self.max_media:
+                    raise RequestError(f"too many media items: at most {self.max_media} per request", param)
+                media.setdefault(modality, []).append(self._media_path(url, folder, count - 1, param))
+                value += f"<{modality}>\n"
+            turns.append({"from": message["role"], "value": value})
+        if turns[-1]["from"] != "user":
+            raise RequestError("the last message must be the user's", "messages")
+        max_tokens = body.get("max_tokens", body.get("max_completion_tokens", 256))
+        if not isinstance(max_tokens, int) or not 1 <= max_tokens <= 4096:
+            raise RequestError("max_tokens must be an integer from 1 to 4096", "max_tokens")
+        temperature = body.get("temperature") or 0.0
+        if not isinstance(temperature, (int, float)) or temperature < 0:
+            raise RequestError("temperature must be a number ≥ 0", "temperature")
+        sampling = {"do_sample": True, "temperature": float(temperature)} if temperature > 0 else {}
+        return turns, media, {"max_new_tokens": max_tokens, **sampling}
+
+    def prompt_tokens(self, turns: list[dict], media: dict[str, list[str]]) -> int:
+        """Text tokens of the prompt plus each media item's token count (its interface's maximum)."""
+        ids = self.model.processor().encode_prompt(turns)["input_ids"]
+        text = sum(1 for i in ids if i >= 0)
+        return text + sum(self.model.interfaces[m].max_tokens * len(paths) for m, paths in media.items())
+
+    def usage(self, turns: list[dict], media: dict[str, list[str]], reply: str) -> dict[str, int]:
+        prompt = self.prompt_tokens(turns, media)
+        completion = len(self.model.tokenizer(reply, add_special_tokens=False)["input_ids"])
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    # --- answers -------------------------------------------------------------------------------------
+    def complete(self, turns, media, settings) -> dict[str, Any]:
+        with self.lock:
+            reply = "".join(self.model.stream(turns, media, **settings)).strip()
+            usage = self.usage(turns, media, reply)
+        finish = "length" if usage["completion_tokens"] >= settings["max_new_tokens"] else "stop"
+        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": self.name, "usage": usage,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": finish}]}
+
+    def chunks(self, turns, media, settings, folder: tempfile.TemporaryDirectory) -> Iterator[str]:
+        """Server-sent events: a role chunk, one chunk per streamed piece, a finish chunk with usage, [DONE]."""
+        ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def event(delta: dict, finish: str | None = None, **extra) -> str:
+            chunk = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": self.name,
+                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+            return f"data: {json.dumps(chunk)}\n\n"
+
+        try:
+            with self.lock:
+                yield event({"role": "assistant", "content": ""})
+                pieces = []
+                try:
+                    for piece in self.model.stream(turns, media, **settings):
+                        pieces.append(piece)
+                        yield event({"content": piece})
+                except ValueError as err:  # undecodable media, found when the batch is built
+                    yield f"data: {json.dumps({'error': {'message': str(err), 'type': 'invalid_request_error'}})}\n\n"
+                    return
+                usage = self.usage(turns, media, "".join(pieces).strip())
+            finish = "length" if usage["completion_tokens"] >= settings["max_new_tokens"] else "stop"
+            yield event({}, finish, usage=usage)
+            yield "data: [DONE]\n\n"
+        finally:
+            folder.cleanup()
+
+
+def create_app(completions: ChatCompletions, max_request_bytes: int = 20 * 2**20) -> FastAPI:
+    """The FastAPI app: /v1/chat/completions, /v1/models and the page at /."""
+    app = FastAPI(title="xllm", docs_url=None, redoc_url=None)
+
+    @app.get("/v1/models")
+    def models() -> dict:
+        return {"object": "list", "data": [{"id": completions.name, "object": "model", "created": 0,
+                                            "owned_by": "xllm"}]}
+
+    @app.get("/", response_class=HTMLResponse)
+    def page() -> str:
+        return (Path(__file__).parent / "serve_page.html").read_text()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        declared = request.headers.get("content-length")
+        if declared is not None and int(declared) > max_request_bytes:
+            return error_response(f"request of {declared} bytes is over this server's limit of {max_request_bytes}",
+                                  413)
+        raw = await request.body()
+        if len(raw) > max_request_bytes:
+            return error_response(f"request over this server's limit of {max_request_bytes} bytes", 413)
+        try:
+            body = json.loads(raw)
+        except json.JSONDecodeError as err:
+            return error_response(f"the body is not JSON: {err}")
+        folder = tempfile.TemporaryDirectory(prefix="xllm-serve-")
+        try:
+            turns, media, settings = completions.parse(body, Path(folder.name))
+            if body.get("stream"):
+                # Decode the media before the stream starts, so a bad file is a 400, not an event mid-stream.
+                await run_in_threadpool(completions.model.load_media, [media])
+                return StreamingResponse(completions.chunks(turns, media, settings, folder),
+                                         media_type="text/event-stream")
+            try:
+                return await run_in_threadpool(completions.complete, turns, media, settings)
+            finally:
+                folder.cleanup()
+        except RequestError as err:
+            folder.cleanup()
+            return error_response(str(err), param=err.param)
+        except ValueError as err:  # an undecodable image or clip: the model names the file
+            folder.cleanup()
+            return error_response(str(err).replace(folder.name + "/", ""))
+
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="xllm serve", description=__doc__.split("\n")[0])
+    parser.add_argument("--adapter", required=True, help="adapter directory (written by training)")
+    parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 exposes it to the network: only on purpose")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--name", default=None, help="model id clients use (default: the adapter folder's name)")
+    parser.add_argument("--media_dir", action="append", default=[], help="a folder requests may name files in")
+    parser.add_argument("--max_media", type=int, default=8, help="most media items per request")
+    parser.add_argument("--max_request_mb", type=float, default=20.0)
+    parser.add_argument("--llm", default=None, help="load the LLM from here instead of the adapter's path")
+    parser.add_argument("--encoder", action="append", default=[], metavar="MODALITY=PATH")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default=None)
+    args = parser.parse_args(argv)
+    import uvicorn
+
+    encoders = dict(item.split("=", 1) for item in args.encoder)
+    model = XLLM.from_pretrained(args.adapter, llm=args.llm, encoders=encoders or None, device=args.device,
+                                 dtype=args.dtype)
+    completions = ChatCompletions(model, args.name or Path(args.adapter).resolve().name, args.media_dir,
+                                  args.max_media)
+    uvicorn.run(create_app(completions, int(args.max_request_mb * 2**20)), host=args.host, port=args.port)
+
+
+if __name__ == "__main__":
+    main()
