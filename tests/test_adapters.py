@@ -14,17 +14,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import make_model
+from tests.conftest import TINY_QFORMER, make_model
 from xllm.checkpoint import write_model_card
+from xllm.interfaces import ImageInterface
 from xllm.model import XLLM
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION = [{"from": "user", "value": "<image>\nIs there a red circle?"}]
-
-
-def instruction_aware(tiny: Path, bert: Path) -> XLLM:
-    """A model whose Q-Former text side reads its tokenizer and frozen word tables from `bert`."""
-    return make_model(tiny, qformer_text=True, instruction_aware=True, bert_init=str(bert)).eval()
 
 
 def logits(model: XLLM, image: Path) -> torch.Tensor:
@@ -43,8 +39,9 @@ def project(tiny, tmp_path):
     cwd = os.getcwd()
     os.chdir(root)  # paths as a user writes them in a config: relative to the working directory
     try:
-        model = XLLM.from_paths("models/llama", {"image": instruction_aware(tiny, Path("models/bert")).interfaces["image"]},
-                                template="vicuna_v1")
+        image = ImageInterface("models/vit", **TINY_QFORMER, dropout=0.0, qformer_text=True, instruction_aware=True,
+                               bert_init="models/bert")
+        model = XLLM.from_paths("models/llama", {"image": image}, template="vicuna_v1")
         model.save_pretrained("runs/adapter", stage=2)
     finally:
         os.chdir(cwd)
@@ -56,6 +53,7 @@ def test_a_moved_project_loads_and_an_adapter_alone_says_which_override_to_pass(
     config = json.loads((root / "runs/adapter/config.json").read_text())
     assert config["llm"]["path"] == "../../models/llama" and config["llm"]["hidden_size"] == 64
     assert config["interfaces"]["image"]["encoder_hidden_size"] == 32
+    assert config["interfaces"]["image"]["init_args"]["encoder"] == "../../models/vit"
     assert set(load_file(str(root / "runs/adapter/adapter.safetensors"))) == set(
         XLLM.from_pretrained(root / "runs/adapter").trainable_state_dict())
 

@@ -70,17 +70,27 @@ TABLES: dict[str, list[Rule]] = {
         (r"(opt_proj|llm_proj|t5_proj)\.(weight|bias)", r"bridge.projection.\2", "projection into the LLM"),
         (r"(opt_model|llm_model|t5_model)\..*", None, "the frozen LLM"),
     ],
-    # X-LLM: LAVIS-shaped image interface (its projection is `opt_proj` even for ChatGLM); the video interface
-    # shares the Q-Former with its own queries and projection (imported instead with `xllm_queries="video"`).
-    "xllm": [
-        (r"query_tokens", "bridge.qformer.query_tokens", "image queries"),
-        (r"opt_proj\.(weight|bias)", r"bridge.projection.\1", "image projection into the LLM"),
-        *_LAVIS_LAYERS,
-        (r"video_query_tokens|video_proj\..*", None, "X-LLM's video queries and projection"),
-        (r"opt_model\..*", None, "the frozen LLM"),
-        (r"(speech|Cformer|cformer|cif|audio)[._].*", None, "X-LLM's speech interface"),
-    ],
 }
+
+# X-LLM: a LAVIS-shaped image interface (its projection is `opt_proj` even for ChatGLM); its video interface shares
+# the Q-Former with queries and a projection of its own. `xllm_queries` picks which pair is imported.
+_XLLM_SHARED: list[Rule] = [
+    *_LAVIS_LAYERS,
+    (r"opt_model\..*", None, "the frozen LLM"),
+    (r"(speech|Cformer|cformer|cif|audio)[._].*", None, "X-LLM's speech interface"),
+]
+TABLES["xllm"] = [
+    (r"query_tokens", "bridge.qformer.query_tokens", "image queries"),
+    (r"opt_proj\.(weight|bias)", r"bridge.projection.\1", "image projection into the LLM"),
+    (r"video_query_tokens|video_proj\..*", None, "X-LLM's video queries and projection"),
+    *_XLLM_SHARED,
+]
+XLLM_VIDEO_TABLE: list[Rule] = [
+    (r"video_query_tokens", "bridge.qformer.query_tokens", "video queries"),
+    (r"video_proj\.(weight|bias)", r"bridge.projection.\1", "video projection into the LLM"),
+    (r"query_tokens|opt_proj\..*", None, "X-LLM's image queries and projection"),
+    *_XLLM_SHARED,
+]
 
 
 # The Q-Former's text side: its word/position tables and each layer's text FFN (queries use `*_query`).
@@ -148,13 +158,7 @@ def rename(state: Mapping[str, torch.Tensor], layout: Layout, xllm_queries: Lite
            ) -> tuple[dict[str, tuple[str, torch.Tensor]], dict[str, str]]:
     """`(new name -> (checkpoint key, tensor), ignored key -> why)` by the layout's table; a key no row matches is
     an error."""
-    rules = TABLES[layout]
-    if layout == "xllm" and xllm_queries == "video":
-        rules = [(r"video_query_tokens", "bridge.qformer.query_tokens", "video queries"),
-                 (r"video_proj\.(weight|bias)", r"bridge.projection.\1", "video projection into the LLM"),
-                 (r"query_tokens|opt_proj\..*", None, "X-LLM's image queries and projection"),
-                 *[r for r in rules if r[0] not in ("query_tokens", r"opt_proj\.(weight|bias)",
-                                                     r"video_query_tokens|video_proj\..*")]]
+    rules = XLLM_VIDEO_TABLE if layout == "xllm" and xllm_queries == "video" else TABLES[layout]
     renamed, ignored, unknown = {}, {}, []
     for key, tensor in state.items():
         for pattern, target, why in rules:
