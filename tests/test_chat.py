@@ -21,11 +21,24 @@ def test_a_session_replies_as_model_chat_does_turn_after_turn(tiny, tmp_path):
     turns = [{"from": "user", "value": "<image>\nIs there a red circle?"}]
     assert first == model.chat(turns, {"image": photo}, max_new_tokens=6)
 
-    # The second turn sees the first exchange and the image attached to it.
+    assert session.cache.reused == 0
+
+    # The second turn sees the first exchange and the image attached to it; it reuses the first turn's KV cache
+    # (the prompt, image tokens included, and the reply), and answers as a model.chat that recomputes all does.
     second = "".join(session.ask("And a square?")).strip()
     turns += [{"from": "assistant", "value": first}, {"from": "user", "value": "And a square?"}]
     assert second == model.chat(turns, {"image": [photo]}, max_new_tokens=6)
     assert len(session.turns) == 4 and session.media == {"image": [photo]}
+    first_prompt = model.embed_prompts(model.batch([turns[:1]], [{"image": photo}]))[0].shape[1]  # image tokens in
+    assert session.cache.reused >= first_prompt
+
+    # A third turn with a second image: still equal, still reusing.
+    other = str(tiny / "data" / "images" / "test_00001.png")
+    session.attach("image", other)
+    third = "".join(session.ask("Which one is brighter?")).strip()
+    turns += [{"from": "assistant", "value": second}, {"from": "user", "value": "<image>\nWhich one is brighter?"}]
+    assert third == model.chat(turns, {"image": [photo, other]}, max_new_tokens=6)
+    assert session.cache.reused > first_prompt
 
     session.reset()
     assert "".join(session.ask("Hello")).strip() == model.chat([{"from": "user", "value": "Hello"}], max_new_tokens=6)

@@ -2,7 +2,8 @@
 
 Lines are user turns. `/image PATH` (any modality the adapter has: `/audio PATH`, ...) attaches media to the next
 turn, `/reset` starts a new conversation, `/quit` (or end of input) leaves. The whole conversation goes through
-the model's one inference path (`XLLM.stream`) each turn; the LLM's KV cache is not yet carried across turns.
+the model's one inference path (`XLLM.stream`) each turn, with the LLM's KV cache of the previous turns reused
+(`ConversationCache`): only the new turn is computed.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TextIO
 
-from xllm.model import XLLM
+from xllm.model import XLLM, ConversationCache
 
 
 class ChatSession:
@@ -27,6 +28,7 @@ class ChatSession:
         self.turns: list[dict[str, str]] = []
         self.media: dict[str, list[str]] = {}
         self.pending: list[tuple[str, str]] = []
+        self.cache = ConversationCache()
 
     def attach(self, modality: str, path: str) -> None:
         """Media for the next user turn; checked now, so a typo is reported before the question is asked."""
@@ -44,7 +46,8 @@ class ChatSession:
         for modality, path in self.pending:
             media.setdefault(modality, []).append(path)
         pieces = []
-        for piece in self.model.stream(turns, media, self.max_new_tokens, **self.generate_kwargs):
+        for piece in self.model.stream(turns, media, self.max_new_tokens, conversation_cache=self.cache,
+                                       **self.generate_kwargs):
             pieces.append(piece)
             yield piece
         # Only a finished exchange joins the conversation (an error above leaves it as it was).

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
 
 from xllm.checkpoint import (
     apply_overrides,
@@ -140,6 +140,50 @@ class XLLMOutput:
 
 
 MediaInput = Mapping[str, "str | Item | Sequence[str | Item]"]
+
+
+# transformers 5.x renames generate's `past_key_values` to `cache` (the old name warns until 6.0).
+_CACHE_KWARG = "cache" if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters else "past_key_values"
+
+
+class ConversationCache:
+    """The LLM's KV cache of one conversation's last turn (prompt + reply), for the next turn to reuse.
+
+    A turn re-reads the whole conversation, so its prompt begins with the previous prompt and reply; the keys and
+    values of the longest prefix whose input embeddings are *equal* are taken from the cache and only the rest
+    is computed. A prefix is compared by embeddings, not token ids, because media tokens have no ids; a reply
+    re-tokenized differently from how it was generated just ends the shared prefix earlier."""
+
+    def __init__(self) -> None:
+        self.embeds: torch.Tensor | None = None  # [n, hidden]: the positions `cache` holds keys/values for
+        self.cache: Any = None
+        self.reused = 0  # positions the last turn took from the cache
+
+    def take(self, embeds: torch.Tensor, config: Any) -> Any:
+        """The cache cut to the shared prefix of `embeds` ([1, length, hidden]), or a new, empty one for an LLM
+        of `config`."""
+        from transformers import DynamicCache
+
+        if embeds.shape[0] != 1:
+            raise ValueError(f"a conversation cache serves one conversation, not a batch of {embeds.shape[0]}")
+        cache, old, self.cache, self.embeds, self.reused = self.cache, self.embeds, None, None, 0
+        if cache is None or old is None:
+            return DynamicCache(config=config)
+        length = min(len(old), embeds.shape[1] - 1)  # at least the last position is computed: its logits are needed
+        same = (old[:length] == embeds[0, :length]).all(-1)
+        shared = int(same.cumprod(0).sum())
+        if shared == 0:
+            return DynamicCache(config=config)
+        if cache.get_seq_length() > shared:
+            cache.crop(shared - cache.get_seq_length())  # a negative count removes that many from the end
+        self.reused = shared
+        return cache
+
+    def keep(self, prompt: torch.Tensor, reply: torch.Tensor, cache: Any) -> None:
+        """After generation: `cache` holds the prompt and every reply token but the last (never fed back)."""
+        embeds = torch.cat([prompt[0], reply[0]])
+        if cache.get_seq_length() == len(embeds):  # anything else (a model's own cache rules): start afresh
+            self.embeds, self.cache = embeds, cache
 
 
 class XLLM(nn.Module):
@@ -427,13 +471,23 @@ class XLLM(nn.Module):
         return out.logits[:, -1].float()
 
     @torch.no_grad()
-    def generate(self, batch: Mapping[str, Any], max_new_tokens: int = 64, **generate_kwargs: Any) -> list[str]:
-        """Replies to a prompt batch (from `batch`), with the LLM's KV cache; the decoded new text of each."""
+    def generate(
+        self, batch: Mapping[str, Any], max_new_tokens: int = 64, conversation_cache: ConversationCache | None = None,
+        **generate_kwargs: Any,
+    ) -> list[str]:
+        """Replies to a prompt batch (from `batch`), with the LLM's KV cache; the decoded new text of each.
+
+        With `conversation_cache` (one conversation), the keys/values of the longest prefix this prompt shares
+        with the cached prompt + reply are reused and only the rest is computed; the cache then holds this turn."""
         embeds, mask = self.embed_prompts(batch)
+        if conversation_cache is not None:
+            generate_kwargs[_CACHE_KWARG] = conversation_cache.take(embeds, self.llm.config)
         output = self.llm.generate(
             inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
             pad_token_id=self.tokenizer.pad_token_id, **generate_kwargs,
         )
+        if conversation_cache is not None:
+            conversation_cache.keep(embeds, input_embeddings(self.llm)(output[:, :-1]), generate_kwargs[_CACHE_KWARG])
         return self.tokenizer.batch_decode(output, skip_special_tokens=True)
 
     def reply(
@@ -461,7 +515,8 @@ class XLLM(nn.Module):
         **generate_kwargs: Any,
     ) -> Iterator[str]:
         """`chat`, with the reply's text yielded piece by piece as it is generated (greedy unless sampling
-        arguments are given); the pieces join to what `chat` returns, before stripping."""
+        arguments are given); the pieces join to what `chat` returns, before stripping. Pass a
+        `conversation_cache=ConversationCache()` on every turn of one conversation to reuse its KV cache."""
         from transformers import TextIteratorStreamer
 
         generate_kwargs.setdefault("do_sample", False)
