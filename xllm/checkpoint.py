@@ -36,6 +36,7 @@ import xllm
 from xllm.interfaces.base import ModalityInterface
 from xllm.interfaces.image import ImageInterface
 from xllm.interfaces.speech import SpeechInterface
+from xllm.interfaces.video import VideoInterface
 
 FORMAT = "xllm-adapter"
 VERSION = 2  # 2: local paths relative to the adapter, hidden sizes, xllm version, self-contained Q-Former text
@@ -45,7 +46,7 @@ CARD_NAME = "README.md"
 
 # The interfaces a config may name without the caller passing the class. A fixed list, not "anything under
 # xllm.": importing a module runs its code, and some modules (xllm.demo.__main__) run a whole job.
-XLLM_INTERFACES: tuple[type[ModalityInterface], ...] = (ImageInterface, SpeechInterface)
+XLLM_INTERFACES: tuple[type[ModalityInterface], ...] = (ImageInterface, SpeechInterface, VideoInterface)
 
 
 def class_path(cls: type) -> str:

@@ -5,6 +5,7 @@ from xllm.interfaces.bridge import QFormerBridge
 from xllm.interfaces.image import ImageInterface
 from xllm.interfaces.qformer import QFormer
 from xllm.interfaces.speech import SpeechInterface
+from xllm.interfaces.video import VideoInterface
 
 __all__ = ["ImageInterface", "MediaBatch", "ModalityInterface", "ModalityTokens", "PretrainableInterface", "QFormer",
-           "QFormerBridge", "SpeechInterface", "placeholder"]
+           "QFormerBridge", "SpeechInterface", "VideoInterface", "placeholder"]

@@ -1,0 +1,327 @@
+"""Video interface: sampled frames (PyAV) -> frozen image encoder per frame -> a Q-Former that knows time -> `<video>`.
+
+Composed of the contract's blocks. Each frame's feature map (optionally pooled to `frame_tokens` tokens) gets the
+image interface's spatial positions plus a learned *frame-index* position — the time X-LLM's video path lacks —
+and then one of two temporal designs (`temporal`):
+
+- `qformer` (Video-LLaMA's bound on the token count, in one step): a single Q-Former reads every frame's tokens
+  as one key/value set, so `num_query_tokens` LLM tokens per video whatever the frame count. Measured for the
+  video demo, this learned order and direction where a per-frame Q-Former followed by a transformer over frames
+  learned ~4x slower per step (`../shared/DESIGN.md`). LLM-free stage 0 pretrains it like the image Q-Former.
+- `concat` (X-LLM's): the Q-Former reads each frame alone, the frame-index position is added to its query
+  outputs, and the frames' tokens are concatenated: `num_frames x num_query_tokens` LLM tokens, fewer for a clip
+  with fewer frames (its token count follows its frames).
+
+A clip with fewer frames than `num_frames` is padded in the batch and the padding is masked: the Q-Former never
+attends to padded frames (`qformer`), and their tokens never reach the LLM (`concat`). `init_from_image` starts
+the Q-Former (and the projection, LayerNorm and spatial positions) from a trained image adapter — X-LLM reuses its
+image Q-Former this way; `freeze_qformer` keeps it as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+from transformers import AutoImageProcessor, AutoTokenizer
+
+from xllm.frozen import freeze
+from xllm.interfaces.base import MediaBatch, ModalityInterface, ModalityTokens
+from xllm.interfaces.bridge import QFormerBridge
+from xllm.interfaces.encoders import FrozenVisionEncoder
+from xllm.interfaces.feature_cache import FEATURES, CachedFeatureLoader, FeatureCache
+from xllm.interfaces.positions import POSITION_INIT_STD, PositionKind, square_side
+from xllm.interfaces.projection import ProjectionKind
+from xllm.interfaces.qformer import QFormer
+from xllm.interfaces.video_frames import SamplingMode, read_frames
+
+TemporalKind = Literal["qformer", "concat"]
+IMAGE_BRIDGE = "interfaces.image.bridge."  # where an image adapter keeps the bridge's trained tensors
+
+
+class VideoLoader:
+    """`path -> {"pixel_values": [frames, 3, H, W]}`: sampled frames through the encoder's image processor
+    (small, so data workers get a cheap copy)."""
+
+    def __init__(self, processor, num_frames: int, sampling: SamplingMode, fps: float | None, short_side: int | None,
+                 seed: int | None = None) -> None:
+        self.processor, self.num_frames, self.sampling, self.fps, self.short_side = (
+            processor, num_frames, sampling, fps, short_side)
+        self.rng = random.Random(seed)
+
+    def __call__(self, path: str) -> dict[str, torch.Tensor]:
+        sampled = read_frames(path, self.num_frames, self.sampling, self.fps, self.short_side, self.rng)
+        pixels = self.processor(images=list(sampled.frames), return_tensors="pt")["pixel_values"]
+        return {"pixel_values": pixels}
+
+
+class FramesBridge(QFormerBridge):
+    """The Q-Former bridge over a clip's frames: `features([n, frames, tokens, dim])` normalises each frame's
+    tokens, adds spatial and frame-index positions, and lays all frames' tokens out as one sequence
+    `[n, frames * tokens, dim]`, which the Q-Former reads at once (the image bridge's `forward` then applies)."""
+
+    def __init__(self, qformer: QFormer, num_frames: int, frame_positions: bool = True, **bridge_args: Any) -> None:
+        super().__init__(qformer, **bridge_args)
+        dim = qformer.config.encoder_hidden_size
+        self.frame_positions = nn.Parameter(torch.randn(num_frames, 1, dim) * POSITION_INIT_STD) if frame_positions \
+            else None
+        # The ablation's switch (time removed at evaluation): the trained frame positions are kept but not added.
+        self.use_frame_positions = frame_positions
+
+    def features(self, encoder_features: torch.Tensor) -> torch.Tensor:
+        n, frames, tokens, dim = encoder_features.shape
+        if self.frame_positions is not None and frames > len(self.frame_positions):
+            raise ValueError(f"a clip of {frames} frames, but frame positions exist for {len(self.frame_positions)}")
+        features = super().features(encoder_features.reshape(n * frames, tokens, dim)).reshape(n, frames, tokens, dim)
+        if self.frame_positions is not None and self.use_frame_positions:
+            features = features + self.frame_positions[:frames]
+        return features.reshape(n, frames * tokens, dim)
+
+
+class VideoInterface(ModalityInterface):
+    """One video becomes `num_query_tokens` LLM tokens (`temporal: qformer`) or up to `num_frames` times that
+    (`temporal: concat`).
+
+    Args:
+        encoder: the frozen image encoder run on every frame (as `ImageInterface.encoder`).
+        num_frames: frames sampled per clip (N); shorter clips give fewer, masked in the batch.
+        sampling: `uniform` (segment centres), `fps` (every 1/fps s, at most N) or `headtail` (random, training;
+            not with a feature cache, which needs the same frames every epoch).
+        fps: frames per second for `sampling: fps`.
+        short_side: frames are scaled to this shorter side as they are decoded (the processor then resizes/crops).
+        frame_tokens: pool each frame's feature map to this many tokens (a square number; None: keep all). The
+            video demo's probe learned ~3x faster with 9 tokens per frame than with 49.
+        temporal: `qformer` or `concat` (module docstring).
+        frame_positions: learned frame-index positions (False: the no-time ablation, X-LLM's way).
+        init_from_image: an image adapter directory whose bridge starts this one (one config line).
+        freeze_qformer: keep the Q-Former frozen (with `init_from_image`: X-LLM's reuse of the image Q-Former).
+        feature_positions, feature_position_kind, num_query_tokens, qformer_*, cross_attention_frequency,
+        bert_init, projection, feature_layer, encoder_dtype, dropout, qformer_text, instruction_aware,
+        text_tokenizer, max_text_tokens, text_embeddings: as for `ImageInterface` (per frame).
+        feature_cache: folder for the frozen encoder's (pooled) frame features, one file per video.
+    """
+
+    modality = "video"
+    path_args = ("encoder", "bert_init", "text_tokenizer", "text_embeddings", "feature_cache", "init_from_image")
+
+    def __init__(
+        self,
+        encoder: str,
+        num_frames: int = 8,
+        sampling: SamplingMode = "uniform",
+        fps: float | None = None,
+        short_side: int | None = 256,
+        frame_tokens: int | None = None,
+        temporal: TemporalKind = "qformer",
+        frame_positions: bool = True,
+        init_from_image: str | None = None,
+        freeze_qformer: bool = False,
+        num_query_tokens: int = 32,
+        qformer_hidden_size: int = 768,
+        qformer_layers: int = 12,
+        qformer_heads: int = 12,
+        qformer_intermediate_size: int = 3072,
+        cross_attention_frequency: int = 2,
+        bert_init: str | None = None,
+        projection: ProjectionKind = "linear",
+        feature_layer: int = -1,
+        encoder_dtype: str = "float32",
+        dropout: float = 0.1,
+        qformer_text: bool = False,
+        instruction_aware: bool = False,
+        text_tokenizer: str | None = None,
+        max_text_tokens: int = 64,
+        feature_positions: int | None = None,
+        feature_position_kind: PositionKind = "learned",
+        feature_cache: str | None = None,
+        text_embeddings: str | None = None,
+    ) -> None:
+        super().__init__()
+        if temporal not in ("qformer", "concat"):
+            raise ValueError(f"temporal must be 'qformer' or 'concat', got {temporal!r}")
+        if instruction_aware and not qformer_text:
+            raise ValueError("instruction_aware needs the Q-Former text side: set qformer_text: true")
+        if qformer_text and not (text_tokenizer or bert_init):
+            raise ValueError("qformer_text needs a tokenizer: set text_tokenizer (or bert_init)")
+        if feature_cache and sampling == "headtail":
+            raise ValueError("a feature cache needs the same frames every epoch: use sampling uniform or fps with it")
+        if frame_tokens is not None:
+            square_side(frame_tokens, "frame_tokens")
+        self.num_frames, self.temporal, self.frame_tokens = num_frames, temporal, frame_tokens
+        self.instruction_aware = instruction_aware
+        self.encoder = FrozenVisionEncoder(encoder, feature_layer=feature_layer, dtype=encoder_dtype)
+        self.processor = AutoImageProcessor.from_pretrained(encoder)
+        self.sampling, self.fps, self.short_side = sampling, fps, short_side
+        tokenizer = AutoTokenizer.from_pretrained(text_tokenizer or bert_init) if qformer_text else None
+        qformer = QFormer(
+            self.encoder.hidden_size, num_query_tokens=num_query_tokens, hidden_size=qformer_hidden_size,
+            num_layers=qformer_layers, num_heads=qformer_heads, intermediate_size=qformer_intermediate_size,
+            cross_attention_frequency=cross_attention_frequency, dropout=dropout, bert_init=bert_init,
+            text_vocab_size=len(tokenizer) if tokenizer is not None else None, max_text_positions=max_text_tokens,
+            text_embeddings=text_embeddings,
+        )
+        bridge_args = dict(tokenizer=tokenizer, max_text_tokens=max_text_tokens, feature_positions=feature_positions,
+                           position_kind=feature_position_kind, projection=projection)
+        if temporal == "qformer":
+            self.bridge: QFormerBridge = FramesBridge(qformer, num_frames, frame_positions, **bridge_args)
+            self.query_frame_positions = None
+        else:
+            self.bridge = QFormerBridge(qformer, **bridge_args)
+            self.query_frame_positions = (
+                nn.Parameter(torch.randn(num_frames, 1, qformer_hidden_size) * POSITION_INIT_STD)
+                if frame_positions else None)
+        self.image_weights = load_file(str(Path(init_from_image) / "adapter.safetensors")) if init_from_image else None
+        self.freeze_qformer = freeze_qformer
+        if freeze_qformer:
+            freeze(self.bridge.qformer)
+        tag = json.dumps(["video-v1", encoder, feature_layer, self.processor.to_dict(), num_frames, sampling, fps,
+                          short_side, frame_tokens], sort_keys=True, default=str)
+        self.cache = FeatureCache(feature_cache, tag) if feature_cache else None
+
+    @property
+    def max_tokens(self) -> int:
+        per_frame = self.bridge.num_query_tokens
+        return per_frame if self.temporal == "qformer" else per_frame * self.num_frames
+
+    def instruction_tokenizer(self):
+        return self.bridge.tokenize_one if self.instruction_aware else None
+
+    def attach(self, llm_hidden_size: int) -> None:
+        self.bridge.attach(llm_hidden_size)
+        if self.image_weights is not None:
+            self._start_from_image(self.image_weights)
+            self.image_weights = None
+
+    def _start_from_image(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy an image adapter's bridge into this one: every tensor the two share, shapes checked."""
+        own = self.bridge.state_dict()
+        taken = {k[len(IMAGE_BRIDGE):]: v for k, v in tensors.items() if k.startswith(IMAGE_BRIDGE)}
+        if not taken:
+            raise ValueError(f"init_from_image: the adapter has no image bridge tensors ({IMAGE_BRIDGE}*)")
+        wrong = [f"{k}: image {tuple(v.shape)} vs video {tuple(own[k].shape)}" for k, v in taken.items()
+                 if k in own and own[k].shape != v.shape]
+        if wrong:
+            raise ValueError("init_from_image: the image bridge has other shapes: " + "; ".join(wrong))
+        unknown = sorted(set(taken) - set(own))
+        if unknown:
+            raise ValueError(f"init_from_image: tensors this video bridge lacks: {unknown}")
+        self.bridge.load_state_dict(taken, strict=False)
+
+    def frozen_modules(self) -> list[nn.Module]:
+        frozen = [self.encoder, *self.bridge.frozen_modules()]
+        return frozen + [self.bridge.qformer] if self.freeze_qformer else frozen
+
+    def reload_config(self, directory: Path) -> dict[str, Any]:
+        config = self.to_config()
+        args = config["init_args"]
+        args["feature_cache"] = None
+        args["init_from_image"] = None  # the adapter's own weights replace the start
+        args["bert_init"] = None
+        if self.bridge.tokenizer is not None:
+            folder = directory / f"{self.modality}_qformer_text"
+            self.bridge.tokenizer.save_pretrained(str(folder))
+            args["text_tokenizer"] = str(folder)
+            if self.bridge.frozen_modules():
+                self.bridge.qformer.save_text_embeddings(folder / "embeddings.safetensors")
+                args["text_embeddings"] = str(folder / "embeddings.safetensors")
+        return config
+
+    # --- media ---------------------------------------------------------------------------------------
+    def frames_loader(self) -> VideoLoader:
+        return VideoLoader(self.processor, self.num_frames, self.sampling, self.fps, self.short_side)
+
+    def media_loader(self) -> VideoLoader | CachedFeatureLoader:
+        frames = self.frames_loader()
+        return self.cache.loader(decode=frames) if self.cache is not None else frames
+
+    def load_media(self, path: str) -> dict[str, torch.Tensor]:
+        self.prepare_media([path])
+        return self.media_loader()(path)
+
+    def prepare_media(self, paths: list[str], batch_size: int = 8) -> int:
+        """Fill the feature cache for `paths` (no-op without `feature_cache`); returns how many were encoded."""
+        if self.cache is None:
+            return 0
+        return self.cache.fill(paths, self.frames_loader(), self._encode_clips, batch_size, what="video")
+
+    @torch.no_grad()
+    def _encode_clips(self, items: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+        pixels = torch.cat([item["pixel_values"] for item in items])
+        features = self.frame_features(pixels.to(next(self.encoder.parameters()).device))
+        return list(features.split([len(item["pixel_values"]) for item in items]))
+
+    def frame_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """`[frames, 3, H, W]` -> `[frames, tokens, dim]`: the frozen encoder per frame, pooled to `frame_tokens`."""
+        features = self.encoder(pixels)
+        if self.frame_tokens is None:
+            return features
+        tokens = features.shape[1]
+        if int(round(tokens ** 0.5)) ** 2 != tokens:
+            features, tokens = features[:, 1:], tokens - 1  # a ViT's CLS token: pool the patch grid only
+        side, out = square_side(tokens, "the encoder's feature map"), square_side(self.frame_tokens, "frame_tokens")
+        grid = features.transpose(1, 2).reshape(len(features), -1, side, side)
+        return F.adaptive_avg_pool2d(grid.float(), out).flatten(2).transpose(1, 2).to(features.dtype)
+
+    # --- compute -------------------------------------------------------------------------------------
+    def clip_features(self, media: MediaBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """`[n, frames, tokens, dim]` frozen features (cached, or the encoder on the frames) and the frame mask
+        `[n, frames]` (True for real frames; padded ones are False)."""
+        if FEATURES in media.values:
+            features = media.values[FEATURES]
+        else:
+            pixels = media.values["pixel_values"]
+            n, frames = pixels.shape[:2]
+            features = self.frame_features(pixels.flatten(0, 1)).unflatten(0, (n, frames))
+        n, frames = features.shape[:2]
+        lengths = media.lengths if media.lengths is not None else torch.full((n,), frames)
+        mask = torch.arange(frames, device=features.device)[None] < lengths.to(features.device)[:, None]
+        return features, mask
+
+    def bridge_inputs(self, media: MediaBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """For the `qformer` design (and stage 0): clip features and the mask over all frames' tokens."""
+        if self.temporal != "qformer":
+            raise ValueError("stage 0 pretrains the all-frames Q-Former (temporal: qformer); for concat, start "
+                             "the frame Q-Former from an image interface (init_from_image)")
+        features, frame_mask = self.clip_features(media)
+        return features, frame_mask.repeat_interleave(features.shape[2], dim=1).long()
+
+    def forward(self, media: MediaBatch) -> ModalityTokens:
+        if self.instruction_aware and media.instruction_ids is None:
+            raise ValueError("this video interface is instruction-aware: its batch needs instruction_ids (build "
+                             "batches with the model's processor and collator, or call model.chat)")
+        ids = media.instruction_ids if self.instruction_aware else None
+        ids_mask = media.instruction_mask if self.instruction_aware else None
+        if self.temporal == "qformer":
+            features, token_mask = self.bridge_inputs(media)
+            return ModalityTokens.fixed(self.bridge(features, token_mask, ids, ids_mask))
+        return self._concat(media, ids, ids_mask)
+
+    def _concat(self, media: MediaBatch, ids: torch.Tensor | None, ids_mask: torch.Tensor | None) -> ModalityTokens:
+        """X-LLM's design: each real frame through the Q-Former alone, + its frame position, tokens concatenated."""
+        if self.bridge.projection is None:
+            raise RuntimeError("attach(llm_hidden_size) must be called before forward (XLLM does it)")
+        features, frame_mask = self.clip_features(media)
+        n, frames, tokens, dim = features.shape
+        real = frame_mask.flatten()  # padded frames are never computed
+        rows = torch.arange(n, device=features.device).repeat_interleave(frames)[real]
+        per_frame = self.bridge.features(features.reshape(n * frames, tokens, dim)[real])
+        queries = self.bridge.qformer(per_frame, None, None if ids is None else ids[rows],
+                                      None if ids_mask is None else ids_mask[rows])
+        if self.query_frame_positions is not None:
+            frame_index = torch.arange(frames, device=features.device).repeat(n)[real]
+            queries = queries + self.query_frame_positions[frame_index]
+        projected = self.bridge.projection(queries)  # [real frames, queries, llm]
+        per_query = projected.shape[1]
+        out = projected.new_zeros((n, frames * per_query, projected.shape[-1]))
+        counts = frame_mask.sum(1)
+        start = 0
+        for row, count in enumerate(counts.tolist()):
+            out[row, : count * per_query] = projected[start:start + count].flatten(0, 1)
+            start += count
+        return ModalityTokens(out, counts * per_query)
