@@ -179,7 +179,87 @@ def test_mme_folder_to_jsonl(tmp_path):
 
 @pytest.mark.parametrize("script, flag", [("librispeech.py", "--root"), ("aishell.py", "--root"),
                                           ("llava.py", "--json"), ("coco_captions.py", "--karpathy"),
-                                          ("mme.py", "--root")])
+                                          ("mme.py", "--root"), ("msrvtt.py", "--annotations"),
+                                          ("video_instruct.py", "--format")])
 def test_recipes_explain_themselves(script, flag):
     result = run(script, "--help")
     assert result.returncode == 0 and flag in result.stdout
+
+
+def write_clip(path: Path) -> Path:
+    from xllm.demo.video_files import write_video
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_video(str(path), [np.full((32, 32, 3), 40 * i, np.uint8) for i in range(3)], fps=5)
+    return path
+
+
+def test_msrvtt_annotations_to_jsonl(tmp_path):
+    from xllm.interfaces.video_frames import read_frames
+
+    # MSR-VTT's train_val_videodatainfo.json and TrainValVideo/<video_id>.mp4, as released.
+    info = {"info": {"year": "2016"}, "videos": [
+        {"category": 9, "url": "https://www.youtube.com/watch?v=9lZi22qLlEo", "video_id": "video0",
+         "start time": 137.72, "end time": 149.44, "split": "train", "id": 0},
+        {"category": 16, "url": "https://www.youtube.com/watch?v=w4JM08PDEng", "video_id": "video1",
+         "start time": 184.33, "end time": 206.89, "split": "validate", "id": 1}],
+        "sentences": [{"caption": "a car is shown", "video_id": "video0", "sen_id": 1},
+                      {"caption": "a cartoon animals runs through an ice cave in a video game", "video_id": "video0",
+                       "sen_id": 0},
+                      {"caption": "a person is singing", "video_id": "video1", "sen_id": 2},
+                      {"caption": "a woman sings on stage", "video_id": "video1", "sen_id": 3}]}
+    (tmp_path / "train_val_videodatainfo.json").write_text(json.dumps(info))
+    write_clip(tmp_path / "TrainValVideo" / "video0.mp4")
+    args = ["--annotations", str(tmp_path / "train_val_videodatainfo.json"), "--videos", str(tmp_path / "TrainValVideo")]
+    out = tmp_path / "out" / "train.jsonl"
+    assert run("msrvtt.py", *args, "--split", "train", "--out", str(out)).returncode == 0
+    records = read_records(out, ["video"])
+    assert [r["conversations"][1]["value"] for r in records] == [
+        "a cartoon animals runs through an ice cave in a video game", "a car is shown"]  # in sen_id order
+    assert records[0]["conversations"][0]["value"] == "<video>\nDescribe the video briefly."
+    assert len(read_frames(records[0]["media"]["video"][0], num_frames=2).frames) == 2
+
+    result = run("msrvtt.py", *args, "--split", "validate", "--out", str(tmp_path / "out" / "val.jsonl"))
+    assert result.returncode != 0 and "video video1" in result.stderr and "video1.mp4" in result.stderr
+    write_clip(tmp_path / "TrainValVideo" / "video1.mp4")
+    assert run("msrvtt.py", *args, "--split", "validate", "--out", str(tmp_path / "out" / "val.jsonl")).returncode == 0
+    (record,) = [json.loads(line) for line in (tmp_path / "out" / "val.jsonl").read_text().splitlines()]
+    assert record["references"] == ["a person is singing", "a woman sings on stage"]
+
+
+def test_videochat_and_videochatgpt_instructions_to_jsonl(tmp_path):
+    # VideoChat's videochat_instruct_11k.json (WebVid clips in <shard>/<id>.mp4), as released.
+    videochat = [
+        {"video": "029551_029600/1036385494.mp4", "QA": [
+            {"i": "Describe the following video in detail.", "q": "",
+             "a": "In the video, a man is seen cutting wood with a saw on a workbench."}]},
+        {"video": "017851_017900/5475386.mp4", "QA": [
+            {"i": "Answer the questions about the video.", "q": "What is the man doing?", "a": "He is fishing."},
+            {"i": "", "q": "Where is he?", "a": "On a boat on a lake."}]}]
+    (tmp_path / "videochat_instruct_11k.json").write_text(json.dumps(videochat))
+    write_clip(tmp_path / "webvid" / "029551_029600" / "1036385494.mp4")
+    write_clip(tmp_path / "webvid" / "017851_017900" / "5475386.mp4")
+    out = tmp_path / "out" / "videochat.jsonl"
+    assert run("video_instruct.py", "--format", "videochat", "--json", str(tmp_path / "videochat_instruct_11k.json"),
+               "--videos", str(tmp_path / "webvid"), "--out", str(out)).returncode == 0
+    first, second = read_records(out, ["video"])
+    assert first["conversations"][0]["value"] == "<video>\nDescribe the following video in detail."
+    assert [t["value"] for t in second["conversations"]] == [
+        "<video>\nAnswer the questions about the video. What is the man doing?", "He is fishing.",
+        "Where is he?", "On a boat on a lake."]
+
+    # Video-ChatGPT's VideoInstruct100K.json (ActivityNet clips named by video_id).
+    videochatgpt = [{"video_id": "v_k_ZXmr8pmrs", "q": "What is happening in the video?",
+                     "a": "A man is playing the drums."},
+                    {"video_id": "v_missing", "q": "What colour is the car?", "a": "Red."}]
+    (tmp_path / "VideoInstruct100K.json").write_text(json.dumps(videochatgpt))
+    write_clip(tmp_path / "activitynet" / "v_k_ZXmr8pmrs.mkv")
+    out = tmp_path / "out" / "videochatgpt.jsonl"
+    args = ["video_instruct.py", "--format", "videochatgpt", "--json", str(tmp_path / "VideoInstruct100K.json"),
+            "--videos", str(tmp_path / "activitynet"), "--out", str(out)]
+    result = run(*args)
+    assert result.returncode != 0 and "item 1 (video_id 'v_missing')" in result.stderr
+    result = run(*args, "--skip_missing")
+    assert result.returncode == 0 and "1 records, 1 skipped for missing media" in result.stdout
+    (record,) = read_records(out, ["video"])
+    assert record["media"]["video"][0].endswith("v_k_ZXmr8pmrs.mkv")
