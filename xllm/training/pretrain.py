@@ -29,7 +29,8 @@ class InterfacePretrainingModule(TrainingModule):
     Args:
         interfaces: exactly one modality -> interface (its bridge is what trains).
         objective: the LLM-free objective and its loss weights (default: `QFormerObjective()`).
-        **training: `TrainingModule`'s settings (init_adapter, adapter_dir, lr, weight_decay, betas, warmup_steps).
+        **training: `TrainingModule`'s settings (init_adapter, adapter_dir, lr, weight_decay, betas, warmup_steps,
+            lr_schedule).
     """
 
     def __init__(
