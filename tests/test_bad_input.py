@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -45,6 +46,9 @@ BAD_CASES = [
      "no non-empty assistant"),
     ({"id": "audio", "audio": "a.wav", "conversations": [
         {"from": "human", "value": "<audio>"}, {"from": "gpt", "value": "x"}]}, "unknown_modality", "no audio interface"),
+    (good("absolute", image="/etc/passwd"), "media_outside_root", r"'/etc/passwd' leads outside the media root"),
+    (good("climbs", image="images/../../escape.png"), "media_outside_root",
+     r"'images/../../escape.png' leads outside the media root"),
 ]
 
 
@@ -60,6 +64,16 @@ def test_bad_record_is_named_or_counted(media, tmp_path, bad, reason, message):
     records = read_records(path, ["image"], str(media), skipped)
     assert [r["id"] for r in records] == ["ok1", "ok2"]
     assert skipped.counts == {reason: 1}
+
+
+def test_media_outside_the_root_is_read_only_when_allowed(media, tmp_path):
+    shutil.copy(media / "images" / "train_00000.png", tmp_path / "escape.png")
+    path = write_jsonl(tmp_path / "data.jsonl", [good("inside"), good("climbs", image="../escape.png"),
+                                                 good("absolute", image=str(tmp_path / "escape.png"))])
+    with pytest.raises(BadSampleError, match="escape.png' leads outside"):
+        read_records(path, ["image"], str(media))
+    records = read_records(path, ["image"], str(media), allow_outside_root=True)
+    assert [Path(r["media"]["image"][0]).resolve() for r in records[1:]] == [(tmp_path / "escape.png").resolve()] * 2
 
 
 def test_text_longer_than_max_length(tiny, media, tmp_path):

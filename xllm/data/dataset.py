@@ -24,11 +24,12 @@ def build_tokenized_dataset(
     processor: ConversationProcessor,
     media_root: str | None = None,
     bad_samples: BadSamples | None = None,
+    allow_outside_root: bool = False,
 ) -> datasets.Dataset:
     """Read, validate and tokenize a data file into a `datasets.Dataset` (bad records raise or are counted)."""
     bad_samples = bad_samples if bad_samples is not None else BadSamples()
     rows = []
-    for record in read_records(path, list(processor.sentinels), media_root, bad_samples):
+    for record in read_records(path, list(processor.sentinels), media_root, bad_samples, allow_outside_root):
         try:
             encoded = processor.encode(record)
         except BadSampleError as err:

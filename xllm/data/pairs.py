@@ -34,11 +34,12 @@ def build_pair_dataset(
     modality: str,
     media_root: str | None = None,
     bad_samples: BadSamples | None = None,
+    allow_outside_root: bool = False,
 ) -> datasets.Dataset:
     """Rows `{"id", "source", "path", "text", "instruction", "flipped", "reply"}`, one per assistant turn."""
     bad_samples = bad_samples if bad_samples is not None else BadSamples()
     rows = []
-    for record in read_records(path, [modality], media_root, bad_samples):
+    for record in read_records(path, [modality], media_root, bad_samples, allow_outside_root):
         paths = record["media"].get(modality, [])
         if len(paths) != 1:
             bad_samples.reject(BadSampleError(

@@ -7,7 +7,9 @@
 ```
 A key named after a modality of the model (`image`, `video`, `audio`, any other an interface declares;
 or its plural) holds a path or a list of paths, and the conversation needs exactly as many `<modality>`
-placeholders. Paths resolve against the media root.
+placeholders. Paths resolve against the media root; a path that leads outside it (absolute, or climbing out
+with `..`) is refused unless the caller allows it (`allow_outside_root`), so a data file cannot make training or
+evaluation read arbitrary files of the machine it runs on.
 """
 
 from __future__ import annotations
@@ -95,7 +97,9 @@ def normalize_turns(conversations: list[Any], source: str = "conversation", reco
     return turns
 
 
-def normalize_record(source: str, raw: Any, modalities: list[str], media_root: str | None) -> dict[str, Any]:
+def normalize_record(
+    source: str, raw: Any, modalities: list[str], media_root: str | None, allow_outside_root: bool = False,
+) -> dict[str, Any]:
     """Validate one parsed record and return `{"id", "source", "conversations", "media": {modality: [abs paths]}}`."""
     if isinstance(raw, BadSampleError):
         raise raw
@@ -145,10 +149,23 @@ def normalize_record(source: str, raw: Any, modalities: list[str], media_root: s
         resolved[modality] = []
         for path in paths:
             full = path if os.path.isabs(path) or media_root is None else os.path.join(media_root, path)
+            if media_root is not None and not allow_outside_root and not _inside(full, media_root):
+                raise BadSampleError(
+                    source, record_id, f"{modality} path {path!r} leads outside the media root {media_root} "
+                    "(allow it with allow_media_outside_root: true / --allow_media_outside_root if you trust this "
+                    "file, or set media_root to a folder that holds the media)", "media_outside_root",
+                )
             if not os.path.isfile(full):
                 raise BadSampleError(source, record_id, f"{modality} file not found: {full}", "missing_media")
             resolved[modality].append(full)
     return {"id": record_id or source, "source": source, "conversations": turns, "media": resolved}
+
+
+def _inside(path: str, root: str) -> bool:
+    """Whether `path` lies in `root`, by their normalised absolute forms (lexically: a symlink the user placed in
+    the root is theirs to place)."""
+    path, root = os.path.abspath(path), os.path.abspath(root)
+    return os.path.commonpath([path, root]) == root
 
 
 def read_records(
@@ -156,11 +173,13 @@ def read_records(
     modalities: list[str],
     media_root: str | None = None,
     bad_samples: BadSamples | None = None,
+    allow_outside_root: bool = False,
 ) -> list[dict[str, Any]]:
     """Read and validate every record of a JSON/JSONL file.
 
     With `bad_samples` of policy `error` (the default) the first bad record raises `BadSampleError`; with
-    `skip` it is dropped and counted there. `media_root` defaults to the data file's folder.
+    `skip` it is dropped and counted there. `media_root` defaults to the data file's folder; media paths outside
+    it are refused unless `allow_outside_root`.
     """
     bad_samples = bad_samples if bad_samples is not None else BadSamples()
     path = Path(path)
@@ -170,7 +189,7 @@ def read_records(
     records = []
     for source, raw in _raw_records(path):
         try:
-            records.append(normalize_record(source, raw, modalities, root))
+            records.append(normalize_record(source, raw, modalities, root, allow_outside_root))
         except BadSampleError as err:
             bad_samples.reject(err)
     return records

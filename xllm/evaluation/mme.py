@@ -67,11 +67,13 @@ def mme_table(results: list[dict]) -> dict[str, dict[str, float]]:
     return table
 
 
-def load_yes_no(path: str, model: Any, media_root: str | None = None, limit: int | None = None) -> list[dict]:
+def load_yes_no(
+    path: str, model: Any, media_root: str | None = None, limit: int | None = None, allow_outside_root: bool = False,
+) -> list[dict]:
     """Records with their `category` / `image_id` fields (kept from the JSONL) for `score_yes_no`."""
     import json
 
-    records = read_records(path, list(model.interfaces), media_root)[:limit]
+    records = read_records(path, list(model.interfaces), media_root, None, allow_outside_root)[:limit]
     extra = {}
     with open(path) as handle:
         for line in handle:

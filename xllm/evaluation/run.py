@@ -49,6 +49,7 @@ def evaluate(
     data: str,
     output: str,
     media_root: str | None = None,
+    allow_media_outside_root: bool = False,
     llm: str | None = None,
     encoders: dict[str, str] | None = None,
     interface_overrides: dict[str, dict[str, Any]] | None = None,
@@ -66,6 +67,7 @@ def evaluate(
         data: JSON/JSONL conversations; the last assistant turn is the reference answer.
         output: JSON file to write (metrics + one entry per sample).
         media_root: folder media paths resolve against (default: the data file's folder).
+        allow_media_outside_root: accept media paths leading outside the media root (absolute or `..`).
         llm: override the LLM path stored in the adapter (e.g. the same model in another folder).
         encoders: override frozen encoder paths per modality, e.g. `{"image": "/models/vit"}`.
         interface_overrides: other interface settings per modality, e.g. `{"image": {"feature_cache": "c/"}}`.
@@ -78,7 +80,7 @@ def evaluate(
     """
     model = XLLM.from_pretrained(adapter, llm=llm, encoders=encoders, interface_overrides=interface_overrides,
                                  device=device, dtype=dtype)
-    records = read_records(data, list(model.interfaces), media_root)[:limit]
+    records = read_records(data, list(model.interfaces), media_root, None, allow_media_outside_root)[:limit]
     model.prepare_media([r["media"] for r in records])  # e.g. cache every file's features once, in batches
     samples: list[dict[str, Any]] = []
     for start in range(0, len(records), batch_size):

@@ -25,6 +25,8 @@ class XLLMDataModule(pl.LightningDataModule):
         batch_size: sequences per batch per device.
         num_workers: DataLoader workers.
         on_bad_sample: `error` stops at the first bad record, naming it; `skip` drops and counts it.
+        allow_media_outside_root: accept media paths that lead outside the media root (absolute or `..`); off,
+            such a record is a bad sample, so a data file cannot make training read any file of the machine.
     """
 
     def __init__(
@@ -35,8 +37,10 @@ class XLLMDataModule(pl.LightningDataModule):
         batch_size: int = 8,
         num_workers: int = 0,
         on_bad_sample: OnBadSample = "error",
+        allow_media_outside_root: bool = False,
     ) -> None:
         super().__init__()
+        self.allow_media_outside_root = allow_media_outside_root
         self.train_file, self.val_file, self.media_root = train_file, val_file, media_root
         self.batch_size, self.num_workers, self.on_bad_sample = batch_size, num_workers, on_bad_sample
         self.datasets: dict[str, Dataset] = {}
@@ -50,7 +54,8 @@ class XLLMDataModule(pl.LightningDataModule):
             if path is None or split in self.datasets:
                 continue
             bad_samples = BadSamples(self.on_bad_sample)
-            self.datasets[split] = model.build_dataset(path, self.media_root, bad_samples)
+            self.datasets[split] = model.build_dataset(path, self.media_root, bad_samples,
+                                                       self.allow_media_outside_root)
             self.bad_samples[split] = bad_samples
             self._report(split, path, self.datasets[split], bad_samples)
 

@@ -85,8 +85,11 @@ class XLLMModule(TrainingModule):
     def frozen_modules(self) -> list[nn.Module]:
         return self.model.frozen_modules()
 
-    def build_dataset(self, path: str, media_root: str | None, bad_samples: BadSamples) -> ConversationDataset:
-        rows = build_tokenized_dataset(path, self.model.processor(self.max_length), media_root, bad_samples)
+    def build_dataset(
+        self, path: str, media_root: str | None, bad_samples: BadSamples, allow_outside_root: bool = False,
+    ) -> ConversationDataset:
+        rows = build_tokenized_dataset(path, self.model.processor(self.max_length), media_root, bad_samples,
+                                       allow_outside_root)
         for modality, interface in self.model.interfaces.items():
             interface.prepare_media([p for media in rows["media"] for p in (media.get(modality) or [])])
         loaders = {m: i.media_loader() for m, i in self.model.interfaces.items()}

@@ -61,8 +61,10 @@ class InterfacePretrainingModule(TrainingModule):
     def frozen_modules(self) -> list[nn.Module]:
         return self.interface.frozen_modules()
 
-    def build_dataset(self, path: str, media_root: str | None, bad_samples: BadSamples) -> PairDataset:
-        rows = build_pair_dataset(path, self.modality, media_root, bad_samples)
+    def build_dataset(
+        self, path: str, media_root: str | None, bad_samples: BadSamples, allow_outside_root: bool = False,
+    ) -> PairDataset:
+        rows = build_pair_dataset(path, self.modality, media_root, bad_samples, allow_outside_root)
         self.interface.prepare_media(list(rows["path"]))
         return PairDataset(rows, self.modality, self.interface.media_loader(), self.objective.tokenize, bad_samples,
                            self.objective.pair_texts)
