@@ -247,3 +247,38 @@ def test_loss_on_supervised_positions_equals_the_llm_own_loss(tiny, llm, templat
     (fast,) = torch.autograd.grad(out.loss, weight)
     (slow,) = torch.autograd.grad(full, weight)
     assert torch.allclose(fast, slow, atol=1e-6)
+
+
+def test_a_nonfinite_loss_skips_its_step_and_too_many_in_a_row_stop_the_run(tiny, tmp_path):
+    from safetensors.torch import save_file
+
+    def module_with_nan_features(images: list[str], **training) -> XLLMModule:
+        """Stage 1 over cached features, where the cached features of `images` are NaN (a corrupted cache file, an
+        fp16 overflow upstream): batches holding them give a NaN loss."""
+        torch.manual_seed(0)
+        interface = make_image_interface(tiny, feature_cache=str(tmp_path / "features"))
+        module = XLLMModule(llm=str(tiny / "llama"), interfaces={"image": interface}, stage=1, template="vicuna_v1",
+                            adapter_dir=str(tmp_path / "adapter"), lr=1e-3, max_length=256, **training)
+        interface.prepare_media(images)
+        for image in images:
+            file = interface.cache.file_for(image)
+            save_file({"features": torch.full_like(load_file(str(file))["features"], float("nan"))}, str(file))
+        return module
+
+    def fit_one_epoch(module: XLLMModule) -> pl.Trainer:
+        trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+        trainer.fit(module, datamodule=XLLMDataModule(train_file=str(tiny / "data" / "train_captions.jsonl"),
+                                                      batch_size=4))
+        return trainer
+
+    images = tiny / "data" / "images"
+    module = module_with_nan_features([str(images / "train_00000.png")])
+    trainer = fit_one_epoch(module)  # 32 captions, 8 batches: one holds the NaN image
+    assert module.nonfinite_losses == 1 and trainer.global_step == 8  # Lightning counts the skipped step too
+    assert all(torch.isfinite(p).all() for p in module.model.parameters() if p.requires_grad)
+
+    module = module_with_nan_features([str(images / f"train_{i:05d}.png") for i in range(32)], max_nonfinite_in_a_row=2)
+    stopped = r"2 non-finite training loss\(es\) in a row, the last step 1: loss nan on records train-"
+    with pytest.raises(FloatingPointError, match=stopped):
+        fit_one_epoch(module)

@@ -43,6 +43,8 @@ class TrainingModule(pl.LightningModule):
         lr_schedule: after warmup, `cosine` decay to 0 over the run's steps, or `constant` (the demo's short
             stages: their recipe was tuned at a near-constant rate, and a decay over a few hundred steps halves
             what they learn).
+        max_nonfinite_in_a_row: a NaN/inf training loss skips its step (counted, logged as
+            `train/nonfinite_losses`, its records named); this many in a row stop the run.
     """
 
     def __init__(
@@ -55,8 +57,11 @@ class TrainingModule(pl.LightningModule):
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: float = 0.05,
         lr_schedule: Literal["cosine", "constant"] = "cosine",
+        max_nonfinite_in_a_row: int = 5,
     ) -> None:
         super().__init__()
+        self.max_nonfinite_in_a_row = max_nonfinite_in_a_row
+        self.nonfinite_losses = self.nonfinite_in_a_row = 0
         if lr_schedule not in ("cosine", "constant"):
             raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {lr_schedule!r}")
         self.lr_schedule = lr_schedule
@@ -69,7 +74,9 @@ class TrainingModule(pl.LightningModule):
     def frozen_modules(self) -> list[nn.Module]:
         raise NotImplementedError
 
-    def build_dataset(self, path: str, media_root: str | None, bad_samples: BadSamples) -> torch.utils.data.Dataset:
+    def build_dataset(
+        self, path: str, media_root: str | None, bad_samples: BadSamples, allow_outside_root: bool = False,
+    ) -> torch.utils.data.Dataset:
         """Read, validate and prepare one data file (media features cached here, before training)."""
         raise NotImplementedError
 
@@ -128,7 +135,25 @@ class TrainingModule(pl.LightningModule):
         self.step(batch, "val")
 
     def training_step(self, batch: dict[str, Any] | None, batch_idx: int) -> dict[str, Any] | None:
-        return self.step(batch, "train")
+        out = self.step(batch, "train")
+        if out is None or bool(torch.isfinite(out["loss"]).all()):
+            self.nonfinite_in_a_row = 0
+            return out
+        # A NaN/inf loss would put NaN into every trained weight through AdamW: skip the step (returning None
+        # skips backward and the optimizer step; under DDP every rank must skip alike, so it stops there).
+        self.nonfinite_losses += 1
+        self.nonfinite_in_a_row += 1
+        self.log("train/nonfinite_losses", float(self.nonfinite_losses), on_step=True, batch_size=1)
+        records = ", ".join(map(str, batch["ids"][:8])) + (" ..." if len(batch["ids"]) > 8 else "")
+        message = f"step {self.global_step}: loss {out['loss'].item()} on records {records}"
+        if self.nonfinite_in_a_row >= self.max_nonfinite_in_a_row or self.trainer.world_size > 1:
+            ddp = " (under DDP every process would have to skip alike, so one stops the run)" \
+                if self.trainer.world_size > 1 else ""
+            raise FloatingPointError(
+                f"{self.nonfinite_in_a_row} non-finite training loss(es) in a row, the last {message}: check those "
+                f"records' media and text, or lower the learning rate{ddp}")
+        self.print(f"{message}: non-finite, step skipped ({self.nonfinite_losses} so far)")
+        return None
 
     def step(self, batch: dict[str, Any] | None, split: str) -> dict[str, Any] | None:
         raise NotImplementedError
