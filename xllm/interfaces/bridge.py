@@ -7,9 +7,12 @@ sit beside the queries) and by the stage-0 objective for captions.
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
 from torch import nn
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from xllm.interfaces.positions import FeaturePositions, PositionKind
 from xllm.interfaces.projection import ProjectionKind, build_projection
@@ -93,3 +96,39 @@ class QFormerBridge(nn.Module):
             raise RuntimeError("attach(llm_hidden_size) must be called before forward (XLLM does it)")
         queries = self.qformer(self.features(encoder_features), feature_mask, instruction_ids, instruction_mask)
         return self.projection(queries)
+
+
+def build_qformer(
+    encoder_hidden_size: int, *, num_query_tokens: int, qformer_hidden_size: int, qformer_layers: int,
+    qformer_heads: int, qformer_intermediate_size: int, cross_attention_frequency: int, dropout: float,
+    bert_init: str | None, qformer_text: bool, instruction_aware: bool, text_tokenizer: str | None,
+    max_text_tokens: int, text_embeddings: str | None,
+) -> tuple[QFormer, PreTrainedTokenizerBase | None]:
+    """The Q-Former (and its own tokenizer, with a text side) from an interface's settings, as the image and video
+    interfaces name them; the settings are checked together."""
+    if instruction_aware and not qformer_text:
+        raise ValueError("instruction_aware needs the Q-Former text side: set qformer_text: true")
+    if qformer_text and not (text_tokenizer or bert_init):
+        raise ValueError("qformer_text needs a tokenizer: set text_tokenizer (or bert_init)")
+    tokenizer = AutoTokenizer.from_pretrained(text_tokenizer or bert_init) if qformer_text else None
+    qformer = QFormer(
+        encoder_hidden_size, num_query_tokens=num_query_tokens, hidden_size=qformer_hidden_size,
+        num_layers=qformer_layers, num_heads=qformer_heads, intermediate_size=qformer_intermediate_size,
+        cross_attention_frequency=cross_attention_frequency, dropout=dropout, bert_init=bert_init,
+        text_vocab_size=len(tokenizer) if tokenizer is not None else None, max_text_positions=max_text_tokens,
+        text_embeddings=text_embeddings,
+    )
+    return qformer, tokenizer
+
+
+def write_text_side(bridge: QFormerBridge, folder: Path, init_args: dict[str, Any]) -> None:
+    """Into a checkpoint: what the Q-Former's text side reads from outside — its tokenizer, and the frozen word
+    tables when BERT gave them — so the interface reloads without `bert_init`; `init_args` then point there."""
+    init_args["bert_init"] = None  # the trained weights replace BERT's initialisation
+    if bridge.tokenizer is None:
+        return
+    bridge.tokenizer.save_pretrained(str(folder))
+    init_args["text_tokenizer"] = str(folder)
+    if bridge.frozen_modules():
+        bridge.qformer.save_text_embeddings(folder / "embeddings.safetensors")
+        init_args["text_embeddings"] = str(folder / "embeddings.safetensors")

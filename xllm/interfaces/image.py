@@ -9,15 +9,14 @@ from typing import Any
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
-from transformers import AutoImageProcessor, AutoTokenizer
+from transformers import AutoImageProcessor
 
 from xllm.interfaces.base import MediaBatch, ModalityInterface, ModalityTokens
-from xllm.interfaces.bridge import QFormerBridge
+from xllm.interfaces.bridge import QFormerBridge, build_qformer, write_text_side
 from xllm.interfaces.encoders import FrozenVisionEncoder
 from xllm.interfaces.feature_cache import FEATURES, CachedFeatureLoader, FeatureCache
 from xllm.interfaces.positions import PositionKind
 from xllm.interfaces.projection import ProjectionKind
-from xllm.interfaces.qformer import QFormer
 
 
 class ImageLoader:
@@ -96,20 +95,15 @@ class ImageInterface(ModalityInterface):
         text_embeddings: str | None = None,
     ) -> None:
         super().__init__()
-        if instruction_aware and not qformer_text:
-            raise ValueError("instruction_aware needs the Q-Former text side: set qformer_text: true")
-        if qformer_text and not (text_tokenizer or bert_init):
-            raise ValueError("qformer_text needs a tokenizer: set text_tokenizer (or bert_init)")
         self.instruction_aware = instruction_aware
         self.encoder = FrozenVisionEncoder(encoder, feature_layer=feature_layer, dtype=encoder_dtype)
         self.processor = AutoImageProcessor.from_pretrained(encoder)
-        tokenizer = AutoTokenizer.from_pretrained(text_tokenizer or bert_init) if qformer_text else None
-        qformer = QFormer(
-            self.encoder.hidden_size, num_query_tokens=num_query_tokens, hidden_size=qformer_hidden_size,
-            num_layers=qformer_layers, num_heads=qformer_heads, intermediate_size=qformer_intermediate_size,
-            cross_attention_frequency=cross_attention_frequency, dropout=dropout, bert_init=bert_init,
-            text_vocab_size=len(tokenizer) if tokenizer is not None else None, max_text_positions=max_text_tokens,
-            text_embeddings=text_embeddings,
+        qformer, tokenizer = build_qformer(
+            self.encoder.hidden_size, num_query_tokens=num_query_tokens, qformer_hidden_size=qformer_hidden_size,
+            qformer_layers=qformer_layers, qformer_heads=qformer_heads,
+            qformer_intermediate_size=qformer_intermediate_size, cross_attention_frequency=cross_attention_frequency,
+            dropout=dropout, bert_init=bert_init, qformer_text=qformer_text, instruction_aware=instruction_aware,
+            text_tokenizer=text_tokenizer, max_text_tokens=max_text_tokens, text_embeddings=text_embeddings,
         )
         self.bridge = QFormerBridge(qformer, tokenizer, max_text_tokens, feature_positions, feature_position_kind,
                                     projection)
@@ -133,16 +127,7 @@ class ImageInterface(ModalityInterface):
         config = self.to_config()
         args = config["init_args"]
         args["feature_cache"] = None  # a training-time cache, not part of the adapter (pass one to reuse it)
-        # The trained weights replace BERT's initialisation. What the text side still reads from outside (its
-        # tokenizer, and the frozen word tables when BERT gave them) is written into the checkpoint itself.
-        args["bert_init"] = None
-        if self.bridge.tokenizer is not None:
-            folder = directory / f"{self.modality}_qformer_text"
-            self.bridge.tokenizer.save_pretrained(str(folder))
-            args["text_tokenizer"] = str(folder)
-            if self.bridge.frozen_modules():
-                self.bridge.qformer.save_text_embeddings(folder / "embeddings.safetensors")
-                args["text_embeddings"] = str(folder / "embeddings.safetensors")
+        write_text_side(self.bridge, directory / f"{self.modality}_qformer_text", args)
         return config
 
     # --- media ---------------------------------------------------------------------------------------

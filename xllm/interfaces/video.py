@@ -29,11 +29,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoImageProcessor, AutoTokenizer
+from transformers import AutoImageProcessor
 
 from xllm.frozen import freeze
 from xllm.interfaces.base import MediaBatch, ModalityInterface, ModalityTokens
-from xllm.interfaces.bridge import QFormerBridge
+from xllm.interfaces.bridge import QFormerBridge, build_qformer, write_text_side
 from xllm.interfaces.encoders import FrozenVisionEncoder
 from xllm.interfaces.feature_cache import FEATURES, CachedFeatureLoader, FeatureCache
 from xllm.interfaces.positions import POSITION_INIT_STD, PositionKind, square_side
@@ -145,10 +145,6 @@ class VideoInterface(ModalityInterface):
         super().__init__()
         if temporal not in ("qformer", "concat"):
             raise ValueError(f"temporal must be 'qformer' or 'concat', got {temporal!r}")
-        if instruction_aware and not qformer_text:
-            raise ValueError("instruction_aware needs the Q-Former text side: set qformer_text: true")
-        if qformer_text and not (text_tokenizer or bert_init):
-            raise ValueError("qformer_text needs a tokenizer: set text_tokenizer (or bert_init)")
         if feature_cache and sampling == "headtail":
             raise ValueError("a feature cache needs the same frames every epoch: use sampling uniform or fps with it")
         if frame_tokens is not None:
@@ -158,13 +154,12 @@ class VideoInterface(ModalityInterface):
         self.encoder = FrozenVisionEncoder(encoder, feature_layer=feature_layer, dtype=encoder_dtype)
         self.processor = AutoImageProcessor.from_pretrained(encoder)
         self.sampling, self.fps, self.short_side = sampling, fps, short_side
-        tokenizer = AutoTokenizer.from_pretrained(text_tokenizer or bert_init) if qformer_text else None
-        qformer = QFormer(
-            self.encoder.hidden_size, num_query_tokens=num_query_tokens, hidden_size=qformer_hidden_size,
-            num_layers=qformer_layers, num_heads=qformer_heads, intermediate_size=qformer_intermediate_size,
-            cross_attention_frequency=cross_attention_frequency, dropout=dropout, bert_init=bert_init,
-            text_vocab_size=len(tokenizer) if tokenizer is not None else None, max_text_positions=max_text_tokens,
-            text_embeddings=text_embeddings,
+        qformer, tokenizer = build_qformer(
+            self.encoder.hidden_size, num_query_tokens=num_query_tokens, qformer_hidden_size=qformer_hidden_size,
+            qformer_layers=qformer_layers, qformer_heads=qformer_heads,
+            qformer_intermediate_size=qformer_intermediate_size, cross_attention_frequency=cross_attention_frequency,
+            dropout=dropout, bert_init=bert_init, qformer_text=qformer_text, instruction_aware=instruction_aware,
+            text_tokenizer=text_tokenizer, max_text_tokens=max_text_tokens, text_embeddings=text_embeddings,
         )
         bridge_args = dict(tokenizer=tokenizer, max_text_tokens=max_text_tokens, feature_positions=feature_positions,
                            position_kind=feature_position_kind, projection=projection)
@@ -222,14 +217,7 @@ class VideoInterface(ModalityInterface):
         args = config["init_args"]
         args["feature_cache"] = None
         args["init_from_image"] = None  # the adapter's own weights replace the start
-        args["bert_init"] = None
-        if self.bridge.tokenizer is not None:
-            folder = directory / f"{self.modality}_qformer_text"
-            self.bridge.tokenizer.save_pretrained(str(folder))
-            args["text_tokenizer"] = str(folder)
-            if self.bridge.frozen_modules():
-                self.bridge.qformer.save_text_embeddings(folder / "embeddings.safetensors")
-                args["text_embeddings"] = str(folder / "embeddings.safetensors")
+        write_text_side(self.bridge, directory / f"{self.modality}_qformer_text", args)
         return config
 
     # --- media ---------------------------------------------------------------------------------------
