@@ -12,12 +12,14 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from tests.conftest import TINY_QFORMER, make_model
 from xllm.demo.video_files import write_video
 from xllm.interfaces import VideoInterface
 from xllm.model import XLLM
-from xllm.training import XLLMDataModule, XLLMModule
+from xllm.pretraining import QFormerObjective
+from xllm.training import InterfacePretrainingModule, XLLMDataModule, XLLMModule
 
 
 def video_interface(tiny: Path, **overrides) -> VideoInterface:
@@ -141,7 +143,40 @@ def test_video_starts_from_an_image_adapter_and_can_keep_its_qformer_frozen(tiny
     assert trainable and not any(".qformer." in name for name in trainable), sorted(trainable)
     assert any("frame_positions" in name for name in trainable)
 
+    # The frozen Q-Former is not in the video adapter: reloading takes it from the image adapter again.
+    saved = video.save_pretrained(tmp_path / "video_adapter")
+    reloaded = XLLM.from_pretrained(saved).eval()
+    for name, tensor in image_bridge.qformer.state_dict().items():
+        torch.testing.assert_close(reloaded.interfaces["video"].bridge.qformer.state_dict()[name], tensor)
+
     with pytest.raises(ValueError, match="image .* vs video"):
         XLLM.from_paths(str(tiny / "llama"), {"video": video_interface(
             tiny, frame_tokens=None, feature_positions=None, num_query_tokens=8, init_from_image=str(directory))},
             template="vicuna_v1")
+
+
+def test_video_qformer_pretrains_without_the_llm(tiny, tmp_path):
+    records = []
+    for line in (tiny / "data" / "train_yesno.jsonl").read_text().splitlines()[:16]:
+        record = json.loads(line)
+        index = int(record["image"].split("_")[-1].split(".")[0])
+        name = f"clip_{index}.mkv"
+        if not (tmp_path / name).exists():
+            clip(tiny, tmp_path, name, [index, index, (index + 1) % 8])
+        question = record["conversations"][0]["value"].replace("<image>", "<video>")
+        records.append({"id": record["id"], "video": name, "conversations": [
+            {"from": "human", "value": question}, record["conversations"][1]]})
+    data = tmp_path / "yesno.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    torch.manual_seed(0)
+    module = InterfacePretrainingModule(
+        adapter_dir=str(tmp_path / "stage0"), lr=1e-3, objective=QFormerObjective(embed_dim=16, qa_itm_weight=1.0),
+        interfaces={"video": video_interface(tiny, qformer_text=True, instruction_aware=True,
+                                             bert_init=str(tiny / "bert"))})
+    trainer = pl.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer.fit(module, datamodule=XLLMDataModule(train_file=str(data), batch_size=8))
+    assert {"train/itc", "train/itm", "train/itg", "train/qa_itm"} <= set(trainer.logged_metrics)
+    saved = load_file(str(tmp_path / "stage0" / "adapter.safetensors"))
+    assert "interfaces.video.bridge.frame_positions" in saved
+    assert all(torch.isfinite(t).all() for t in saved.values())

@@ -100,7 +100,8 @@ class VideoInterface(ModalityInterface):
         temporal: `qformer` or `concat` (module docstring).
         frame_positions: learned frame-index positions (False: the no-time ablation, X-LLM's way).
         init_from_image: an image adapter directory whose bridge starts this one (one config line).
-        freeze_qformer: keep the Q-Former frozen (with `init_from_image`: X-LLM's reuse of the image Q-Former).
+        freeze_qformer: keep the Q-Former from `init_from_image` frozen (X-LLM's reuse of the image Q-Former); the
+            video adapter then names that image adapter, which it loads the Q-Former from.
         feature_positions, feature_position_kind, num_query_tokens, qformer_*, cross_attention_frequency,
         bert_init, projection, feature_layer, encoder_dtype, dropout, qformer_text, instruction_aware,
         text_tokenizer, max_text_tokens, text_embeddings: as for `ImageInterface` (per frame).
@@ -145,6 +146,8 @@ class VideoInterface(ModalityInterface):
         super().__init__()
         if temporal not in ("qformer", "concat"):
             raise ValueError(f"temporal must be 'qformer' or 'concat', got {temporal!r}")
+        if freeze_qformer and not init_from_image:
+            raise ValueError("freeze_qformer keeps a trained Q-Former as it is: give it one with init_from_image")
         if feature_cache and sampling == "headtail":
             raise ValueError("a feature cache needs the same frames every epoch: use sampling uniform or fps with it")
         if frame_tokens is not None:
@@ -216,7 +219,10 @@ class VideoInterface(ModalityInterface):
         config = self.to_config()
         args = config["init_args"]
         args["feature_cache"] = None
-        args["init_from_image"] = None  # the adapter's own weights replace the start
+        if not self.freeze_qformer:
+            # The adapter's own weights replace the start. A frozen Q-Former is not in the adapter (frozen parts
+            # never are), so it keeps coming from the image adapter, as the frozen LLM comes from its path.
+            args["init_from_image"] = None
         write_text_side(self.bridge, directory / f"{self.modality}_qformer_text", args)
         return config
 
