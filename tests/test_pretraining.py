@@ -1,5 +1,6 @@
 """Stage 0: BLIP-2's ITC/ITM/ITG on the Q-Former, and instruction-aware queries."""
 
+import json
 import math
 
 import datasets
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from tests.conftest import make_image_interface
-from xllm.data.pairs import PairCollator, PairDataset
+from xllm.data.pairs import PairCollator, PairDataset, build_pair_dataset
 from xllm.interfaces.qformer import itg_attention_mask
 from xllm.pretraining.qformer import QFormerObjective, itc_loss, itc_similarity, sample_hard_negatives
 from xllm.training import InterfacePretrainingModule, XLLMDataModule, XLLMModule
@@ -109,9 +110,29 @@ def pair_batch(interface, objective, tiny):
     texts = [f"a {c} {s}." for c in ("red", "green", "blue", "yellow") for s in ("square", "circle")]
     rows = datasets.Dataset.from_list([
         {"id": str(i), "source": "test", "path": str(tiny / "data" / "images" / name), "text": text,
-         "instruction": text, "flipped": ""} for i, (name, text) in enumerate(zip(images, texts))])
+         "instruction": text, "flipped": "", "answer": -1} for i, (name, text) in enumerate(zip(images, texts))])
     pairs = PairDataset(rows, "image", interface.media_loader(), objective.tokenize)
     return PairCollator(interface.collate)([pairs[i] for i in range(len(pairs))])
+
+
+def test_yes_no_pairs_carry_their_answer_and_flipped_twin_whatever_the_question(tiny, tmp_path):
+    def record(rid: str, question: str, reply: str) -> dict:
+        return {"id": rid, "image": "images/train_00000.png", "conversations": [
+            {"from": "human", "value": question}, {"from": "gpt", "value": reply}]}
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in [
+        record("asked", "<image>\nIs there a red square?", "Yes"), record("bare-yes", "<image>", "Yes"),
+        record("bare-no", "<image>", "No."), record("caption", "<image>\nDescribe it.", "A red square.")]))
+    rows = build_pair_dataset(str(data), "image", str(tiny / "data"))
+    interface = make_image_interface(tiny, qformer_text=True, instruction_aware=True, bert_init=str(tiny / "bert"))
+    objective = QFormerObjective(embed_dim=16)
+    objective.bind(interface)
+    pairs = PairDataset(rows, "image", interface.media_loader(), objective.tokenize)
+    items = [pairs[i] for i in range(len(pairs))]
+    assert [item["flipped"] for item in items] == ["Is there a red square? No", "No", "Yes", ""]
+    # A "Yes" with no question is a yes (its flipped twin is a bare "No"): QA-ITM's label must say so.
+    assert PairCollator(interface.collate)(items)["answers"].tolist() == [1, 1, 0, -1]
 
 
 def test_objective_losses_fall_and_switch_off(tiny):

@@ -36,7 +36,8 @@ def build_pair_dataset(
     bad_samples: BadSamples | None = None,
     allow_outside_root: bool = False,
 ) -> datasets.Dataset:
-    """Rows `{"id", "source", "path", "text", "instruction", "flipped", "reply"}`, one per assistant turn."""
+    """Rows `{"id", "source", "path", "text", "instruction", "flipped", "reply", "answer"}`, one per assistant turn
+    (`answer`: 1 for a "Yes" reply, 0 for "No", -1 for any other)."""
     bad_samples = bad_samples if bad_samples is not None else BadSamples()
     rows = []
     for record in read_records(path, [modality], media_root, bad_samples, allow_outside_root):
@@ -54,10 +55,11 @@ def build_pair_dataset(
             elif turn["from"] == "assistant":
                 reply = turn["value"].strip()
                 text = f"{question} {reply}".strip()
-                flip = FLIPPED.get(reply.lower().rstrip("."))
+                word = reply.lower().rstrip(".")
+                flip = FLIPPED.get(word)
                 rows.append({"id": record["id"], "source": record["source"], "path": paths[0], "text": text,
                              "instruction": question, "flipped": f"{question} {flip}".strip() if flip else "",
-                             "reply": reply})
+                             "reply": reply, "answer": {"yes": 1, "no": 0}.get(word, -1)})
     if not rows:
         raise ValueError(f"{path}: no usable {modality}-text pairs ({bad_samples.total} skipped: {dict(bad_samples.counts)})")
     return datasets.Dataset.from_list(rows)
@@ -100,7 +102,7 @@ class PairDataset(torch.utils.data.Dataset):
         if isinstance(media, BadSampleError):
             return {"skipped": media}
         return {"id": row["id"], "media": media[self.modality][0], "text": row["text"], "flipped": row["flipped"],
-                **{f"{key}_ids": row[f"{key}_ids"] for key in self.texts}}
+                "answer": row["answer"], **{f"{key}_ids": row[f"{key}_ids"] for key in self.texts}}
 
 
 @dataclass
@@ -127,8 +129,8 @@ class PairCollator:
             **texts,
             "pair_keys": [item["text"] for item in items],
             "has_flipped": torch.tensor([bool(item["flipped"]) for item in items]),
-            # 1 / 0 for a yes / no reply (the flipped twin says "No" / "Yes"), -1 for other pairs.
-            "answers": torch.tensor([(1 if item["flipped"].endswith(" No") else 0) if item["flipped"] else -1
-                                     for item in items]),
+            # 1 / 0 for a yes / no reply, -1 for other pairs (read from the reply, not from the flipped text,
+            # which for an empty question is a bare "No" / "Yes").
+            "answers": torch.tensor([item["answer"] for item in items]),
             "skipped": skipped,
         }
