@@ -282,3 +282,28 @@ def test_a_nonfinite_loss_skips_its_step_and_too_many_in_a_row_stop_the_run(tiny
     stopped = r"2 non-finite training loss\(es\) in a row, the last step 1: loss nan on records train-"
     with pytest.raises(FloatingPointError, match=stopped):
         fit_one_epoch(module)
+
+
+def test_resuming_continues_and_a_checkpoint_missing_a_trainable_tensor_is_refused(tiny, tmp_path):
+    def trainer(steps: int) -> pl.Trainer:
+        return pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+
+    def data() -> XLLMDataModule:
+        return XLLMDataModule(train_file=str(tiny / "data" / "train_captions.jsonl"), batch_size=4)
+
+    first = trainer(2)
+    first.fit(small_module(tiny, tmp_path), datamodule=data())
+    checkpoint = tmp_path / "last.ckpt"
+    first.save_checkpoint(checkpoint)
+
+    resumed = trainer(4)
+    resumed.fit(small_module(tiny, tmp_path), datamodule=data(), ckpt_path=str(checkpoint))
+    assert resumed.global_step == 4
+
+    state = torch.load(checkpoint, weights_only=True)
+    dropped = sorted(state["state_dict"])[0]
+    del state["state_dict"][dropped]
+    torch.save(state, tmp_path / "broken.ckpt")
+    with pytest.raises(ValueError, match=f"1 trainable tensor\\(s\\) missing: {dropped}"):
+        trainer(4).fit(small_module(tiny, tmp_path), datamodule=data(), ckpt_path=str(tmp_path / "broken.ckpt"))

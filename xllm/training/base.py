@@ -109,6 +109,20 @@ class TrainingModule(pl.LightningModule):
         keep = self.trainable_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Checkpoints hold trainable tensors only, so Lightning loads them non-strictly; this check restores
+        the strictness for what matters: every trainable tensor must be there (a missing one would silently
+        keep its fresh initialisation, e.g. LoRA switched on after the checkpoint was written)."""
+        stored, wanted = set(checkpoint.get("state_dict", {})), self.trainable_names()
+        missing, unexpected = sorted(wanted - stored), sorted(stored - wanted)
+        if missing or unexpected:
+            def listed(names: list[str]) -> str:
+                return ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+            problems = ([f"{len(missing)} trainable tensor(s) missing: {listed(missing)}"] if missing else []) + \
+                ([f"{len(unexpected)} unexpected: {listed(unexpected)}"] if unexpected else [])
+            raise ValueError(f"this checkpoint does not fit the model being trained ({'; '.join(problems)}): it was "
+                             "written by another configuration (interfaces, LoRA, stage)")
+
     def on_fit_end(self) -> None:
         if self.trainer.is_global_zero:
             directory = self.resolved_adapter_dir()
