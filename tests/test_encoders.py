@@ -107,3 +107,23 @@ def test_factorised_positions_share_rows_and_columns_and_train(mobilenet_dir):
     with pytest.raises(ValueError, match="square map"):
         ImageInterface(str(mobilenet_dir), feature_positions=5, feature_position_kind="factorised", num_query_tokens=2,
                        qformer_hidden_size=32, qformer_layers=1, qformer_heads=2, qformer_intermediate_size=32)
+
+
+def test_stage0_leaves_the_frozen_cnn_weights_and_batchnorm_statistics_as_they_were(mobilenet_dir, tiny, tmp_path):
+    import pytorch_lightning as pl
+
+    from tests.conftest import TINY_QFORMER
+    from xllm.training import InterfacePretrainingModule, XLLMDataModule
+
+    torch.manual_seed(0)
+    interface = ImageInterface(str(mobilenet_dir), feature_layer=17, feature_positions=4, qformer_text=True,
+                               instruction_aware=True, bert_init=str(tiny / "bert"), **TINY_QFORMER)
+    before = {name: t.clone() for name, t in interface.encoder.state_dict().items()}
+    assert any("running_mean" in name for name in before)  # BatchNorm statistics: buffers, not parameters
+    module = InterfacePretrainingModule(interfaces={"image": interface}, adapter_dir=str(tmp_path / "adapter"), lr=1e-2)
+    trainer = pl.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer.fit(module, datamodule=XLLMDataModule(train_file=str(tiny / "data" / "train_yesno.jsonl"), batch_size=8))
+    assert trainer.global_step == 3
+    for name, tensor in interface.encoder.state_dict().items():
+        assert torch.equal(tensor, before[name]), name

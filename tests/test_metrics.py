@@ -37,3 +37,19 @@ def test_error_rates_count_characters_and_words_not_case_or_punctuation():
     # characters: "stars" -> "squares" is 3 edits; "a ring" deleted is 6; over 14 + 15 + 6 reference characters
     assert math.isclose(rates["cer"], 9 / 35)
     assert "cer" in summarize([{"prediction": "x", "reference": "y", "loss_sum": 0.0, "target_tokens": 1}])
+
+
+def test_mme_table_counts_questions_for_acc_and_image_pairs_for_acc_plus():
+    from xllm.evaluation.mme import mme_table
+
+    def row(image: str, category: str, reference: str, prediction: str) -> dict:
+        return {"image_id": image, "category": category, "reference": reference, "prediction": prediction}
+
+    results = [row("a", "count", "Yes", "Yes"), row("a", "count", "No", "No"),     # both right: counts for acc+
+               row("b", "count", "Yes", "Yes"), row("b", "count", "No.", "Yes"),   # one wrong: not for acc+
+               row("a", "colour", "Yes", "No"), row("a", "colour", "No", "No")]
+    table = mme_table(results)
+    assert table["count"] == {"acc": 0.75, "acc_plus": 0.5, "questions": 4}
+    assert table["colour"] == {"acc": 0.5, "acc_plus": 0.0, "questions": 2}
+    # acc+ over (image, category) pairs: image a's count pair is right, its colour pair and b's are not.
+    assert table["all"] == {"acc": 4 / 6, "acc_plus": 1 / 3, "questions": 6}

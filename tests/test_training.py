@@ -139,7 +139,15 @@ def test_stage2_lora_starts_from_stage1_adapter(tiny, tmp_path):
             assert torch.equal(parameter, base_before[name]), name
     saved = load_file(str(tmp_path / "adapter2" / "adapter.safetensors"))
     assert set(saved) == set(stage2.model.trainable_state_dict())
-    assert XLLM.from_pretrained(tmp_path / "adapter2").lora is not None
+    reloaded = XLLM.from_pretrained(tmp_path / "adapter2").eval()
+    assert reloaded.lora is not None
+    # The reloaded adapter (LoRA included) computes what the trained model computes.
+    batch = fixed_batch(stage2.model, tiny, n=4)
+    stage2.model.eval()
+    with torch.no_grad():
+        trained = stage2.model(batch["input_ids"], batch["attention_mask"], batch["media"]).logits
+        again = reloaded(batch["input_ids"], batch["attention_mask"], batch["media"]).logits
+    torch.testing.assert_close(again, trained, atol=1e-5, rtol=1e-5)
 
 
 def test_lora_in_stage1_is_refused(tiny, tmp_path):
