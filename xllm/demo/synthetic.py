@@ -3,7 +3,8 @@
 Each image holds 1-3 shapes of distinct kinds (circle, square, triangle) in distinct cells, in one of four
 colours. Every image gets a caption, a multi-turn instruction conversation, and MME-style yes/no questions:
 for each of four categories (existence, count, colour, position) one question whose answer is "Yes" and
-one whose answer is "No", so that MME's acc+ (both questions of an image right) is defined.
+one whose answer is "No", so that MME's acc+ (both questions of an image right) is defined. The splits share
+no scene (`build_shapes_task`).
 """
 
 from __future__ import annotations
@@ -50,6 +51,11 @@ def sample_scene(rng: random.Random) -> list[Item]:
     shapes = rng.sample(SHAPES, count)
     cells = rng.sample([(r, c) for r in range(3) for c in range(3)], count)
     return [Item(shape, rng.choice(list(COLOURS)), r, c) for shape, (r, c) in zip(shapes, cells)]
+
+
+def scene_key(items: list[Item]) -> frozenset[Item]:
+    """What a scene is, whatever the drawing's jitter: its shapes, colours and cells."""
+    return frozenset(items)
 
 
 def draw_scene(items: list[Item], rng: random.Random, size: int = 224):
@@ -106,13 +112,19 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
             handle.write(json.dumps(row) + "\n")
 
 
-def build_split(out: Path, split: str, images: int, seed: int, image_size: int = 224) -> dict[str, int]:
-    """Writes `images/{split}_*.png` and `{split}_captions.jsonl`, `{split}_chat.jsonl`, `{split}_yesno.jsonl`."""
+def build_split(
+    out: Path, split: str, images: int, seed: int, image_size: int = 224, exclude: frozenset = frozenset(),
+) -> set[frozenset[Item]]:
+    """Writes `images/{split}_*.png` and `{split}_captions.jsonl`, `{split}_chat.jsonl`, `{split}_yesno.jsonl`, with
+    no scene of `exclude`; returns the split's scenes."""
     rng = random.Random(seed)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    captions, chats, questions = [], [], []
+    captions, chats, questions, scenes = [], [], [], set()
     for index in range(images):
         items = sample_scene(rng)
+        while scene_key(items) in exclude:
+            items = sample_scene(rng)
+        scenes.add(scene_key(items))
         name = f"images/{split}_{index:05d}.png"
         draw_scene(items, rng, image_size).save(out / name)
         image_id = f"{split}-{index}"
@@ -132,19 +144,23 @@ def build_split(out: Path, split: str, images: int, seed: int, image_size: int =
             {"from": "human", "value": "Describe the image briefly."}, {"from": "gpt", "value": text}]})
     for stem, rows in (("captions", captions), ("chat", chats), ("yesno", questions)):
         write_jsonl(out / f"{split}_{stem}.jsonl", rows)
-    return {"images": images, "questions": len(questions)}
+    return scenes
 
 
 def build_shapes_task(
     out: str | Path, train: int = 2000, val: int = 100, test: int = 200, seed: int = 0, image_size: int = 224
 ) -> Path:
-    """Three disjoint splits with fixed seeds (train, val and test never share a scene generator state)."""
+    """Three splits with fixed seeds, disjoint by scene: no test scene (shapes, colours and cells) occurs in val or
+    train, and no val scene in train. Test and val are drawn first and train avoids their scenes, so the held-out
+    splits keep the generator's own mix (one-shape scenes included: there are only 108 of them, and a train
+    split drawn freely holds most)."""
     out = Path(out)
     stamp = out / "COMPLETE"
-    wanted = json.dumps({"train": train, "val": val, "test": test, "seed": seed, "version": 2, "size": image_size})
+    wanted = json.dumps({"train": train, "val": val, "test": test, "seed": seed, "version": 3, "size": image_size})
     if stamp.exists() and stamp.read_text() == wanted:
         return out
-    for offset, (split, count) in enumerate((("train", train), ("val", val), ("test", test))):
-        build_split(out, split, count, seed * 1000 + offset, image_size)
+    test_scenes = build_split(out, "test", test, seed * 1000 + 2, image_size)
+    val_scenes = build_split(out, "val", val, seed * 1000 + 1, image_size, frozenset(test_scenes))
+    build_split(out, "train", train, seed * 1000, image_size, frozenset(test_scenes | val_scenes))
     stamp.write_text(wanted)
     return out

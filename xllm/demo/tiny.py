@@ -28,7 +28,7 @@ CHATML_TEMPLATE = (
 # 0.1 makes the frozen tiny LLM responsive enough that training its inputs visibly lowers the loss.
 TINY_INIT_RANGE = 0.1
 TRAIN_IMAGES = 32  # 32 captions, 32 chats, 256 yes/no questions
-TINY_VERSION = "5"  # bump when anything below changes, so stale caches are rebuilt
+TINY_VERSION = "6"  # bump when anything below changes, so stale caches are rebuilt
 
 
 def build_tokenizer(out: Path, corpus: list[str]):
