@@ -180,3 +180,10 @@ def test_video_qformer_pretrains_without_the_llm(tiny, tmp_path):
     saved = load_file(str(tmp_path / "stage0" / "adapter.safetensors"))
     assert "interfaces.video.bridge.frame_positions" in saved
     assert all(torch.isfinite(t).all() for t in saved.values())
+
+
+def test_frame_size_sets_the_size_the_encoder_sees(tiny, clips):
+    """`frame_size` resizes every sampled frame (the video demo's 160 px frames: half the encoder time of 224)."""
+    assert video_interface(tiny).frames_loader()(clips["four"])["pixel_values"].shape[-2:] == (32, 32)
+    pixels = video_interface(tiny, frame_size=16).frames_loader()(clips["four"])["pixel_values"]
+    assert pixels.shape == (4, 3, 16, 16)
