@@ -1,0 +1,95 @@
+"""The video demo's task: questions that need time, held-out splits that never occur in training, and clips whose
+decoded frames show what their questions say."""
+
+import json
+import random
+import re
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from xllm.demo.synthetic import COLOURS
+from xllm.demo.synthetic_video import (
+    CATEGORIES, HELD_OUT, TEMPORAL, WARM_UP, Changer, Clip, Event, Mover, build_video_task, draw_clip, yes_no_questions,
+)
+from xllm.demo.video_files import write_video
+from xllm.interfaces.video_frames import read_frames
+
+
+def rows(folder, name):
+    return [json.loads(line) for line in (folder / name).read_text().splitlines()]
+
+
+def scene(row):
+    return json.dumps({k: v for k, v in row.items() if k not in ("id", "video")}, sort_keys=True)
+
+
+def combos(row):
+    m, c = row["mover"], row["changer"]
+    return {("mover", (m["shape"], m["colour"], m["direction"])), ("changer", (c["shape"], c["before"], c["after"])),
+            *[("event", (e["shape"], e["colour"], e["kind"])) for e in row["events"]]}
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    return build_video_task(tmp_path_factory.mktemp("video_task"), train=150, val=10, test=20, test_combos=20,
+                            size=48)
+
+
+def test_held_out_clips_never_occur_in_training(task):
+    scenes = {split: rows(task, f"{split}_scenes.jsonl") for split in ("train", "val", "test", "test_combos")}
+    train = {scene(r) for r in scenes["train"]}
+    assert not train & {scene(r) for r in scenes["test"]} and not train & {scene(r) for r in scenes["val"]}
+    held_out = {(role, combo) for role, chosen in HELD_OUT.items() for combo in chosen}
+    train_combos = set().union(*(combos(r) for r in scenes["train"]))
+    assert not train_combos & held_out  # no training clip holds a held-out combination
+    for row in scenes["test_combos"]:  # every shape of a combination clip uses one
+        assert combos(row) <= held_out, row["id"]
+    assert all(not combos(r) & held_out for r in scenes["test"])  # the unseen-scene split measures scenes alone
+    for name, categories in WARM_UP.items():  # stage 0's warm-up files: the training rows of their categories
+        warm_up = rows(task, f"train_{name}_yesno.jsonl")
+        assert warm_up == [r for r in rows(task, "train_yesno.jsonl") if r["category"] in categories] and warm_up
+
+
+def test_one_yes_and_one_no_per_clip_and_category_differing_only_in_time(task):
+    questions = rows(task, "test_yesno.jsonl")
+    per_clip = Counter((q["image_id"], q["category"], q["conversations"][1]["value"]) for q in questions)
+    assert set(per_clip.values()) == {1} and len(per_clip) == 20 * len(CATEGORIES) * 2
+    # A temporal "No" names the same shapes, colours and events as its "Yes" (swapping what time decides): no
+    # object, colour or direction axis that the frames as a set could refute.
+    same = {"right": "left", "down": "up", "end": "start", "appears": "appear", "disappears": "disappear"}
+    pairs: dict[tuple, dict[str, str]] = {}
+    for q in questions:
+        pairs.setdefault((q["image_id"], q["category"]), {})[q["conversations"][1]["value"]] = \
+            q["conversations"][0]["value"]
+    for (clip, category), asked in pairs.items():
+        if category in TEMPORAL:
+            words = [Counter(same.get(w, w) for w in re.findall(r"\w+", asked[a])) for a in ("Yes", "No")]
+            assert words[0] == words[1] and asked["Yes"] != asked["No"], (clip, asked)
+
+
+def test_decoded_frames_show_what_the_questions_say(tmp_path):
+    """A clip through H.264 and the interface's sampling: the red mover goes left, the changer turns from blue to
+    green, the square appears before the triangle disappears: the questions' "Yes" answers."""
+    clip = Clip(Mover("circle", "red", "left", 0), Changer("diamond", "blue", "green", 2, 0, 8),
+                (Event("square", "yellow", "appear", 1, 1, 5), Event("triangle", "yellow", "disappear", 2, 2, 11)))
+    path = str(tmp_path / "clip.mp4")
+    write_video(path, draw_clip(clip, random.Random(0), 96), fps=8)
+    frames = [np.asarray(f, dtype=float) for f in read_frames(path, 8, "uniform", None, None).frames]
+
+    def share(frame, colour, rows, columns):
+        region = frame[rows[0] * 32:rows[1] * 32, columns[0] * 32:columns[1] * 32]
+        return float((np.abs(region - COLOURS[colour]).sum(-1) < 90).mean())
+
+    red_x = [np.nonzero((np.abs(f[:32] - COLOURS["red"]).sum(-1) < 90))[1].mean() for f in frames]
+    assert all(a > b for a, b in zip(red_x, red_x[1:]))  # moves left
+    diamond = [("blue", "green")[share(f, "green", (2, 3), (0, 1)) > share(f, "blue", (2, 3), (0, 1))] for f in frames]
+    assert diamond[0] == "blue" and diamond[-1] == "green" and diamond == sorted(diamond)  # blue, then green
+    square = [share(f, "yellow", (1, 2), (1, 2)) > 0.1 for f in frames]
+    triangle = [share(f, "yellow", (2, 3), (2, 3)) > 0.1 for f in frames]
+    assert square.index(True) < triangle.index(False)  # the square appears before the triangle disappears
+    asked = {(c, a): q for c, q, a in yes_no_questions(clip, random.Random(0))}
+    assert asked[("direction", "Yes")] == "Does the circle move to the left?"
+    assert asked[("colour_change", "Yes")] == "Does the diamond turn from blue to green?"
+    assert asked[("order", "Yes")] == "Does the square appear before the triangle disappears?"
