@@ -29,6 +29,9 @@ def test_shortened_demo_learns_above_chance(tmp_path):
     # position at chance. A broken splice or frozen-LLM bug leaves everything at 0.5.
     assert result["after"]["count"]["acc"] >= 0.8, result["after"]
     assert after["acc"] >= 0.75 and after["acc"] >= before["acc"] + 0.2, (before, after)
+    # The trained model asked about a blank image: what the questions alone give it (it must be the image).
+    blind = result["image_blind"]["all"]
+    assert blind["questions"] == 120 and after["acc"] >= blind["acc"] + 0.2, (blind, after)
     assert (tmp_path / "runs" / "report.md").read_text().count("|") > 20
 
     # The adapter copied on its own to another folder answers as it does in place, given the documented

@@ -6,7 +6,8 @@
 2. generate the shapes task (`xllm.demo.synthetic`): train / val / test splits, fixed seeds;
 3. stage 0: pretrain the instruction-aware Q-Former without the LLM (frozen image features cached once);
 4. stage 1: align it with the frozen LLM on captions; 5. stage 2: instruction-tune on yes/no questions;
-6. evaluate held-out MME-style yes/no accuracy and acc+ per category, untrained vs trained, and chat once.
+6. evaluate held-out MME-style yes/no accuracy and acc+ per category, untrained, image-blind (the trained model shown
+   a blank image) and trained, and chat once.
 
 Every stage is the ordinary `train.py fit --config configs/demo/common.yaml --config configs/demo/stageN.yaml`
 run (in this process); everything lands in `--out`. Stages stop on step budgets (`max_steps` in the configs), so
@@ -92,14 +93,17 @@ def untrained_model(adapter: Path, configs: Path = CONFIGS):
                            system_prompt=config.get("system_prompt"))
 
 
-def format_table(before: dict, after: dict) -> str:
-    lines = ["| category | questions | acc untrained | acc trained | acc+ untrained | acc+ trained |",
-             "|---|---:|---:|---:|---:|---:|"]
+ROWS = ("untrained", "image-blind", "trained")  # the report's rows, as columns of its table
+
+
+def format_table(scores: dict[str, dict]) -> str:
+    """Acc and acc+ per category for each of `ROWS` (`scores[row][category]`: an `mme_table` entry)."""
+    lines = ["| category | questions | " + " | ".join(f"acc {row}" for row in ROWS) + " | "
+             + " | ".join(f"acc+ {row}" for row in ROWS) + " |", "|---|---:|" + "---:|" * 2 * len(ROWS)]
     for category in ("existence", "count", "colour", "position", "all"):
-        if category in after:
-            b, a = before[category], after[category]
-            lines.append(f"| {category} | {a['questions']} | {b['acc']:.3f} | {a['acc']:.3f} | "
-                         f"{b['acc_plus']:.3f} | {a['acc_plus']:.3f} |")
+        if category in scores["trained"]:
+            cells = [f"{scores[row][category][metric]:.3f}" for metric in ("acc", "acc_plus") for row in ROWS]
+            lines.append(f"| {category} | {scores['trained'][category]['questions']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -134,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
     out, data, models = Path(args.out), Path(args.data), Path(args.models)
 
     from xllm.demo.materialize import materialize_all
-    from xllm.demo.synthetic import build_shapes_task
+    from xllm.demo.synthetic import BLANK, build_shapes_task
     from xllm.evaluation.mme import load_yes_no, mme_table, score_yes_no
 
     timings = {}
@@ -153,9 +157,16 @@ def main(argv: list[str] | None = None) -> dict:
     trained = trained_model(out / "stage2" / "adapter")
     test = load_yes_no(str(data / "test_yesno.jsonl"), trained)
     after = mme_table(score_yes_no(trained, test))
+    # The baselines on the first half of the test images (all their questions, 240 by default: chance ± 0.03), so
+    # that both fit the demo's 10 minutes. Image-blind: the trained model asked about a blank image (what the
+    # questions alone give it); untrained: chance by construction.
+    half = set(list(dict.fromkeys(record["image_id"] for record in test))[:args.test_images // 2])
+    baseline = [record for record in test if record["image_id"] in half]
+    blind = mme_table(score_yes_no(trained, [{**record, "media": {"image": [str(data / BLANK)]}}
+                                             for record in baseline]))
     exchange = chat(trained, data)
     del trained
-    before = mme_table(score_yes_no(untrained_model(out / "stage2" / "adapter"), test))
+    before = mme_table(score_yes_no(untrained_model(out / "stage2" / "adapter"), baseline))
     timings["evaluate"] = time.perf_counter() - step  # includes the chat
     timings["total"] = time.perf_counter() - started
 
@@ -164,16 +175,18 @@ def main(argv: list[str] | None = None) -> dict:
     write_model_card(out / "stage2" / "adapter", metrics={
         "held-out yes/no questions": after["all"]["questions"], "accuracy": after["all"]["acc"],
         "acc+ (both questions of an image right)": after["all"]["acc_plus"],
-        "accuracy before training": before["all"]["acc"]})
-    table = format_table(before, after)
+        "accuracy before training": before["all"]["acc"], "accuracy on a blank image": blind["all"]["acc"]})
+    table = format_table({"untrained": before, "image-blind": blind, "trained": after})
     title = "without stage 0, its time given to stage 2" if args.no_stage0 else "all stages"
     report = [f"# xllm demo (seed {args.seed}, {title})", "", "Held-out MME-style yes/no questions "
-              f"({after['all']['questions']} questions on {args.test_images} unseen images; chance = 0.5 acc, "
-              "0.25 acc+):", "", table, "", "A chat about a held-out image:", ""]
+              f"({after['all']['questions']} questions on {args.test_images} unseen images; untrained and "
+              f"image-blind on the first {args.test_images // 2} of them; chance = 0.5 acc, 0.25 acc+):", "", table,
+              "", "A chat about a held-out image:", ""]
     report += [f"> **user:** {q}\n>\n> **xllm:** {a}\n" for q, a in exchange]
     report += ["", "Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())]
     (out / "report.md").write_text("\n".join(report) + "\n")
-    result = {"seed": args.seed, "before": before, "after": after, "chat": exchange, "seconds": timings}
+    result = {"seed": args.seed, "before": before, "image_blind": blind, "after": after, "chat": exchange,
+              "seconds": timings}
     (out / "report.json").write_text(json.dumps(result, indent=2))
     print("\n".join(report))
     print(f"Everything is in {out}/ (report.md, adapters in stage*/adapter, W&B offline runs in wandb/).")

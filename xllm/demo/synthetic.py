@@ -20,6 +20,7 @@ ROWS = ("top", "middle", "bottom")
 COLUMNS = ("left", "center", "right")
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 CATEGORIES = ("existence", "count", "colour", "position")
+BLANK = "images/blank.png"
 YES_NO_SUFFIX = ""  # MME adds " Please answer yes or no."; shorter sequences train faster on a CPU
 
 
@@ -155,12 +156,15 @@ def build_shapes_task(
     splits keep the generator's own mix (one-shape scenes included: there are only 108 of them, and a train
     split drawn freely holds most)."""
     out = Path(out)
-    stamp = out / "COMPLETE"
+    stamp, blank = out / "COMPLETE", out / BLANK
     wanted = json.dumps({"train": train, "val": val, "test": test, "seed": seed, "version": 3, "size": image_size})
     if stamp.exists() and stamp.read_text() == wanted:
+        if not blank.exists():  # a task built before the blank image was part of it
+            draw_scene([], random.Random(0), image_size).save(blank)
         return out
     test_scenes = build_split(out, "test", test, seed * 1000 + 2, image_size)
     val_scenes = build_split(out, "val", val, seed * 1000 + 1, image_size, frozenset(test_scenes))
     build_split(out, "train", train, seed * 1000, image_size, frozenset(test_scenes | val_scenes))
+    draw_scene([], random.Random(0), image_size).save(blank)  # the image-blind baseline's image: the background alone
     stamp.write_text(wanted)
     return out
