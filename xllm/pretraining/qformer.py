@@ -41,8 +41,12 @@ def gather_with_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
         return tensor, 0
     from torch.distributed.nn.functional import all_gather
 
-    parts = all_gather(tensor)
-    return torch.cat(parts, dim=0), dist.get_rank() * tensor.shape[0]
+    gathered = torch.cat(all_gather(tensor), dim=0)
+    if gathered.requires_grad:
+        # torch's all_gather backward mis-sums a non-contiguous gradient on gloo (its all-to-all path), and ITC's
+        # text side gets a transposed one: the other ranks' gradients came back wrong (tests/test_distributed.py).
+        gathered.register_hook(torch.Tensor.contiguous)
+    return gathered, dist.get_rank() * tensor.shape[0]
 
 
 def itc_similarity(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
