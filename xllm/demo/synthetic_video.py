@@ -189,9 +189,9 @@ def yes_no_questions(clip: Clip, rng: random.Random) -> list[tuple[str, str, str
     out += [("direction", f"Does the {m.shape} move {yes}?", "Yes"), ("direction", f"Does the {m.shape} move {no}?", "No")]
     out += [("colour_change", f"Does the {c.shape} turn {c.after}?", "Yes"),
             ("colour_change", f"Does the {c.shape} turn {c.before}?", "No")]
-    # One word tells each pair apart ("before"/"after"), and either event may lead the sentence so that neither
-    # word goes with one answer. (Swapping the clauses kept the words and let only their order differ: in the mix
-    # of categories that stayed at chance, while the pairs told apart by a word were learned.)
+    # One word tells each pair apart ("before"/"after"), so a pair differs in time alone, not also in which clause
+    # comes first (as swapped clauses did); either event may lead the sentence so that neither word goes with one
+    # answer (tested).
     a, b, yes, no = (first, second, "before", "after") if rng.random() < 0.5 else (second, first, "after", "before")
     out += [("order", f"Does the {a.shape} {a.kind} {yes} the {b.shape} {b.kind}s?", "Yes"),
             ("order", f"Does the {a.shape} {a.kind} {no} the {b.shape} {b.kind}s?", "No")]
