@@ -79,6 +79,32 @@ def test_sincos_positions_are_fixed_and_distinct():
         sincos_2d(50, 160)
 
 
+def test_a_fill_killed_mid_write_leaves_no_half_written_entry(mobilenet_dir, tiny, tmp_path, monkeypatch):
+    """The write is cut off after some bytes (as a killed run or a full disk would): the cache holds no entry for
+    that file, so the next fill encodes it again instead of serving (or crashing on) a truncated one."""
+    import xllm.interfaces.feature_cache as feature_cache
+
+    images = [str(tiny / "data" / "images" / f"train_0000{i}.png") for i in range(2)]
+    interface = ImageInterface(str(mobilenet_dir), feature_layer=17, feature_cache=str(tmp_path / "cache"),
+                               num_query_tokens=2, qformer_hidden_size=32, qformer_layers=1, qformer_heads=2,
+                               qformer_intermediate_size=32)
+    real_save = feature_cache.save_file
+
+    def cut_off(tensors, filename, *args, **kwargs):
+        real_save(tensors, filename, *args, **kwargs)
+        with open(filename, "r+b") as file:
+            file.truncate(40)
+        raise OSError("killed mid-write")
+
+    monkeypatch.setattr(feature_cache, "save_file", cut_off)
+    with pytest.raises(OSError, match="killed mid-write"):
+        interface.prepare_media(images)
+    assert list((tmp_path / "cache").iterdir()) == []  # neither a truncated entry nor a partial file is left
+    monkeypatch.setattr(feature_cache, "save_file", real_save)
+    assert interface.prepare_media(images) == 2
+    assert interface.media_loader()(images[0])["features"].shape == (4, 160)
+
+
 def test_corrupt_image_with_a_feature_cache_is_named_not_fatal(mobilenet_dir, tiny, tmp_path):
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"not an image")

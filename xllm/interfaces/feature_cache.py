@@ -65,11 +65,22 @@ class FeatureCache:
             features = encode(items)
             encoded += len(chunk)
             for path, tensor in zip(chunk, features):
-                save_file({FEATURES: tensor.to("cpu").contiguous()}, str(self.file_for(path)))
+                write_atomically({FEATURES: tensor.to("cpu").contiguous()}, self.file_for(path))
         return encoded
 
     def loader(self, decode: Callable[[str], Any] | None = None, memory_bytes: int = 2 << 30) -> CachedFeatureLoader:
         return CachedFeatureLoader(self, decode, memory_bytes)
+
+
+def write_atomically(tensors: dict[str, torch.Tensor], file: Path) -> None:
+    """Write beside `file`, then rename: a run killed mid-write, or another rank filling the same cache, never
+    leaves or reads a half-written entry (a rename within a folder is atomic)."""
+    partial = file.with_name(f"{file.name}.{os.getpid()}.partial")
+    try:
+        save_file(tensors, str(partial))
+        os.replace(partial, file)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 class CachedFeatureLoader:
