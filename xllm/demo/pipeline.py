@@ -50,20 +50,26 @@ def run_stage(
     stage: int, out: Path, seed: int, data: Path, models: Path, extra_steps: int = 0, no_init: bool = False,
 ) -> float:
     """One `fit` through LightningCLI with the demo configs (common + stage), paths pointed at `out`/`data`/`models`."""
-    import wandb
-
-    from xllm.training.cli import main as cli_main
 
     def drop_init(config: dict) -> None:
         config["model"]["init_args"]["init_adapter"] = None
 
     common = localized_config("common.yaml", out, data, models)
     path = localized_config(f"stage{stage}.yaml", out, data, models, drop_init if no_init else None)
-    steps = json.loads(path.read_text())["trainer"]["max_steps"] + extra_steps
+    return fit([common, path], seed, json.loads(path.read_text())["trainer"]["max_steps"] + extra_steps)
+
+
+def fit(configs: list[Path], seed: int, steps: int) -> float:
+    """`train.py fit` with `configs` merged in order, in this process, for `steps` steps; returns its seconds.
+    Every demo's stages run through it."""
+    import wandb
+
+    from xllm.training.cli import main as cli_main
+
     start = time.perf_counter()
-    cli_main(["fit", "--config", str(common), "--config", str(path), "--seed_everything", str(seed),
+    cli_main(["fit", *[arg for path in configs for arg in ("--config", str(path))], "--seed_everything", str(seed),
               "--trainer.max_steps", str(steps)])
-    if wandb.run is not None:
+    if wandb.run is not None:  # one W&B run per stage
         wandb.finish()
     return time.perf_counter() - start
 

@@ -35,20 +35,11 @@ CONFIGS = ROOT / "configs" / "demo_speech"
 
 def run_stage(stage: int, out: Path, seed: int, step_scale: float, data: Path, models: Path) -> float:
     """One `fit` through LightningCLI (common + stage config); returns its seconds."""
-    import wandb
-
-    from xllm.demo.pipeline import localized_config
-    from xllm.training.cli import main as cli_main
+    from xllm.demo.pipeline import fit, localized_config
 
     common = localized_config("common.yaml", out, data, models, configs=CONFIGS)
     path = localized_config(f"stage{stage}.yaml", out, data, models, configs=CONFIGS)
-    steps = max(1, round(json.loads(path.read_text())["trainer"]["max_steps"] * step_scale))
-    start = time.perf_counter()
-    cli_main(["fit", "--config", str(common), "--config", str(path), "--seed_everything", str(seed),
-              "--trainer.max_steps", str(steps)])
-    if wandb.run is not None:
-        wandb.finish()
-    return time.perf_counter() - start
+    return fit([common, path], seed, max(1, round(json.loads(path.read_text())["trainer"]["max_steps"] * step_scale)))
 
 
 def cformer_alone(adapter: Path, llm: Path, records: list[dict]) -> list[str]:

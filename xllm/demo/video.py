@@ -32,7 +32,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 import torch
 
-from xllm.demo.pipeline import localized_config
+from xllm.demo.pipeline import fit, localized_config
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs" / "demo_video"
@@ -42,21 +42,11 @@ ROWS = ("untrained", "video-blind", "no time", "trained")
 
 def run_stage(stage: str, out: Path, seed: int, step_scale: float, data: Path, models: Path) -> float:
     """One `fit` through LightningCLI (common + stage config); returns its seconds."""
-    import wandb
-
-    from xllm.training.cli import main as cli_main
-
     files = ["common.yaml", f"stage{stage}.yaml"]
     if stage.startswith("0_"):  # a warm-up merges over stage 0's own file
         files.insert(1, "stage0.yaml")
     paths = [localized_config(name, out, data, models, configs=CONFIGS) for name in files]
-    steps = max(1, round(json.loads(paths[-1].read_text())["trainer"]["max_steps"] * step_scale))
-    start = time.perf_counter()
-    cli_main(["fit", *[arg for path in paths for arg in ("--config", str(path))], "--seed_everything", str(seed),
-              "--trainer.max_steps", str(steps)])
-    if wandb.run is not None:
-        wandb.finish()
-    return time.perf_counter() - start
+    return fit(paths, seed, max(1, round(json.loads(paths[-1].read_text())["trainer"]["max_steps"] * step_scale)))
 
 
 def with_frame_positions(model, used: bool):
