@@ -74,13 +74,18 @@ def test_stage0_then_stage1_then_stage2_then_evaluate_then_the_readme_example(ti
         assert "train_" in config["trained_on"] and "optimizer steps" in (adapter / "README.md").read_text()
     assert list((runs / "tiny_stage1").rglob("offline-run-*")), "W&B offline run folder missing"
 
-    output = tmp_path / "eval.json"
-    run(str(ROOT / "evaluate.py"), "--adapter", str(runs / "tiny_stage2" / "adapter"),
-        "--data", str(tiny / "data" / "test_yesno.jsonl"), "--output", str(output), "--limit", "6", cwd=tmp_path)
-    result = json.loads(output.read_text())
-    assert result["metrics"]["samples"] == 6 and result["metrics"]["yes_no_samples"] == 6
-    assert result["metrics"]["perplexity"] > 1
-    assert {"id", "reference", "prediction"} <= set(result["samples"][0])
+    # evaluate.py picks the metric from the data: MME's scoring for yes/no questions, text metrics for captions.
+    for data, metric in (("test_yesno.jsonl", "yes_no"), ("test_captions.jsonl", "text")):
+        output = tmp_path / f"eval_{metric}.json"
+        run(str(ROOT / "evaluate.py"), "--adapter", str(runs / "tiny_stage2" / "adapter"),
+            "--data", str(tiny / "data" / data), "--output", str(output), "--limit", "6", cwd=tmp_path)
+        result = json.loads(output.read_text())
+        assert result["metric"] == metric and len(result["samples"]) == 6
+        assert {"id", "reference", "prediction"} <= set(result["samples"][0])
+        if metric == "yes_no":
+            assert result["metrics"]["all"]["questions"] == 6 and "score" in result["metrics"]["all"]
+        else:
+            assert result["metrics"]["samples"] == 6 and result["metrics"]["perplexity"] > 1
 
     # The README's example, verbatim, from a folder holding `runs/tiny_stage2/adapter` (instruction-aware) and
     # a photo. It prints the model's answer.

@@ -34,6 +34,15 @@ def test_shortened_demo_learns_above_chance(tmp_path):
     assert blind["questions"] == 120 and after["acc"] >= blind["acc"] + 0.2, (blind, after)
     assert (tmp_path / "runs" / "report.md").read_text().count("|") > 20
 
+    # `xllm-evaluate` on the same adapter and test file gives the demo's numbers (one scorer: generate, parse).
+    from xllm.demo.pipeline import feature_caches
+    from xllm.evaluation.run import evaluate
+
+    evaluated = evaluate(adapter=str(tmp_path / "runs" / "stage2" / "adapter"),
+                         data=str(tmp_path / "data" / "test_yesno.jsonl"), output=str(tmp_path / "evaluate.json"),
+                         interface_overrides=feature_caches())
+    assert evaluated["metric"] == "yes_no" and evaluated["metrics"] == result["after"]
+
     # The adapter copied on its own to another folder answers as it does in place, given the documented
     # overrides (its own config points at the run's models, relative to where it was written).
     from xllm.model import XLLM

@@ -1,5 +1,8 @@
 import math
 
+import pytest
+
+from tests.conftest import make_model
 from xllm.evaluation.metrics import exact_match, normalize_answer, summarize, yes_no
 
 
@@ -47,9 +50,48 @@ def test_mme_table_counts_questions_for_acc_and_image_pairs_for_acc_plus():
 
     results = [row("a", "count", "Yes", "Yes"), row("a", "count", "No", "No"),     # both right: counts for acc+
                row("b", "count", "Yes", "Yes"), row("b", "count", "No.", "Yes"),   # one wrong: not for acc+
-               row("a", "colour", "Yes", "No"), row("a", "colour", "No", "No")]
+               row("a", "colour", "Yes", "I think so"), row("a", "colour", "No", "no")]  # "other", then right
     table = mme_table(results)
-    assert table["count"] == {"acc": 0.75, "acc_plus": 0.5, "questions": 4}
-    assert table["colour"] == {"acc": 0.5, "acc_plus": 0.0, "questions": 2}
+    # MME's score of a category: acc×100 + acc+×100.
+    assert table["count"] == {"acc": 0.75, "acc_plus": 0.5, "score": 125.0, "other": 0, "questions": 4}
+    assert table["colour"] == {"acc": 0.5, "acc_plus": 0.0, "score": 50.0, "other": 1, "questions": 2}
     # acc+ over (image, category) pairs: image a's count pair is right, its colour pair and b's are not.
-    assert table["all"] == {"acc": 4 / 6, "acc_plus": 1 / 3, "questions": 6}
+    assert table["all"] == {"acc": 4 / 6, "acc_plus": 1 / 3, "score": 100.0, "other": 1, "questions": 6}
+
+
+def test_replies_are_labelled_as_mme_parses_them():
+    from xllm.evaluation.mme import mme_label
+
+    assert [mme_label(t) for t in ("Yes", " no", "No, it is not.", "yes.", "Not sure")] == ["yes", "no", "no", "yes", "no"]
+    # Only the first four characters count, so a late answer is "other", counted wrong.
+    assert [mme_label(t) for t in ("I think yes", "", "Maybe")] == ["other", "other", "other"]
+
+
+@pytest.mark.parametrize("llm,template", [("llama", "vicuna_v1"), ("glm", "glm4"), ("llama", "tokenizer")])
+def test_the_margin_is_read_where_the_template_yes_and_no_replies_part(tiny, llm, template):
+    from xllm.evaluation.mme import reply_fork
+
+    model = make_model(tiny, llm=llm, template=template)
+    shared, yes, no = reply_fork(model)
+    decode = model.tokenizer.decode
+    # What the model was trained to write first: " Yes" after Vicuna's "ASSISTANT:", "\nYes" after GLM-4's cue.
+    assert decode(shared + [yes]).strip() == "Yes" and decode(shared + [no]).strip() == "No"
+    expected_start = {"vicuna_v1": " Yes", "glm4": "\nYes"}.get(template)
+    if expected_start:
+        assert decode(shared + [yes]) == expected_start
+
+
+@pytest.mark.parametrize("llm,template", [("llama", "vicuna_v1"), ("glm", "glm4")])
+def test_yes_no_scoring_reads_the_greedy_reply_of_the_one_inference_path(tiny, llm, template):
+    from xllm.evaluation.mme import load_yes_no, mme_label, reply_fork, score_yes_no
+
+    model = make_model(tiny, llm=llm, template=template).eval()
+    path = tiny / "data" / "test_yesno.jsonl"
+    records = load_yes_no(str(path), model)[:6]
+    results = score_yes_no(model, records, batch_size=4)
+    replies = model.reply([r["conversations"][:-1] for r in records], [r["media"] for r in records],
+                          max_new_tokens=len(reply_fork(model)[0]) + 3)
+    assert [r["reply"].strip() for r in results] == replies
+    assert [r["prediction"] for r in results] == [mme_label(text) for text in replies]
+    # Each question keeps its category and image from the file (acc+ pairs a category's questions per image).
+    assert all(r["category"] != "all" and r["image_id"] != r["id"] for r in results)

@@ -179,7 +179,9 @@ def test_chat_answers_about_media_and_uses_it(tiny):
     assert model.chat(two, {"image": images[1:]}, max_new_tokens=4) == answers[1]
     # The image reaches the LLM: other images change the first reply token's logits.
     batch_a, batch_b = model.batch([one], [{"image": images[0]}]), model.batch([one], [{"image": images[2]}])
-    assert not torch.allclose(model.next_token_logits(batch_a), model.next_token_logits(batch_b))
+    logits_a = model.generate_ids(batch_a, 1, do_sample=False, output_logits=True).logits[0]
+    logits_b = model.generate_ids(batch_b, 1, do_sample=False, output_logits=True).logits[0]
+    assert not torch.allclose(logits_a, logits_b)
     with pytest.raises(ValueError, match="has interfaces for \\['image'\\] only"):
         model.chat(one, {"audio": "x.wav"})
 

@@ -7,7 +7,7 @@ order. Nothing here knows which modalities exist: a new interface plugs in throu
 
 One inference path: `chat(messages, media)` for one conversation, `reply` for many, both built on `batch`
 (conversations + media paths -> the same batch training uses) and `generate`; evaluation and MME scoring use
-`batch` + `generate` / `next_token_logits`.
+`batch` + `generate` / `generate_ids` (which also hands back each step's logits).
 """
 
 from __future__ import annotations
@@ -463,19 +463,12 @@ class XLLM(nn.Module):
         return embeds, mask
 
     @torch.no_grad()
-    def next_token_logits(self, batch: Mapping[str, Any]) -> torch.Tensor:
-        """`[n, vocab]` logits of the first reply token of each prompt in `batch`."""
-        embeds, mask = self.embed_prompts(batch)
-        # Only the last position's logits: the LM head over a 49k vocabulary is ~20% of a small LLM's forward.
-        out = self.llm(inputs_embeds=embeds, attention_mask=mask, use_cache=False, logits_to_keep=1)
-        return out.logits[:, -1].float()
-
-    @torch.no_grad()
-    def generate(
+    def generate_ids(
         self, batch: Mapping[str, Any], max_new_tokens: int = 64, conversation_cache: ConversationCache | None = None,
         **generate_kwargs: Any,
-    ) -> list[str]:
-        """Replies to a prompt batch (from `batch`), with the LLM's KV cache; the decoded new text of each.
+    ) -> Any:
+        """The LLM's `generate` on a prompt batch (from `batch`), with its KV cache: the output with the new
+        token ids in `sequences` (and per-step `logits` when `output_logits=True` is passed).
 
         With `conversation_cache` (one conversation), the keys/values of the longest prefix this prompt shares
         with the cached prompt + reply are reused and only the rest is computed; the cache then holds this turn."""
@@ -484,11 +477,20 @@ class XLLM(nn.Module):
             generate_kwargs[_CACHE_KWARG] = conversation_cache.take(embeds, self.llm.config)
         output = self.llm.generate(
             inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
-            pad_token_id=self.tokenizer.pad_token_id, **generate_kwargs,
+            pad_token_id=self.tokenizer.pad_token_id, return_dict_in_generate=True, **generate_kwargs,
         )
         if conversation_cache is not None:
-            conversation_cache.keep(embeds, input_embeddings(self.llm)(output[:, :-1]), generate_kwargs[_CACHE_KWARG])
-        return self.tokenizer.batch_decode(output, skip_special_tokens=True)
+            new_embeds = input_embeddings(self.llm)(output.sequences[:, :-1])
+            conversation_cache.keep(embeds, new_embeds, generate_kwargs[_CACHE_KWARG])
+        return output
+
+    def generate(
+        self, batch: Mapping[str, Any], max_new_tokens: int = 64, conversation_cache: ConversationCache | None = None,
+        **generate_kwargs: Any,
+    ) -> list[str]:
+        """Replies to a prompt batch (from `batch`): the decoded new text of each (see `generate_ids`)."""
+        output = self.generate_ids(batch, max_new_tokens, conversation_cache, **generate_kwargs)
+        return self.tokenizer.batch_decode(output.sequences, skip_special_tokens=True)
 
     def reply(
         self,

@@ -59,7 +59,7 @@ class BadSamples:
         return sum(self.counts.values())
 
 
-def _raw_records(path: Path) -> list[tuple[str, Any]]:
+def raw_records(path: Path) -> list[tuple[str, Any]]:
     """(source, parsed-or-error) pairs. A JSON list file or JSONL, one object per line."""
     text = path.read_text(encoding="utf-8")
     if text.lstrip().startswith("["):
@@ -187,7 +187,7 @@ def read_records(
         raise FileNotFoundError(f"data file not found: {path}")
     root = media_root if media_root is not None else str(path.parent)
     records = []
-    for source, raw in _raw_records(path):
+    for source, raw in raw_records(path):
         try:
             records.append(normalize_record(source, raw, modalities, root, allow_outside_root))
         except BadSampleError as err:

@@ -103,13 +103,22 @@ ROWS = ("untrained", "image-blind", "trained")  # the report's rows, as columns 
 
 
 def format_table(scores: dict[str, dict]) -> str:
-    """Acc and acc+ per category for each of `ROWS` (`scores[row][category]`: an `mme_table` entry)."""
-    lines = ["| category | questions | " + " | ".join(f"acc {row}" for row in ROWS) + " | "
-             + " | ".join(f"acc+ {row}" for row in ROWS) + " |", "|---|---:|" + "---:|" * 2 * len(ROWS)]
-    for category in ("existence", "count", "colour", "position", "all"):
-        if category in scores["trained"]:
-            cells = [f"{scores[row][category][metric]:.3f}" for metric in ("acc", "acc_plus") for row in ROWS]
-            lines.append(f"| {category} | {scores['trained'][category]['questions']} | " + " | ".join(cells) + " |")
+    """Acc, acc+ and MME's score (acc×100 + acc+×100) per category for each of `ROWS` (`scores[row][category]`:
+    an `mme_table` entry); the `all` row's score is MME's total, the sum over categories."""
+    metrics = ("acc", "acc_plus", "score")
+    lines = ["| category | questions | " + " | ".join(f"{name} {row}" for name in ("acc", "acc+", "score")
+                                                     for row in ROWS) + " |", "|---|---:|" + "---:|" * 3 * len(ROWS)]
+    from xllm.demo.synthetic import CATEGORIES
+
+    for category in (*CATEGORIES, "all"):
+        if category not in scores["trained"]:
+            continue
+        cells = [f"{scores[row][category][metric]:.3f}" for metric in metrics[:2] for row in ROWS]
+        if category == "all":
+            cells += [f"{sum(scores[row][c]['score'] for c in CATEGORIES if c in scores[row]):.0f}" for row in ROWS]
+        else:
+            cells += [f"{scores[row][category]['score']:.0f}" for row in ROWS]
+        lines.append(f"| {category} | {scores['trained'][category]['questions']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -182,11 +191,16 @@ def main(argv: list[str] | None = None) -> dict:
         "held-out yes/no questions": after["all"]["questions"], "accuracy": after["all"]["acc"],
         "acc+ (both questions of an image right)": after["all"]["acc_plus"],
         "accuracy before training": before["all"]["acc"], "accuracy on a blank image": blind["all"]["acc"]})
-    table = format_table({"untrained": before, "image-blind": blind, "trained": after})
+    scores = {"untrained": before, "image-blind": blind, "trained": after}
+    table = format_table(scores)
     title = "without stage 0, its time given to stage 2" if args.no_stage0 else "all stages"
     report = [f"# xllm demo (seed {args.seed}, {title})", "", "Held-out MME-style yes/no questions "
               f"({after['all']['questions']} questions on {args.test_images} unseen images; untrained and "
-              f"image-blind on the first {args.test_images // 2} of them; chance = 0.5 acc, 0.25 acc+):", "", table,
+              f"image-blind on the first {args.test_images // 2} of them; chance = 0.5 acc, 0.25 acc+). Replies are "
+              "generated and parsed as MME parses them (Yes/No, else counted wrong); a category's score is "
+              "acc×100 + acc+×100 (max 200), the `all` row's the sum over categories (max 800):", "", table, "",
+              "Replies that were neither yes nor no (counted wrong): " + ", ".join(
+                  f"{row} {scores[row]['all']['other']}" for row in ROWS) + ".",
               "", "A chat about a held-out image:", ""]
     report += [f"> **user:** {q}\n>\n> **xllm:** {a}\n" for q, a in exchange]
     report += ["", "Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())]

@@ -78,6 +78,9 @@ def format_table(scores: dict[str, dict]) -> str:
         cells = [f"{scores[row][category]['acc']:.3f} / {scores[row][category]['acc_plus']:.3f}" if row in scores
                  else "—" for row in ROWS]
         lines.append(f"| {category} | {scores['trained'][category]['questions']} | " + " | ".join(cells) + " |")
+    # MME's total: acc×100 + acc+×100 summed over the categories (max 200 each).
+    totals = [f"{sum(scores[row][c]['score'] for c in CATEGORIES):.0f}" if row in scores else "—" for row in ROWS]
+    lines.append(f"| MME score (max {200 * len(CATEGORIES)}) | | " + " | ".join(totals) + " |")
     return "\n".join(lines)
 
 
@@ -143,7 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
                                        "acc+ (both questions of a clip right)": first["all"]["acc_plus"]})
     report = [f"# xllm video demo (seed {args.seed})", "",
               "MME-style yes/no questions, one Yes and one No per clip and category; each temporal No differs from "
-              "its Yes only in time. Cells are acc / acc+ (chance 0.5 / 0.25).", ""]
+              "its Yes only in time. Replies are generated and parsed as MME parses them (neither yes nor no counts "
+              "wrong). Cells are acc / acc+ (chance 0.5 / 0.25).", ""]
     for split, what in splits.items():
         clips = scores[split]["trained"]["all"]["questions"] // 10
         report += [f"## {split}: {clips} clips, {what} (none occurs in training)", "", format_table(scores[split]), ""]

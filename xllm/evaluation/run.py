@@ -1,7 +1,9 @@
 """Evaluate an adapter directory on a conversation file: generate, score, write per-sample JSON.
 
-Generation and the teacher-forced loss both go through the model's one inference path (`XLLM.batch`, then
-`generate` or `forward`), the same batches training uses.
+The metric follows the data: yes/no references (MME-style files with `category` and `image_id`) get MME's
+scoring (`xllm.evaluation.mme`, the same function the demos report with); other references get exact match,
+CER/WER and the teacher-forced loss. Generation and the loss go through the model's one inference path
+(`XLLM.batch`, then `generate` or `forward`), the same batches training uses.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import torch.nn.functional as F
 
 from xllm.data.processor import IGNORE_INDEX
 from xllm.data.records import read_records
-from xllm.evaluation.metrics import summarize
+from xllm.evaluation.metrics import normalize_answer, summarize
+from xllm.evaluation.mme import load_yes_no, mme_table, score_yes_no
 from xllm.model import XLLM
 
 
@@ -55,12 +58,16 @@ def evaluate(
     interface_overrides: dict[str, dict[str, Any]] | None = None,
     device: str | None = None,
     dtype: str | None = None,
+    metric: str = "auto",
     max_new_tokens: int = 32,
-    batch_size: int = 8,
+    batch_size: int = 32,
     max_length: int = 2048,
     limit: int | None = None,
 ) -> dict[str, Any]:
     """Generate the last assistant turn of every conversation in `data` and score it.
+
+    `metric="yes_no"` (chosen by `auto` when every reference is a bare Yes/No) parses replies as MME does and
+    reports acc, acc+ and MME's score per category; `metric="text"` reports exact match, CER/WER and the loss.
 
     Args:
         adapter: adapter directory written by training (config.json + adapter.safetensors).
@@ -73,7 +80,8 @@ def evaluate(
         interface_overrides: other interface settings per modality, e.g. `{"image": {"feature_cache": "c/"}}`.
         device: run on this device (`cuda`, `cuda:1`; default the CPU).
         dtype: dtype of the frozen LLM and encoders (`bfloat16` on a GPU).
-        max_new_tokens: generation length limit.
+        metric: `auto`, `yes_no` or `text` (see above).
+        max_new_tokens: generation length limit (text metrics; yes/no replies need only their first words).
         batch_size: samples per generation batch.
         max_length: longest sequence for the teacher-forced loss.
         limit: evaluate only the first N samples.
@@ -81,6 +89,16 @@ def evaluate(
     model = XLLM.from_pretrained(adapter, llm=llm, encoders=encoders, interface_overrides=interface_overrides,
                                  device=device, dtype=dtype)
     records = read_records(data, list(model.interfaces), media_root, None, allow_media_outside_root)[:limit]
+    if metric == "auto":
+        answers = {normalize_answer(r["conversations"][last_reply(r)]["value"]) for r in records}
+        metric = "yes_no" if answers and answers <= {"yes", "no"} else "text"
+    if metric == "yes_no":
+        records = load_yes_no(data, model, media_root, limit, allow_media_outside_root)
+        samples = score_yes_no(model, records, batch_size)
+        return write_result(output, {"adapter": adapter, "data": data, "metric": metric,
+                                     "metrics": mme_table(samples), "samples": samples})
+    if metric != "text":
+        raise ValueError(f"metric must be auto, yes_no or text, got {metric!r}")
     model.prepare_media([r["media"] for r in records])  # e.g. cache every file's features once, in batches
     samples: list[dict[str, Any]] = []
     for start in range(0, len(records), batch_size):
@@ -96,7 +114,11 @@ def evaluate(
                 "reference": turns[last]["value"], "prediction": prediction,
                 "loss_sum": loss_sum, "target_tokens": tokens,
             })
-    result = {"adapter": adapter, "data": data, "metrics": summarize(samples), "samples": samples}
+    return write_result(output, {"adapter": adapter, "data": data, "metric": metric, "metrics": summarize(samples),
+                                 "samples": samples})
+
+
+def write_result(output: str, result: dict[str, Any]) -> dict[str, Any]:
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     Path(output).write_text(json.dumps(result, indent=2, ensure_ascii=False))
     print(json.dumps(result["metrics"], indent=2))
