@@ -11,6 +11,7 @@ need to know which stage runs.
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
 from typing import Any, Literal
 
@@ -108,6 +109,11 @@ class TrainingModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self.trainable_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        # The random streams too (dropout, ITM's sampled negatives): with the data loader's position, which the
+        # checkpoint also holds, a resumed run then takes the very steps the uninterrupted run would have taken.
+        checkpoint["xllm_rng"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            checkpoint["xllm_rng"]["cuda"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Checkpoints hold trainable tensors only, so Lightning loads them non-strictly; this check restores
@@ -122,6 +128,17 @@ class TrainingModule(pl.LightningModule):
                 ([f"{len(unexpected)} unexpected: {listed(unexpected)}"] if unexpected else [])
             raise ValueError(f"this checkpoint does not fit the model being trained ({'; '.join(problems)}): it was "
                              "written by another configuration (interfaces, LoRA, stage)")
+        self.resumed_rng = checkpoint.get("xllm_rng")
+
+    def on_train_start(self) -> None:
+        # Applied here, after Lightning has built the data iterator (which draws from the global stream), as the
+        # uninterrupted run had drawn it before the checkpoint was written.
+        rng, self.resumed_rng = getattr(self, "resumed_rng", None), None
+        if rng is not None:
+            torch.set_rng_state(rng["torch"])
+            random.setstate(rng["python"])
+            if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(rng["cuda"])
 
     def on_fit_end(self) -> None:
         if self.trainer.is_global_zero:

@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytorch_lightning as pl
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from xllm.data.records import BadSamples, OnBadSample
 
@@ -46,6 +47,8 @@ class XLLMDataModule(pl.LightningDataModule):
         self.datasets: dict[str, Dataset] = {}
         self.bad_samples: dict[str, BadSamples] = {}
         self.collator: Any = None
+        self.train_loader: StatefulDataLoader | None = None
+        self.train_loader_state: dict[str, Any] | None = None
 
     def setup(self, stage: str | None = None, model: Any = None) -> None:
         model = model if model is not None else self.trainer.lightning_module
@@ -72,14 +75,30 @@ class XLLMDataModule(pl.LightningDataModule):
                 logger.log_hyperparams({f"data/{split}_samples": samples, f"data/{split}_skipped": bad_samples.total,
                                         f"data/{split}_truncated": truncated})
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(
+    def _loader(self, split: str, shuffle: bool) -> StatefulDataLoader:
+        # A DataLoader whose position (shuffle order and batches served) Lightning saves in its checkpoints, so a
+        # run killed mid-epoch resumes with the very next batch instead of a new shuffle of the whole epoch.
+        return StatefulDataLoader(
             self.datasets[split], batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
             collate_fn=self.collator, persistent_workers=self.num_workers > 0,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+    def train_dataloader(self) -> StatefulDataLoader:
+        self.train_loader = self._loader("train", shuffle=True)
+        if self.train_loader_state is not None:
+            self.train_loader.load_state_dict(self.train_loader_state)
+            self.train_loader_state = None
+        return self.train_loader
 
-    def val_dataloader(self) -> DataLoader | list:
+    # The loader's position travels in the checkpoint through these two hooks as well as through Lightning's own
+    # loop state, because Lightning drops its copy when `configure_optimizers` reads `estimated_stepping_batches`
+    # (Lightning issue 20550: the loader is built before the checkpoint is restored), and every xllm module does.
+    # Lightning restores a datamodule before it builds the loader, so the position is applied as it is built.
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_loader": self.train_loader.state_dict()} if self.train_loader is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.train_loader_state = state_dict.get("train_loader")
+
+    def val_dataloader(self) -> StatefulDataLoader | list:
         return self._loader("val", shuffle=False) if "val" in self.datasets else []
