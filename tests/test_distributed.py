@@ -1,11 +1,20 @@
 """Two CPU processes over gloo: stage 0's ITC with the other rank's texts and images as negatives is the loss and
-gradient of one process on the whole batch (what `gather_with_grad` is for)."""
+gradient of one process on the whole batch (what `gather_with_grad` is for); stages 0 and 2 run under Lightning's
+DDP, the feature cache filled once."""
 
+import json
+import re
+from pathlib import Path
+
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+import yaml
+from safetensors.torch import load_file
 
+from tests.test_cli import fit, localized_configs
 from xllm.pretraining.qformer import gather_with_grad, itc_loss, itc_similarity
 
 WORLD, PER_RANK = 2, 3
@@ -59,3 +68,40 @@ def test_two_ranks_give_the_loss_and_gradients_of_one_process_on_the_whole_batch
     assert torch.allclose(ranks["loss"], loss.detach(), atol=1e-6)
     assert torch.allclose(ranks["image"], image.grad, atol=1e-6)
     assert torch.allclose(ranks["text"], text.grad, atol=1e-6)
+
+
+def ddp_config(configs: Path, tmp_path: Path, cache: Path) -> Path:
+    """Two CPU processes (gloo) for a few steps, the tiny image interface reading a feature cache (an interface
+    given on the command line or in a later file replaces the whole spec, so the whole spec is repeated)."""
+    common = yaml.safe_load((configs / "common.yaml").read_text())
+    image = common["model"]["init_args"]["interfaces"]["image"]
+    image["init_args"]["feature_cache"] = str(cache)
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump({
+        "trainer": {"devices": 2, "strategy": "ddp", "max_steps": 3, "logger": False, "num_sanity_val_steps": 0},
+        "model": {"init_args": {"interfaces": {"image": image}}},
+    }))
+    return path
+
+
+@pytest.mark.slow
+def test_stage0_and_stage2_train_under_two_process_ddp_with_one_cache_fill_and_one_adapter(tiny, tmp_path):
+    runs, cache = tmp_path / "runs", tmp_path / "features"
+    configs = localized_configs(tiny, runs, tmp_path)
+    ddp = ddp_config(configs, tmp_path, cache)
+
+    stage0 = fit(configs, 0, tmp_path, "--config", str(ddp))
+    printed = stage0.stdout + stage0.stderr
+    # Rank 0 encodes each file once (train, then val); rank 1 waits for it and finds every file cached.
+    fills = re.findall(r"feature cache .*: encoded (\d+) image file\(s\)", printed)
+    images = {json.loads(line)["image"] for split in ("train", "val")
+              for line in (tiny / "data" / f"{split}_yesno.jsonl").read_text().splitlines()}
+    assert len(fills) == 2 and sum(map(int, fills)) == len(images), fills
+    assert len(list(cache.glob("*.safetensors"))) == len(images) and not list(cache.glob("*.partial"))
+    assert printed.count("adapter written to") == 1 and "Trainer.fit` stopped: `max_steps=3` reached" in printed
+
+    stage2 = fit(configs, 2, tmp_path, "--config", str(ddp), "--model.init_args.init_adapter", "null")
+    assert stage2.returncode == 0
+    keys = set(load_file(str(runs / "tiny_stage2" / "adapter" / "adapter.safetensors")))
+    assert any("lora_" in k for k in keys) and all(k.startswith("interfaces.image.") or "lora_" in k for k in keys)
+    assert "3 optimizer steps" in (runs / "tiny_stage2" / "adapter" / "README.md").read_text()

@@ -194,6 +194,26 @@ def test_stage0_never_creates_an_llm_and_feeds_stage1(tiny, tmp_path, monkeypatc
         interfaces={"image": make_image_interface(tiny, qformer_text=True, instruction_aware=True,
                                                   bert_init=str(tiny / "bert"))},
     )
-    state = stage1.model.trainable_state_dict()
+    state = dict(stage1.model.named_parameters())
     for key, tensor in saved.items():
         assert torch.equal(state[key], tensor), key
+
+
+@pytest.mark.parametrize("weights", [
+    {"itc_weight": 1.0, "itm_weight": 1.0, "itg_weight": 1.0, "qa_itm_weight": 1.0},
+    {"itc_weight": 0.0, "itm_weight": 0.0, "itg_weight": 0.0, "qa_itm_weight": 1.0},  # the demo's stage 0
+    {"itc_weight": 0.0, "itm_weight": 1.0, "itg_weight": 0.0},
+    {"itc_weight": 0.0, "itm_weight": 0.0, "itg_weight": 1.0},
+])
+def test_every_parameter_stage0_trains_gets_a_gradient_as_ddp_requires(tiny, tmp_path, weights):
+    torch.manual_seed(0)
+    module = InterfacePretrainingModule(
+        adapter_dir=str(tmp_path / "stage0"), objective=QFormerObjective(embed_dim=16, **weights),
+        interfaces={"image": make_image_interface(tiny, qformer_text=True, instruction_aware=True,
+                                                  bert_init=str(tiny / "bert"))},
+    )
+    data = XLLMDataModule(train_file=str(tiny / "data" / "train_yesno.jsonl"), batch_size=8)
+    data.setup(model=module)
+    module.objective(module.interface, next(iter(data.train_dataloader()))).loss.backward()
+    trained = [name for name, p in module.named_parameters() if p.requires_grad]
+    assert trained and [name for name, p in module.named_parameters() if p.requires_grad and p.grad is None] == []

@@ -186,6 +186,18 @@ def test_chat_answers_about_media_and_uses_it(tiny):
         model.chat(one, {"audio": "x.wav"})
 
 
+@pytest.mark.parametrize("instruction_aware", [True, False])
+def test_every_parameter_stages_1_2_train_gets_a_gradient_as_ddp_requires(tiny, instruction_aware):
+    # The Q-Former's text side that only stage-0 losses read (all of it without instructions, the last layer's
+    # text FFN with them) stays out of training here; it would otherwise stop DDP.
+    model = make_model(tiny, qformer_text=True, instruction_aware=instruction_aware, bert_init=str(tiny / "bert"))
+    batch = fixed_batch(model, tiny, n=4, file="train_chat.jsonl")
+    model.train()
+    model(batch["input_ids"], batch["attention_mask"], batch["media"], batch["labels"]).loss.backward()
+    assert [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+    assert sum(p.requires_grad for p in model.parameters()) > 10
+
+
 def test_interface_tokens_land_at_the_image_placeholders(tiny):
     model = make_model(tiny).eval()
     batch = fixed_batch(model, tiny, n=2)

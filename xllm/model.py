@@ -225,6 +225,8 @@ class XLLM(nn.Module):
         hidden = llm_hidden_size(llm)
         for interface in self.interfaces.values():
             interface.attach(hidden)
+            for module in interface.idle_modules():  # never run on the way to the LLM: not trained here
+                module.requires_grad_(False)
         self.sentinels = {m: SENTINEL_BASE - i for i, m in enumerate(sorted(self.interfaces))}
 
     @classmethod

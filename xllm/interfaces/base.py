@@ -187,6 +187,12 @@ class ModalityInterface(nn.Module):
         """Sub-modules that never train (kept in eval mode, outside the optimizer and checkpoints)."""
         return []
 
+    def idle_modules(self) -> list[nn.Module]:
+        """Trainable sub-modules that `forward` (what the LLM reads) never runs, e.g. a Q-Former's text side that
+        only stage-0 losses use. Stages 1-2 take them out of training: a parameter without a gradient is dead
+        weight in the optimizer and stops DDP, which requires every trained parameter to get one."""
+        return []
+
     def class_path(self) -> str:
         return f"{type(self).__module__}.{type(self).__qualname__}"
 

@@ -66,6 +66,8 @@ class FeatureCache:
             encoded += len(chunk)
             for path, tensor in zip(chunk, features):
                 write_atomically({FEATURES: tensor.to("cpu").contiguous()}, self.file_for(path))
+        if encoded:
+            print(f"feature cache {self.folder}: encoded {encoded} {what} file(s)")
         return encoded
 
     def loader(self, decode: Callable[[str], Any] | None = None, memory_bytes: int = 2 << 30) -> CachedFeatureLoader:

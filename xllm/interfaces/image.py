@@ -123,6 +123,9 @@ class ImageInterface(ModalityInterface):
     def frozen_modules(self) -> list[nn.Module]:
         return [self.encoder, *self.bridge.frozen_modules()]
 
+    def idle_modules(self) -> list[nn.Module]:
+        return self.bridge.qformer.text_only_modules(self.instruction_aware)
+
     def reload_config(self, directory: Path) -> dict[str, Any]:
         config = self.to_config()
         args = config["init_args"]

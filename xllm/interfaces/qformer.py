@@ -141,6 +141,16 @@ class QFormer(nn.Module):
             )
         return out.last_hidden_state[:, : self.num_query_tokens]
 
+    def text_only_modules(self, instruction_aware: bool) -> list[nn.Module]:
+        """What `forward` never runs: the text FFNs (and text tables) that only stage-0 text losses read. With
+        instructions, only the last layer's text FFN (its text outputs are skipped); without, the whole text side."""
+        if not self.has_text:
+            return []
+        layers = self.model.encoder.layer
+        if instruction_aware:
+            return [layers[-1].intermediate, layers[-1].output]
+        return [self.embeddings, *[m for layer in layers for m in (layer.intermediate, layer.output)]]
+
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Text alone through the text side (no queries, no image): `[batch, tokens, hidden]`."""
         out = self.model(query_embeds=self._text_embeds(input_ids), query_length=0, attention_mask=attention_mask)

@@ -225,6 +225,9 @@ class VideoInterface(ModalityInterface):
         frozen = [self.encoder, *self.bridge.frozen_modules()]
         return frozen + [self.bridge.qformer] if self.freeze_qformer else frozen
 
+    def idle_modules(self) -> list[nn.Module]:
+        return self.bridge.qformer.text_only_modules(self.instruction_aware)
+
     def reload_config(self, directory: Path) -> dict[str, Any]:
         config = self.to_config()
         args = config["init_args"]

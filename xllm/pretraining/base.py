@@ -48,5 +48,11 @@ class PretrainingObjective(nn.Module):
         """Padded ids and mask of the pairs' texts and instructions, in the tokenizer this objective reads."""
         raise NotImplementedError
 
+    def unused_parameters(self, interface: ModalityInterface) -> list[nn.Parameter]:
+        """Parameters of this objective's heads and of `interface` that none of its weighted losses reads: kept
+        out of training, as the LLM stages keep `idle_modules` out (DDP requires a gradient for every trained
+        parameter, and one without a gradient is dead weight in the optimizer)."""
+        return []
+
     def forward(self, interface: PretrainableInterface, batch: dict) -> PretrainOutput:
         raise NotImplementedError

@@ -129,6 +129,21 @@ class QFormerObjective(PretrainingObjective):
         self.lm_transform = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.LayerNorm(hidden))
         self.lm_bias = nn.Parameter(torch.zeros(bridge.qformer.config.vocab_size))
 
+    def unused_parameters(self, interface: ModalityInterface) -> list[nn.Parameter]:
+        """Heads of losses weighted 0, and the last Q-Former layer's text FFN unless ITC or ITG reads text
+        outputs (ITM and QA-ITM read the queries' outputs only)."""
+        weights, modules = self.weights, []
+        if weights["itc"] == 0:
+            modules += [self.vision_proj, self.text_proj]
+        if weights["itm"] == 0 and weights["qa_itm"] == 0:
+            modules.append(self.itm_head)
+        if weights["itg"] == 0:
+            modules.append(self.lm_transform)
+        if weights["itc"] == 0 and weights["itg"] == 0:
+            modules += self._bound().qformer.text_only_modules(instruction_aware=True)
+        own = [self.temperature] * (weights["itc"] == 0) + [self.lm_bias] * (weights["itg"] == 0)
+        return [p for module in modules for p in module.parameters()] + own
+
     def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Captions and instructions in the Q-Former's own tokenizer (the data loader's collator calls it)."""
         return self._bound().tokenize(texts)

@@ -53,6 +53,18 @@ class XLLMDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None, model: Any = None) -> None:
         model = model if model is not None else self.trainer.lightning_module
         self.collator = model.collator()
+        # Under DDP, rank 0 builds the datasets first (filling the feature cache: each file encoded once); the other
+        # ranks wait, then find the cache full. (Every rank writes entries atomically, so a rank of another node,
+        # with its own disk, fills its own.)
+        strategy = self.trainer.strategy if self.trainer is not None else None
+        ranks_wait = strategy is not None and strategy.world_size > 1
+        if ranks_wait and not strategy.is_global_zero:
+            strategy.barrier("rank 0 fills the feature cache")
+        self.build_datasets(model)
+        if ranks_wait and strategy.is_global_zero:
+            strategy.barrier("rank 0 fills the feature cache")
+
+    def build_datasets(self, model: Any) -> None:
         for split, path in (("train", self.train_file), ("val", self.val_file)):
             if path is None or split in self.datasets:
                 continue

@@ -47,6 +47,8 @@ class InterfacePretrainingModule(TrainingModule):
         (self.modality,) = interfaces
         self.objective = objective if objective is not None else QFormerObjective()
         self.objective.bind(self.interface)
+        for parameter in self.objective.unused_parameters(self.interface):
+            parameter.requires_grad_(False)
         if self.init_adapter is not None:
             load_weights(self, self.init_adapter, strict=False)
 
