@@ -9,6 +9,8 @@ cached MobileNetV2 features, so the GPU machine needs no model files.
     python benchmarks/stage0_sweep.py bundle bundle          # here, after `make demo` (needs its cache)
     WORKERS=14 python benchmarks/stage0_sweep.py run bundle  # on the GPU machine; prints one JSON per config
     python benchmarks/stage0_sweep.py smoke bundle           # one short run (CPU when there is no GPU)
+    python benchmarks/stage0_sweep.py cpu bundle             # the demo's own budget, lr around the chosen one, on
+                                                             # this CPU (~7 min a config, one at a time)
 
 The bundle folder holds `bundle.pt` (the cached features of the *val* split for choosing settings — never
 test —, the tokenised questions and the MiniLM-initialised Q-Former weights, ~90 MB) and the tokenizer.
@@ -160,6 +162,11 @@ VARIANTS = [
     for seed in seeds
 ]
 
+# The check on 2 CPU cores, at the demo's budget (1200 steps, batch 128, factorised positions): its lr and
+# the two beside it, scored on val every 200 steps.
+CPU_CHECK = [{**CHOSEN_SIZE, "pos": "factorised", "lr": lr, "seed": 0, "steps": 1200, "every": 200, "device": "cpu"}
+             for lr in (4e-4, 2e-4, 6e-4)]
+
 if __name__ == "__main__":
     sys.path.insert(0, ".")
     command, bundle = sys.argv[1], sys.argv[2]
@@ -170,6 +177,8 @@ if __name__ == "__main__":
     if command == "smoke":
         configs = [{**BASE, "steps": 40, "every": 20, "bundle": bundle,
                     "device": "cuda" if torch.cuda.is_available() else "cpu"}]
+    if command == "cpu":
+        configs, os.environ["WORKERS"] = [{**BASE, **v, "bundle": bundle} for v in CPU_CHECK], "1"
     workers = int(os.environ.get("WORKERS", "10"))
     with mp.get_context("spawn").Pool(min(workers, len(configs))) as pool:
         for result in pool.imap_unordered(run, configs):
