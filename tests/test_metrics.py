@@ -95,3 +95,18 @@ def test_yes_no_scoring_reads_the_greedy_reply_of_the_one_inference_path(tiny, l
     assert [r["prediction"] for r in results] == [mme_label(text) for text in replies]
     # Each question keeps its category and image from the file (acc+ pairs a category's questions per image).
     assert all(r["category"] != "all" and r["image_id"] != r["id"] for r in results)
+
+
+def test_bleu4_and_cider_d_give_coco_caption_numbers():
+    from xllm.evaluation.metrics import bleu4, cider_d
+
+    predictions = ["a red circle at the top left", "two shapes a blue square and a green triangle", "a yellow star",
+                   "One green circle in the center of the image."]
+    references = [["a red circle in the top left corner", "a red circle top left"],
+                  ["a blue square and a green triangle"], ["a yellow triangle at the bottom"],
+                  ["a green circle in the center", "one green circle in the middle"]]
+    # pycocoevalcap 1.2 (coco-caption's scorers) on the same, lower-cased and unpunctuated, captions:
+    # Bleu(4) 0.5889489987, Cider 4.5685519646.
+    assert bleu4(predictions, references) == pytest.approx(0.5889489987, abs=1e-6)
+    assert cider_d(predictions, references) == pytest.approx(4.5685519646, abs=1e-9)
+    assert cider_d(["a red circle"], [["a red circle"]]) == 0.0  # one sample: every n-gram's idf is log(1) = 0
