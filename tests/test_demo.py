@@ -32,7 +32,11 @@ def test_shortened_demo_learns_above_chance(tmp_path):
     # The trained model asked about a blank image: what the questions alone give it (it must be the image).
     blind = result["image_blind"]["all"]
     assert blind["questions"] == 120 and after["acc"] >= blind["acc"] + 0.2, (blind, after)
-    assert (tmp_path / "runs" / "report.md").read_text().count("|") > 20
+    report = (tmp_path / "runs" / "report.md").read_text()
+    assert report.count("|") > 20 and "![training loss of each stage](training_curves.png)" in report
+    # The pictures (three stages' curves, the rows' bars) and an offline W&B run per stage plus the report's.
+    assert all((tmp_path / "runs" / name).stat().st_size > 10_000 for name in ("training_curves.png", "categories.png"))
+    assert len(list((tmp_path / "runs" / "wandb").glob("offline-run-*"))) == 4
 
     # `xllm-evaluate` on the same adapter and test file gives the demo's numbers (one scorer: generate, parse).
     from xllm.demo.pipeline import feature_caches

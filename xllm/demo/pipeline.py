@@ -122,6 +122,22 @@ def format_table(scores: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def pictures(out: Path, scores: dict[str, dict], records: list[dict], results: list[dict]) -> None:
+    """`training_curves.png` and `categories.png` beside the report, and both with a table of held-out samples
+    (image, question, reply, reference) in an offline W&B run."""
+    from xllm.demo.plots import log_to_wandb, plot_categories, plot_training, training_losses
+    from xllm.demo.synthetic import CATEGORIES
+
+    drawn = {"accuracy per category": plot_categories(scores, list(CATEGORIES), out / "categories.png")}
+    losses = training_losses(out / "curves")  # none when the stages were trained by an older xllm
+    if losses:
+        drawn["training loss"] = plot_training(losses, out / "training_curves.png")
+    samples = [{"media": record["media"]["image"][0], "question": record["conversations"][0]["value"],
+                "reply": result["reply"], "reference": result["reference"]}
+               for record, result in list(zip(records, results))[:16]]
+    log_to_wandb(out, "demo_report", drawn, samples)
+
+
 def chat(model, data: Path) -> list[tuple[str, str]]:
     """Two questions about a held-out image, through the library's one inference path (`model.chat`)."""
     record = json.loads((data / "test_captions.jsonl").read_text().splitlines()[0])
@@ -171,7 +187,8 @@ def main(argv: list[str] | None = None) -> dict:
     step = time.perf_counter()
     trained = trained_model(out / "stage2" / "adapter")
     test = load_yes_no(str(data / "test_yesno.jsonl"), trained)
-    after = mme_table(score_yes_no(trained, test))
+    results = score_yes_no(trained, test)
+    after = mme_table(results)
     # The baselines on the first half of the test images (all their questions, 240 by default: chance ± 0.03), so
     # that both fit the demo's 10 minutes. Image-blind: the trained model asked about a blank image (what the
     # questions alone give it); untrained: chance by construction.
@@ -204,6 +221,9 @@ def main(argv: list[str] | None = None) -> dict:
               "", "A chat about a held-out image:", ""]
     report += [f"> **user:** {q}\n>\n> **xllm:** {a}\n" for q, a in exchange]
     report += ["", "Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())]
+    report += ["", "![training loss of each stage](training_curves.png)", "",
+               "![held-out accuracy per category](categories.png)"]
+    pictures(out, scores, test, results)
     (out / "report.md").write_text("\n".join(report) + "\n")
     result = {"seed": args.seed, "before": before, "image_blind": blind, "after": after, "chat": exchange,
               "seconds": timings}
