@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 
 from xllm.data.processor import IGNORE_INDEX
-from xllm.data.records import read_records
 from xllm.evaluation.metrics import normalize_answer, summarize
 from xllm.evaluation.mme import load_yes_no, mme_table, score_yes_no
 from xllm.model import XLLM
@@ -88,12 +87,12 @@ def evaluate(
     """
     model = XLLM.from_pretrained(adapter, llm=llm, encoders=encoders, interface_overrides=interface_overrides,
                                  device=device, dtype=dtype)
-    records = read_records(data, list(model.interfaces), media_root, None, allow_media_outside_root)[:limit]
+    # Read once, with the MME fields (`category`, `image_id`) that yes/no scoring needs and text metrics ignore.
+    records = load_yes_no(data, model, media_root, limit, allow_media_outside_root)
     if metric == "auto":
         answers = {normalize_answer(r["conversations"][last_reply(r)]["value"]) for r in records}
         metric = "yes_no" if answers and answers <= {"yes", "no"} else "text"
     if metric == "yes_no":
-        records = load_yes_no(data, model, media_root, limit, allow_media_outside_root)
         samples = score_yes_no(model, records, batch_size)
         return write_result(output, {"adapter": adapter, "data": data, "metric": metric,
                                      "metrics": mme_table(samples), "samples": samples})
