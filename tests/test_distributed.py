@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file
 
-from tests.test_cli import fit, localized_configs
+from tests.test_cli import fit_command, localized_configs
 from xllm.pretraining.qformer import gather_with_grad, itc_loss, itc_similarity
 
 WORLD, PER_RANK = 2, 3
@@ -90,7 +90,7 @@ def test_stage0_and_stage2_train_under_two_process_ddp_with_one_cache_fill_and_o
     configs = localized_configs(tiny, runs, tmp_path)
     ddp = ddp_config(configs, tmp_path, cache)
 
-    stage0 = fit(configs, 0, tmp_path, "--config", str(ddp))
+    stage0 = fit_command(configs, 0, tmp_path, "--config", str(ddp))
     printed = stage0.stdout + stage0.stderr
     # Rank 0 encodes each file once (train, then val); rank 1 waits for it and finds every file cached.
     fills = re.findall(r"feature cache .*: encoded (\d+) image file\(s\)", printed)
@@ -100,7 +100,7 @@ def test_stage0_and_stage2_train_under_two_process_ddp_with_one_cache_fill_and_o
     assert len(list(cache.glob("*.safetensors"))) == len(images) and not list(cache.glob("*.partial"))
     assert printed.count("adapter written to") == 1 and "Trainer.fit` stopped: `max_steps=3` reached" in printed
 
-    stage2 = fit(configs, 2, tmp_path, "--config", str(ddp), "--model.init_args.init_adapter", "null")
+    stage2 = fit_command(configs, 2, tmp_path, "--config", str(ddp), "--model.init_args.init_adapter", "null")
     assert stage2.returncode == 0
     keys = set(load_file(str(runs / "tiny_stage2" / "adapter" / "adapter.safetensors")))
     assert any("lora_" in k for k in keys) and all(k.startswith("interfaces.image.") or "lora_" in k for k in keys)
