@@ -48,15 +48,18 @@ def localized_config(name: str, out: Path, data: Path, models: Path, edit=None, 
 
 def run_stage(
     stage: int, out: Path, seed: int, data: Path, models: Path, extra_steps: int = 0, no_init: bool = False,
+    steps: int | None = None,
 ) -> float:
-    """One `fit` through LightningCLI with the demo configs (common + stage), paths pointed at `out`/`data`/`models`."""
+    """One `fit` through LightningCLI with the demo configs (common + stage), paths pointed at `out`/`data`/`models`;
+    `steps` replaces the stage file's `max_steps` (then `extra_steps` is added)."""
 
     def drop_init(config: dict) -> None:
         config["model"]["init_args"]["init_adapter"] = None
 
     common = localized_config("common.yaml", out, data, models)
     path = localized_config(f"stage{stage}.yaml", out, data, models, drop_init if no_init else None)
-    return fit([common, path], seed, json.loads(path.read_text())["trainer"]["max_steps"] + extra_steps)
+    budget = json.loads(path.read_text())["trainer"]["max_steps"] if steps is None else steps
+    return fit([common, path], seed, budget + extra_steps)
 
 
 def fit(configs: list[Path], seed: int, steps: int) -> float:
@@ -163,6 +166,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="ablation: skip LLM-free pretraining and give its time to stage 2 (--no_stage0_steps)")
     parser.add_argument("--no_stage0_steps", type=int, default=230,
                         help="extra stage-2 steps for the ablation: ~stage 0's time here (1200 x 0.26 s / 1.36 s)")
+    parser.add_argument("--stage0_steps", type=int, default=None,
+                        help="stage-0 steps instead of configs/demo/stage0.yaml's 1200 (fewer learn less; make test's "
+                             "shortened run uses fewer to fit its time)")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     started = time.perf_counter()
@@ -181,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
         timings[f"stage{stage}"] = run_stage(
             stage, out, args.seed, data, models,
             extra_steps=args.no_stage0_steps if args.no_stage0 and stage == 2 else 0,
-            no_init=args.no_stage0 and stage == 1,
+            no_init=args.no_stage0 and stage == 1, steps=args.stage0_steps if stage == 0 else None,
         )
 
     step = time.perf_counter()
@@ -225,8 +231,9 @@ def main(argv: list[str] | None = None) -> dict:
                "![held-out accuracy per category](categories.png)"]
     pictures(out, scores, test, results)
     (out / "report.md").write_text("\n".join(report) + "\n")
+    # `samples`: the trained model's reply to every test question, as `evaluate.py` writes them.
     result = {"seed": args.seed, "before": before, "image_blind": blind, "after": after, "chat": exchange,
-              "seconds": timings}
+              "seconds": timings, "samples": results}
     (out / "report.json").write_text(json.dumps(result, indent=2))
     print("\n".join(report))
     print(f"Everything is in {out}/ (report.md, adapters in stage*/adapter, W&B offline runs in wandb/).")
