@@ -111,9 +111,16 @@ class TrainingModule(pl.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         # The random streams too (dropout, ITM's sampled negatives): with the data loader's position, which the
         # checkpoint also holds, a resumed run then takes the very steps the uninterrupted run would have taken.
-        checkpoint["xllm_rng"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
-            checkpoint["xllm_rng"]["cuda"] = torch.cuda.get_rng_state_all()
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        # Every rank writes this dict and rank 0's copy is saved: under DDP each rank's streams go in, by rank (a
+        # rank's dropout and sampled negatives reach every rank's loss through the gradients and ITC's gather).
+        if self.trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            ranks: list[Any] = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(ranks, rng)
+            rng = {**rng, "ranks": ranks}
+        checkpoint["xllm_rng"] = rng
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Checkpoints hold trainable tensors only, so Lightning loads them non-strictly; this check restores
@@ -134,6 +141,8 @@ class TrainingModule(pl.LightningModule):
         # Applied here, after Lightning has built the data iterator (which draws from the global stream), as the
         # uninterrupted run had drawn it before the checkpoint was written.
         rng, self.resumed_rng = getattr(self, "resumed_rng", None), None
+        if rng is not None and len(rng.get("ranks", ())) == self.trainer.world_size:
+            rng = rng["ranks"][self.trainer.global_rank]  # this rank's own streams
         if rng is not None:
             torch.set_rng_state(rng["torch"])
             random.setstate(rng["python"])

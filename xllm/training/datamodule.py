@@ -7,10 +7,11 @@ know which stage runs.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytorch_lightning as pl
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from xllm.data.records import BadSamples, OnBadSample
@@ -87,16 +88,25 @@ class XLLMDataModule(pl.LightningDataModule):
                 logger.log_hyperparams({f"data/{split}_samples": samples, f"data/{split}_skipped": bad_samples.total,
                                         f"data/{split}_truncated": truncated})
 
-    def _loader(self, split: str, shuffle: bool) -> StatefulDataLoader:
+    def _loader(self, split: str, shuffle: bool, sampler: DistributedSampler | None = None) -> StatefulDataLoader:
         # A DataLoader whose position (shuffle order and batches served) Lightning saves in its checkpoints, so a
         # run killed mid-epoch resumes with the very next batch instead of a new shuffle of the whole epoch.
         return StatefulDataLoader(
-            self.datasets[split], batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-            collate_fn=self.collator, persistent_workers=self.num_workers > 0,
+            self.datasets[split], batch_size=self.batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+            num_workers=self.num_workers, collate_fn=self.collator, persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> StatefulDataLoader:
-        self.train_loader = self._loader("train", shuffle=True)
+        # Under DDP the loader gets the DistributedSampler Lightning would inject (same seed, same shards): Lightning
+        # leaves such a loader as it is, so the loader whose position the checkpoint holds is the one that runs.
+        # (Rebuilt by Lightning around its own sampler, the saved position was a copy's, and `--ckpt_path last`
+        # stopped with "Please call `iter(combined_loader)` first": a RandomSampler's state in a distributed one.)
+        sampler = None
+        if self.trainer is not None and self.trainer.world_size > 1:
+            sampler = DistributedSampler(self.datasets["train"], num_replicas=self.trainer.world_size,
+                                         rank=self.trainer.global_rank, shuffle=True,
+                                         seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
+        self.train_loader = self._loader("train", shuffle=True, sampler=sampler)
         if self.train_loader_state is not None:
             self.train_loader.load_state_dict(self.train_loader_state)
             self.train_loader_state = None
