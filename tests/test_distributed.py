@@ -15,7 +15,7 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.test_cli import fit_command, localized_configs
-from tests.test_resume import losses
+from tests.test_resume import logged_trainer, losses
 from xllm.pretraining.qformer import gather_with_grad, itc_loss, itc_similarity
 
 WORLD, PER_RANK = 2, 3
@@ -85,27 +85,18 @@ def ddp_config(configs: Path, tmp_path: Path, cache: Path) -> Path:
     return path
 
 
-def logged(out: Path) -> Path:
-    """Stage 0 for 4 steps with every step's loss in a CSV and a checkpoint after every step, in `out`."""
-    out.mkdir()
-    path = out / "logged.yaml"
-    path.write_text(yaml.safe_dump({"trainer": {
-        "max_steps": 4, "log_every_n_steps": 1, "enable_checkpointing": True,
-        "logger": {"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": str(out),
-                                                                                     "name": "csv"}},
-        "callbacks": [{"class_path": "pytorch_lightning.callbacks.ModelCheckpoint", "init_args": {
-            "dirpath": str(out / "checkpoints"), "filename": "{step}", "every_n_train_steps": 1, "save_top_k": -1}}],
-    }}))
-    return path
-
-
 @pytest.mark.slow
 def test_stage0_and_stage2_train_under_two_process_ddp_with_one_cache_fill_and_one_adapter(tiny, tmp_path):
     runs, cache = tmp_path / "runs", tmp_path / "features"
     configs = localized_configs(tiny, runs, tmp_path)
     ddp = ddp_config(configs, tmp_path, cache)
 
-    stage0 = fit_command(configs, 0, tmp_path, "--config", str(ddp), "--config", str(logged(tmp_path / "whole")))
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    for out in (whole, resumed):
+        out.mkdir()
+    # Stage 0 for 4 steps, every step's loss in a CSV and a checkpoint after every step (`step=N.ckpt`).
+    stage0 = fit_command(configs, 0, tmp_path, "--config", str(ddp),
+                         "--config", str(logged_trainer(whole, 4, filename="{step}", save_top_k=-1)))
     printed = stage0.stdout + stage0.stderr
     # Rank 0 encodes each file once (train, then val); rank 1 waits for it and finds every file cached.
     fills = re.findall(r"feature cache .*: encoded (\d+) image file\(s\)", printed)
@@ -117,11 +108,12 @@ def test_stage0_and_stage2_train_under_two_process_ddp_with_one_cache_fill_and_o
 
     # Resumed from its step-2 checkpoint, the run takes the uninterrupted run's steps 2 and 3: each rank the next
     # batches of its own shard (red when Lightning rebuilt the loader around its sampler: the resume crashed).
-    fit_command(configs, 0, tmp_path, "--config", str(ddp), "--config", str(logged(tmp_path / "resumed")),
-                "--ckpt_path", str(tmp_path / "whole" / "checkpoints" / "step=2.ckpt"))
-    whole, resumed = losses(tmp_path / "whole"), losses(tmp_path / "resumed")
-    assert sorted(whole) == [0, 1, 2, 3] and sorted(resumed) == [2, 3], (whole, resumed)
-    assert all(resumed[step] == pytest.approx(whole[step], rel=1e-4) for step in (2, 3)), (whole, resumed)
+    fit_command(configs, 0, tmp_path, "--config", str(ddp),
+                "--config", str(logged_trainer(resumed, 4, filename="{step}", save_top_k=-1)),
+                "--ckpt_path", str(whole / "checkpoints" / "step=2.ckpt"))
+    expected, got = losses(whole), losses(resumed)
+    assert sorted(expected) == [0, 1, 2, 3] and sorted(got) == [2, 3], (expected, got)
+    assert all(got[step] == pytest.approx(expected[step], rel=1e-4) for step in (2, 3)), (expected, got)
 
     stage2 = fit_command(configs, 2, tmp_path, "--config", str(ddp), "--model.init_args.init_adapter", "null")
     assert stage2.returncode == 0

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from tests.test_cli import ROOT, localized_configs
 
@@ -18,24 +19,26 @@ STEPS = 20  # of 32 steps per epoch (256 tiny pairs / 8): the kill and the end b
 KILL_AFTER = 4  # steps: past the warm-up's first step, whose learning rate is 0
 
 
+def logged_trainer(out: Path, steps: int, **checkpoint) -> Path:
+    """A config for `steps` steps with the loss of every step in a CSV (`out/csv`), a checkpoint after every step
+    (`out/checkpoints`; `checkpoint`: ModelCheckpoint's other arguments) and the adapter in `out/adapter`."""
+    path = out / "trainer.yaml"
+    path.write_text(yaml.safe_dump({
+        "trainer": {
+            "max_steps": steps, "num_sanity_val_steps": 0, "log_every_n_steps": 1, "enable_checkpointing": True,
+            "logger": {"class_path": "pytorch_lightning.loggers.CSVLogger",
+                       "init_args": {"save_dir": str(out), "name": "csv"}},
+            "callbacks": [{"class_path": "pytorch_lightning.callbacks.ModelCheckpoint", "init_args": {
+                "dirpath": str(out / "checkpoints"), "every_n_train_steps": 1, **checkpoint}}],
+        },
+        "model": {"init_args": {"adapter_dir": str(out / "adapter")}},
+    }))
+    return path
+
+
 def command(configs: Path, out: Path, *extra: str) -> list[str]:
     """Stage 0 on the tiny models (no LLM: quick), a checkpoint after every step, the loss of every step in a CSV."""
-    trainer = out / "trainer.yaml"
-    trainer.write_text(f"""trainer:
-  max_steps: {STEPS}
-  num_sanity_val_steps: 0
-  log_every_n_steps: 1
-  enable_checkpointing: true
-  logger:
-    class_path: pytorch_lightning.loggers.CSVLogger
-    init_args: {{save_dir: {out}, name: csv}}
-  callbacks:
-    - class_path: pytorch_lightning.callbacks.ModelCheckpoint
-      init_args: {{dirpath: {out / "checkpoints"}, every_n_train_steps: 1, save_last: true, save_top_k: 0}}
-model:
-  init_args:
-    adapter_dir: {out / "adapter"}
-""")
+    trainer = logged_trainer(out, STEPS, save_last=True, save_top_k=0)
     return [sys.executable, str(ROOT / "train.py"), "fit", "--config", str(configs / "common.yaml"),
             "--config", str(configs / "stage0.yaml"), "--config", str(trainer), *extra]
 
