@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
     after = mme_table(results)
     # The baselines on the first half of the test images (all their questions, 240 by default: chance ± 0.03), so
     # that both fit the demo's 10 minutes. Image-blind: the trained model asked about a blank image (what the
-    # questions alone give it); untrained: chance by construction.
+    # questions alone give it); untrained: the same architecture freshly initialised (it answers neither yes nor no).
     half = set(list(dict.fromkeys(record["image_id"] for record in test))[:args.test_images // 2])
     baseline = [record for record in test if record["image_id"] in half]
     blind = mme_table(score_yes_no(trained, [{**record, "media": {"image": [str(data / BLANK)]}}
