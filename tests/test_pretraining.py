@@ -2,6 +2,7 @@
 
 import json
 import math
+from collections import Counter
 
 import datasets
 import pytest
@@ -133,6 +134,33 @@ def test_yes_no_pairs_carry_their_answer_and_flipped_twin_whatever_the_question(
     assert [item["flipped"] for item in items] == ["Is there a red square? No", "No", "Yes", ""]
     # A "Yes" with no question is a yes (its flipped twin is a bare "No"): QA-ITM's label must say so.
     assert PairCollator(interface.collate)(items)["answers"].tolist() == [1, 1, 0, -1]
+
+
+def test_batch_by_record_keeps_a_records_pairs_in_one_batch(tiny, tmp_path):
+    def record(rid: str, image: int, yes: str, no: str) -> dict:
+        return {"id": rid, "image": f"images/train_{image:05d}.png", "conversations": [
+            {"from": "human", "value": f"<image>\n{yes}"}, {"from": "gpt", "value": "Yes"},
+            {"from": "human", "value": no}, {"from": "gpt", "value": "No"}]}
+
+    data = tmp_path / "pairs.jsonl"
+    records = [record(f"r{i}", i, f"Is shape {i} there?", f"Is shape {i} gone?") for i in range(6)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    module = InterfacePretrainingModule(
+        batch_by_record=True, interfaces={"image": make_image_interface(
+            tiny, qformer_text=True, instruction_aware=True, bert_init=str(tiny / "bert"))})
+    datamodule = XLLMDataModule(train_file=str(data), media_root=str(tiny / "data"), batch_size=2)
+    datamodule.setup(model=module)
+    assert len(datamodule.datasets["train"]) == 6  # items are records; batch_size counts them
+    batches = list(datamodule.train_dataloader())
+    assert [len(batch["ids"]) for batch in batches] == [4, 4, 4]
+    for batch in batches:  # both questions of every record, each with its own answer, the record's image twice
+        assert sorted(Counter(batch["ids"]).values()) == [2, 2]
+        for rid in set(batch["ids"]):
+            rows = [i for i, other in enumerate(batch["ids"]) if other == rid]
+            assert sorted(batch["answers"][rows].tolist()) == [0, 1]
+            pixels = batch["media"].values["pixel_values"][rows]
+            assert torch.equal(pixels[0], pixels[1])
+    assert sorted(i for batch in batches for i in batch["ids"]) == sorted(f"r{i}" for i in range(6) for _ in "yn")
 
 
 def test_objective_losses_fall_and_switch_off(tiny):

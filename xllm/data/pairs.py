@@ -6,6 +6,10 @@ or a yes/no statement ("Is the shape red? No") — and that user turn is also th
 instruction-aware queries. The reply alone is kept too (a speech objective's target is the transcript). A
 yes/no pair also carries its *flipped* statement ("Is the shape red? Yes"), a hard ITM negative that only the
 image can tell apart from the positive.
+
+With `by_record`, a dataset item is a whole record — all its turns' pairs, the media loaded once — so the turns of
+a record always share a batch: a record that asks MME's two questions of one clip ("Does the circle move left?"
+Yes, "... move right?" No) gives every batch both answers about the same frames.
 """
 
 from __future__ import annotations
@@ -36,10 +40,11 @@ def build_pair_dataset(
     bad_samples: BadSamples | None = None,
     allow_outside_root: bool = False,
 ) -> datasets.Dataset:
-    """Rows `{"id", "source", "path", "text", "instruction", "flipped", "reply", "answer"}`, one per assistant turn
-    (`answer`: 1 for a "Yes" reply, 0 for "No", -1 for any other)."""
+    """Rows `{"id", "source", "record", "path", "text", "instruction", "flipped", "reply", "answer"}`, one per
+    assistant turn (`record`: the index of the record among those kept; `answer`: 1 for a "Yes" reply, 0 for "No",
+    -1 for any other)."""
     bad_samples = bad_samples if bad_samples is not None else BadSamples()
-    rows = []
+    rows, records = [], 0
     for record in read_records(path, [modality], media_root, bad_samples, allow_outside_root):
         paths = record["media"].get(modality, [])
         if len(paths) != 1:
@@ -57,9 +62,11 @@ def build_pair_dataset(
                 text = f"{question} {reply}".strip()
                 word = reply.lower().rstrip(".")
                 flip = FLIPPED.get(word)
-                rows.append({"id": record["id"], "source": record["source"], "path": paths[0], "text": text,
-                             "instruction": question, "flipped": f"{question} {flip}".strip() if flip else "",
-                             "reply": reply, "answer": {"yes": 1, "no": 0}.get(word, -1)})
+                rows.append({"id": record["id"], "source": record["source"], "record": records, "path": paths[0],
+                             "text": text, "instruction": question,
+                             "flipped": f"{question} {flip}".strip() if flip else "", "reply": reply,
+                             "answer": {"yes": 1, "no": 0}.get(word, -1)})
+        records += 1
     if not rows:
         raise ValueError(f"{path}: no usable {modality}-text pairs ({bad_samples.total} skipped: {dict(bad_samples.counts)})")
     return datasets.Dataset.from_list(rows)
@@ -73,13 +80,14 @@ PAIR_TEXTS = ("text", "instruction", "flipped")
 
 class PairDataset(torch.utils.data.Dataset):
     """Items `{"id", "media": item, "text", "flipped", "<name>_ids" for each of `texts`}`, or
-    `{"skipped": BadSampleError}`. The texts an objective reads (`texts`: the Q-Former's "text",
-    "instruction", "flipped"; a speech objective's "reply") are tokenized once here, with the objective's
-    tokenizer, not once per step: at stage 0's batch of 128 that was ~8% of a CPU step."""
+    `{"skipped": BadSampleError}`; with `by_record`, an item is the list of one record's pairs (or the skip).
+    The texts an objective reads (`texts`: the Q-Former's "text", "instruction", "flipped"; a speech
+    objective's "reply") are tokenized once here, with the objective's tokenizer, not once per step: at stage
+    0's batch of 128 that was ~8% of a CPU step."""
 
     def __init__(
         self, rows: datasets.Dataset, modality: str, load: MediaLoader, tokenize: Tokenize,
-        bad_samples: BadSamples | None = None, texts: tuple[str, ...] = PAIR_TEXTS,
+        bad_samples: BadSamples | None = None, texts: tuple[str, ...] = PAIR_TEXTS, by_record: bool = False,
     ) -> None:
         # Pairs are a few short strings each: plain Python rows index ~10x faster than Arrow rows, which
         # matters at stage 0's large batches on a CPU.
@@ -92,17 +100,29 @@ class PairDataset(torch.utils.data.Dataset):
                 ids, mask = tokenize(strings[start:start + 1024])
                 for row, row_ids, row_mask in zip(self.rows[start:start + 1024], ids, mask):
                     row[f"{key}_ids"] = row_ids[row_mask.bool()].tolist()
+        # Each item's rows: one row, or every row of one record (build_pair_dataset writes a record's rows together).
+        self.items = [[index] for index in range(len(self.rows))]
+        if by_record:
+            self.items = []
+            for index, row in enumerate(self.rows):
+                if self.items and self.rows[self.items[-1][0]]["record"] == row["record"]:
+                    self.items[-1].append(index)
+                else:
+                    self.items.append([index])
+        self.by_record = by_record
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.items)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        row = self.rows[index]
-        media = load_item_media({**row, "media": {self.modality: [row["path"]]}}, self.loaders, self.bad_samples)
+    def __getitem__(self, index: int) -> dict[str, Any] | list[dict[str, Any]]:
+        rows = [self.rows[i] for i in self.items[index]]
+        media = load_item_media({**rows[0], "media": {self.modality: [rows[0]["path"]]}}, self.loaders,
+                                self.bad_samples)
         if isinstance(media, BadSampleError):
             return {"skipped": media}
-        return {"id": row["id"], "media": media[self.modality][0], "text": row["text"], "flipped": row["flipped"],
-                "answer": row["answer"], **{f"{key}_ids": row[f"{key}_ids"] for key in self.texts}}
+        items = [{"id": row["id"], "media": media[self.modality][0], "text": row["text"], "flipped": row["flipped"],
+                  "answer": row["answer"], **{f"{key}_ids": row[f"{key}_ids"] for key in self.texts}} for row in rows]
+        return items if self.by_record else items[0]
 
 
 @dataclass
@@ -112,7 +132,8 @@ class PairCollator:
 
     collate_media: Callable[[list[Any]], MediaBatch]
 
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any] | None:
+    def __call__(self, items: list[dict[str, Any] | list[dict[str, Any]]]) -> dict[str, Any] | None:
+        items = [pair for item in items for pair in (item if isinstance(item, list) else [item])]  # records' pairs
         skipped = [str(item["skipped"]) for item in items if "skipped" in item]
         items = [item for item in items if "skipped" not in item]
         if not items:

@@ -29,6 +29,10 @@ class InterfacePretrainingModule(TrainingModule):
     Args:
         interfaces: exactly one modality -> interface (its bridge is what trains).
         objective: the LLM-free objective and its loss weights (default: `QFormerObjective()`).
+        batch_by_record: a data record (all its turns' pairs) is one item, so its turns share a batch and the data's
+            `batch_size` counts records. Give each record a yes/no pair about one media item (MME's two questions):
+            on the video demo's five categories, 600 steps from scratch reached 0.85 on val so, 0.61 with the same
+            questions shuffled singly (README).
         **training: `TrainingModule`'s settings (init_adapter, adapter_dir, lr, weight_decay, betas, warmup_steps,
             lr_schedule).
     """
@@ -37,6 +41,7 @@ class InterfacePretrainingModule(TrainingModule):
         self,
         interfaces: dict[str, ModalityInterface],
         objective: PretrainingObjective | None = None,
+        batch_by_record: bool = False,
         **training: Any,
     ) -> None:
         super().__init__(interfaces, **training)
@@ -45,6 +50,7 @@ class InterfacePretrainingModule(TrainingModule):
         self.save_hyperparameters(ignore=["interfaces", "objective"])
         self.interfaces = nn.ModuleDict(interfaces)
         (self.modality,) = interfaces
+        self.batch_by_record = batch_by_record
         self.objective = objective if objective is not None else QFormerObjective()
         self.objective.bind(self.interface)
         for parameter in self.objective.unused_parameters(self.interface):
@@ -69,7 +75,7 @@ class InterfacePretrainingModule(TrainingModule):
         rows = build_pair_dataset(path, self.modality, media_root, bad_samples, allow_outside_root)
         self.interface.prepare_media(list(rows["path"]))
         return PairDataset(rows, self.modality, self.interface.media_loader(), self.objective.tokenize, bad_samples,
-                           self.objective.pair_texts)
+                           self.objective.pair_texts, by_record=self.batch_by_record)
 
     def collator(self) -> PairCollator:
         return PairCollator(self.interface.collate)
