@@ -11,7 +11,7 @@ import pytest
 
 from xllm.demo.synthetic import COLOURS
 from xllm.demo.synthetic_video import (
-    CATEGORIES, HELD_OUT, TEMPORAL, WARM_UP, Changer, Clip, Event, Mover, build_video_task, draw_clip, yes_no_questions,
+    CATEGORIES, HELD_OUT, TEMPORAL, Changer, Clip, Event, Mover, build_video_task, draw_clip, yes_no_questions,
 )
 from xllm.demo.video_files import write_video
 from xllm.interfaces.video_frames import read_frames
@@ -47,9 +47,15 @@ def test_held_out_clips_never_occur_in_training(task):
     for row in scenes["test_combos"]:  # every shape of a combination clip uses one
         assert combos(row) <= held_out, row["id"]
     assert all(not combos(r) & held_out for r in scenes["test"])  # the unseen-scene split measures scenes alone
-    for name, categories in WARM_UP.items():  # stage 0's warm-up files: the training rows of their categories
-        warm_up = rows(task, f"train_{name}_yesno.jsonl")
-        assert warm_up == [r for r in rows(task, "train_yesno.jsonl") if r["category"] in categories] and warm_up
+    # Stage 0's records: each holds one clip's Yes and No of one category, the training questions exactly once,
+    # the Yes first in some records and second in others.
+    pairs, questions = rows(task, "train_pairs.jsonl"), rows(task, "train_yesno.jsonl")
+    asked = [(p["video"], p["category"], p["conversations"][i]["value"].removeprefix("<video>\n"),
+              p["conversations"][i + 1]["value"]) for p in pairs for i in (0, 2)]
+    assert sorted(asked) == sorted((q["video"], q["category"], q["conversations"][0]["value"].removeprefix(
+        "<video>\n"), q["conversations"][1]["value"]) for q in questions)
+    assert all(sorted(a[3] for a in asked[i:i + 2]) == ["No", "Yes"] for i in range(0, len(asked), 2))
+    assert {p["conversations"][1]["value"] for p in pairs} == {"Yes", "No"}
 
 
 def test_one_yes_and_one_no_per_clip_and_category_differing_only_in_time(task):

@@ -37,9 +37,6 @@ DIRECTION_WORDS = {"left": "to the left", "right": "to the right", "up": "up", "
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 EVENTS = ("appear", "disappear")
 TEMPORAL = ("direction", "colour_change", "order", "start_end")
-# Stage 0's warm-up files, one category, then three (`train_{name}_yesno.jsonl`): each category alone left chance
-# within ~150 steps, while three or five mixed from the first step stayed at chance for 150 and 600.
-WARM_UP = {"direction": ("direction",), "motion": ("direction", "order", "start_end")}
 CATEGORIES = (*TEMPORAL, "static")
 FRAMES, FPS = 16, 8
 BLANK = "videos/blank.mp4"
@@ -212,6 +209,24 @@ def caption(clip: Clip) -> str:
             f"{c.after}, then {events}.")
 
 
+def pair_records(questions: list[dict], seed: int) -> list[dict]:
+    """Stage 0's records: one per clip and category, its Yes and No questions as two turns (in a random order, so
+    a record read as a conversation does not teach "the second answer is No"); with `batch_by_record` both
+    answers about the same frames share every batch."""
+    order = random.Random(seed)  # its own stream: the clips drawn do not depend on it
+    records = []
+    for yes, no in zip(questions[::2], questions[1::2]):
+        assert yes["image_id"] == no["image_id"] and yes["category"] == no["category"], (yes["id"], no["id"])
+        turns = [yes["conversations"], no["conversations"]]
+        order.shuffle(turns)
+        (question, answer), (second, second_answer) = turns
+        second = {**second, "value": second["value"].removeprefix("<video>\n")}  # one clip, one placeholder
+        records.append({"id": f"{yes['image_id']}-{yes['category']}", "video": yes["video"],
+                        "category": yes["category"], "image_id": yes["image_id"],
+                        "conversations": [question, answer, second, second_answer]})
+    return records
+
+
 def build_split(
     out: Path, split: str, clips: int, seed: int, exclude: frozenset = frozenset(), held_out: bool = False,
     size: int = 160,
@@ -240,8 +255,7 @@ def build_split(
                                   {"from": "human", "value": f"<video>\n{question}"}, {"from": "gpt", "value": answer}]})
     write_jsonl(out / f"{split}_yesno.jsonl", questions)
     if split == "train":
-        for name, categories in WARM_UP.items():
-            write_jsonl(out / f"train_{name}_yesno.jsonl", [q for q in questions if q["category"] in categories])
+        write_jsonl(out / "train_pairs.jsonl", pair_records(questions, seed))
     write_jsonl(out / f"{split}_captions.jsonl", captions)
     write_jsonl(out / f"{split}_scenes.jsonl", truths)
     return scenes
@@ -256,7 +270,7 @@ def build_video_task(
     out = Path(out)
     stamp = out / "COMPLETE"
     wanted = json.dumps({"train": train, "val": val, "test": test, "test_combos": test_combos, "seed": seed,
-                         "size": size, "version": 4})
+                         "size": size, "version": 5})
     if stamp.exists() and stamp.read_text() == wanted:
         return out
     test_scenes = build_split(out, "test", test, seed * 1000 + 2, size=size)
