@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
     answer = trained.chat([{"from": "user", "value": question}], {"video": example["media"]["video"][0]},
                           max_new_tokens=10)
     del trained
-    # The untrained row on the first split only: it is chance by construction, and the demo has 10 minutes.
+    # The untrained row on the first split only: a fresh interface answers neither yes nor no (acc 0 by MME's
+    # parsing) on any split, and the demo has 10 minutes.
     scores[args.split]["untrained"] = tables(score_yes_no(untrained_model(adapter, CONFIGS), records[args.split]))
     timings["evaluate"] = time.perf_counter() - step
     timings["total"] = time.perf_counter() - started
