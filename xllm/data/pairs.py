@@ -14,6 +14,7 @@ Yes, "... move right?" No) gives every batch both answers about the same frames.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -101,14 +102,8 @@ class PairDataset(torch.utils.data.Dataset):
                 for row, row_ids, row_mask in zip(self.rows[start:start + 1024], ids, mask):
                     row[f"{key}_ids"] = row_ids[row_mask.bool()].tolist()
         # Each item's rows: one row, or every row of one record (build_pair_dataset writes a record's rows together).
-        self.items = [[index] for index in range(len(self.rows))]
-        if by_record:
-            self.items = []
-            for index, row in enumerate(self.rows):
-                if self.items and self.rows[self.items[-1][0]]["record"] == row["record"]:
-                    self.items[-1].append(index)
-                else:
-                    self.items.append([index])
+        item_of = (lambda index: self.rows[index]["record"]) if by_record else (lambda index: index)
+        self.items = [list(rows) for _, rows in itertools.groupby(range(len(self.rows)), key=item_of)]
         self.by_record = by_record
 
     def __len__(self) -> int:
