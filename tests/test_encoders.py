@@ -34,6 +34,19 @@ def test_torchvision_cnn_feature_map_becomes_tokens(mobilenet_dir):
     assert not any(p.requires_grad for p in early.parameters()) and not early.model.training
     with pytest.raises(ValueError, match="keep 1..19 blocks"):
         FrozenVisionEncoder(str(mobilenet_dir), feature_layer=40)
+    # The tokens are the pretrained model's own feature map (its BatchNorm statistics as in the file), cell by cell
+    # in row-major order.
+    import torchvision
+    from safetensors.torch import load_file
+
+    reference = torchvision.models.mobilenet_v2(weights=None)
+    reference.load_state_dict(load_file(str(mobilenet_dir / "model.safetensors")))
+    pixels = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        feature_map = reference.eval().features[:17](pixels)  # [2, 160, 3, 3]
+    scale = feature_map.abs().max()  # an untrained network's activations are tiny: compare relative to their size
+    expected = feature_map.flatten(2).transpose(1, 2) / scale
+    assert torch.allclose(early(pixels) / scale, expected, atol=1e-4)
 
 
 def test_feature_cache_matches_the_encoder_and_positions_apply(mobilenet_dir, tiny, tmp_path):

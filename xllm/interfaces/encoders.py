@@ -74,7 +74,9 @@ def _load_torchvision(path: Path, dtype: torch.dtype, feature_layer: int = -1) -
         return module.to(dtype), int(spec["hidden_size"])
     if not isinstance(module, nn.Sequential) or not 0 < feature_layer <= len(module):
         raise ValueError(f"feature_layer={feature_layer}: keep 1..{len(module)} blocks of {spec['architecture']}")
-    module = module[:feature_layer]
+    # Probed in eval mode: a forward pass in train mode would move every BatchNorm's running statistics toward
+    # those of a blank image (10% per layer), and the frozen encoder would no longer be the pretrained one.
+    module = module[:feature_layer].eval()
     with torch.no_grad():
         channels = module(torch.zeros(1, 3, 64, 64)).shape[1]
     return module.to(dtype), int(channels)

@@ -107,7 +107,9 @@ class ImageInterface(ModalityInterface):
         )
         self.bridge = QFormerBridge(qformer, tokenizer, max_text_tokens, feature_positions, feature_position_kind,
                                     projection)
-        tag = json.dumps(["v2", encoder, feature_layer, self.processor.to_dict()], sort_keys=True, default=str)
+        # v3: a torchvision CNN cut at feature_layer keeps its pretrained BatchNorm statistics (v2 features had them
+        # moved by the channel probe, xllm.interfaces.encoders).
+        tag = json.dumps(["v3", encoder, feature_layer, self.processor.to_dict()], sort_keys=True, default=str)
         self.cache = FeatureCache(feature_cache, tag) if feature_cache else None
 
     @property

@@ -188,7 +188,8 @@ class VideoInterface(ModalityInterface):
         self.freeze_qformer = freeze_qformer
         if freeze_qformer:
             freeze(self.bridge.qformer)
-        tag = json.dumps(["video-v1", encoder, feature_layer, self.processor.to_dict(), num_frames, sampling, fps,
+        # video-v2: pretrained BatchNorm statistics kept (as the image interface's v3).
+        tag = json.dumps(["video-v2", encoder, feature_layer, self.processor.to_dict(), num_frames, sampling, fps,
                           short_side, frame_tokens], sort_keys=True, default=str)
         self.cache = FeatureCache(feature_cache, tag) if feature_cache else None
 
