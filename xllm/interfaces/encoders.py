@@ -21,6 +21,9 @@ from xllm.frozen import check_model_path, freeze, resolve_dtype
 from xllm.interfaces.base import pad_stack
 
 TORCHVISION_CONFIG = "xllm_encoder.json"
+# Part of every feature-cache tag: bump it when a change alters what FrozenVisionEncoder outputs for the same
+# files. 2: a torchvision CNN cut at feature_layer keeps its pretrained BatchNorm statistics (1 had them moved).
+FEATURES_VERSION = 2
 
 
 class FrozenVisionEncoder(nn.Module):

@@ -13,7 +13,7 @@ from transformers import AutoImageProcessor
 
 from xllm.interfaces.base import MediaBatch, ModalityInterface, ModalityTokens
 from xllm.interfaces.bridge import QFormerBridge, build_qformer, write_text_side
-from xllm.interfaces.encoders import FrozenVisionEncoder
+from xllm.interfaces.encoders import FEATURES_VERSION, FrozenVisionEncoder
 from xllm.interfaces.feature_cache import FEATURES, CachedFeatureLoader, FeatureCache
 from xllm.interfaces.positions import PositionKind
 from xllm.interfaces.projection import ProjectionKind
@@ -107,9 +107,8 @@ class ImageInterface(ModalityInterface):
         )
         self.bridge = QFormerBridge(qformer, tokenizer, max_text_tokens, feature_positions, feature_position_kind,
                                     projection)
-        # v3: a torchvision CNN cut at feature_layer keeps its pretrained BatchNorm statistics (v2 features had them
-        # moved by the channel probe, xllm.interfaces.encoders).
-        tag = json.dumps(["v3", encoder, feature_layer, self.processor.to_dict()], sort_keys=True, default=str)
+        tag = json.dumps(["v2", FEATURES_VERSION, encoder, feature_layer, self.processor.to_dict()], sort_keys=True,
+                         default=str)
         self.cache = FeatureCache(feature_cache, tag) if feature_cache else None
 
     @property

@@ -34,7 +34,7 @@ from transformers import AutoImageProcessor
 from xllm.frozen import freeze
 from xllm.interfaces.base import MediaBatch, ModalityInterface, ModalityTokens
 from xllm.interfaces.bridge import QFormerBridge, build_qformer, write_text_side
-from xllm.interfaces.encoders import FrozenVisionEncoder
+from xllm.interfaces.encoders import FEATURES_VERSION, FrozenVisionEncoder
 from xllm.interfaces.feature_cache import FEATURES, CachedFeatureLoader, FeatureCache
 from xllm.interfaces.positions import POSITION_INIT_STD, PositionKind, square_side
 from xllm.interfaces.projection import ProjectionKind
@@ -188,9 +188,8 @@ class VideoInterface(ModalityInterface):
         self.freeze_qformer = freeze_qformer
         if freeze_qformer:
             freeze(self.bridge.qformer)
-        # video-v2: pretrained BatchNorm statistics kept (as the image interface's v3).
-        tag = json.dumps(["video-v2", encoder, feature_layer, self.processor.to_dict(), num_frames, sampling, fps,
-                          short_side, frame_tokens], sort_keys=True, default=str)
+        tag = json.dumps(["video-v1", FEATURES_VERSION, encoder, feature_layer, self.processor.to_dict(), num_frames,
+                          sampling, fps, short_side, frame_tokens], sort_keys=True, default=str)
         self.cache = FeatureCache(feature_cache, tag) if feature_cache else None
 
     @property
