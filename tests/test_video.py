@@ -187,3 +187,18 @@ def test_frame_size_sets_the_size_the_encoder_sees(tiny, clips):
     assert video_interface(tiny).frames_loader()(clips["four"])["pixel_values"].shape[-2:] == (32, 32)
     pixels = video_interface(tiny, frame_size=16).frames_loader()(clips["four"])["pixel_values"]
     assert pixels.shape == (4, 3, 16, 16)
+
+
+def test_cross_attention_init_std_widens_the_cross_attention_start_only(tiny):
+    """The config line reaches the Q-Former: its new cross-attention weights start at the given spread, and every
+    other Q-Former weight is drawn as before."""
+    default, wide = video_interface(tiny), video_interface(tiny, cross_attention_init_std=0.5)
+    widened = 0
+    for (name, before), (_, after) in zip(default.bridge.qformer.model.named_parameters(),
+                                          wide.bridge.qformer.model.named_parameters()):
+        if ".crossattention." in name and name.endswith(".weight") and "LayerNorm" not in name:
+            assert before.std() < 0.03 and 0.4 < after.std() < 0.6, name
+            widened += 1
+        else:
+            assert torch.equal(before, after), name
+    assert widened == 4  # query, key, value and output of the tiny Q-Former's one cross-attention layer

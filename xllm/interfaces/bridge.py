@@ -102,7 +102,7 @@ def build_qformer(
     encoder_hidden_size: int, *, num_query_tokens: int, qformer_hidden_size: int, qformer_layers: int,
     qformer_heads: int, qformer_intermediate_size: int, cross_attention_frequency: int, dropout: float,
     bert_init: str | None, qformer_text: bool, instruction_aware: bool, text_tokenizer: str | None,
-    max_text_tokens: int, text_embeddings: str | None,
+    max_text_tokens: int, text_embeddings: str | None, cross_attention_init_std: float | None = None,
 ) -> tuple[QFormer, PreTrainedTokenizerBase | None]:
     """The Q-Former (and its own tokenizer, with a text side) from an interface's settings, as the image and video
     interfaces name them; the settings are checked together."""
@@ -116,7 +116,7 @@ def build_qformer(
         num_layers=qformer_layers, num_heads=qformer_heads, intermediate_size=qformer_intermediate_size,
         cross_attention_frequency=cross_attention_frequency, dropout=dropout, bert_init=bert_init,
         text_vocab_size=len(tokenizer) if tokenizer is not None else None, max_text_positions=max_text_tokens,
-        text_embeddings=text_embeddings,
+        text_embeddings=text_embeddings, cross_attention_init_std=cross_attention_init_std,
     )
     return qformer, tokenizer
 

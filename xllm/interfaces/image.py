@@ -48,6 +48,8 @@ class ImageInterface(ModalityInterface):
         qformer_heads: attention heads.
         qformer_intermediate_size: FFN width.
         cross_attention_frequency: a cross-attention layer every N layers (BLIP-2: 2).
+        cross_attention_init_std: the spread of the new cross-attention weights at the start (None: transformers'
+            0.02). The video demo learned from its first steps with 0.08 and sat at chance for ~400 with 0.02.
         bert_init: optional local BERT checkpoint whose self-attention and FFN weights start the Q-Former.
         projection: `linear` (BLIP-2) or `mlp` (LLaVA-1.5) projection to the LLM width.
         feature_layer: which encoder hidden state feeds the Q-Former (-1: the last).
@@ -80,6 +82,7 @@ class ImageInterface(ModalityInterface):
         qformer_heads: int = 12,
         qformer_intermediate_size: int = 3072,
         cross_attention_frequency: int = 2,
+        cross_attention_init_std: float | None = None,
         bert_init: str | None = None,
         projection: ProjectionKind = "linear",
         feature_layer: int = -1,
@@ -104,6 +107,7 @@ class ImageInterface(ModalityInterface):
             qformer_intermediate_size=qformer_intermediate_size, cross_attention_frequency=cross_attention_frequency,
             dropout=dropout, bert_init=bert_init, qformer_text=qformer_text, instruction_aware=instruction_aware,
             text_tokenizer=text_tokenizer, max_text_tokens=max_text_tokens, text_embeddings=text_embeddings,
+            cross_attention_init_std=cross_attention_init_std,
         )
         self.bridge = QFormerBridge(qformer, tokenizer, max_text_tokens, feature_positions, feature_position_kind,
                                     projection)

@@ -106,7 +106,7 @@ class VideoInterface(ModalityInterface):
         freeze_qformer: keep the Q-Former from `init_from_image` frozen (X-LLM's reuse of the image Q-Former); the
             video adapter then names that image adapter, which it loads the Q-Former from.
         feature_positions, feature_position_kind, num_query_tokens, qformer_*, cross_attention_frequency,
-        bert_init, projection, feature_layer, encoder_dtype, dropout, qformer_text, instruction_aware,
+        cross_attention_init_std, bert_init, projection, feature_layer, encoder_dtype, dropout, qformer_text, instruction_aware,
         text_tokenizer, max_text_tokens, text_embeddings: as for `ImageInterface` (per frame).
         feature_cache: folder for the frozen encoder's (pooled) frame features, one file per video.
     """
@@ -133,6 +133,7 @@ class VideoInterface(ModalityInterface):
         qformer_heads: int = 12,
         qformer_intermediate_size: int = 3072,
         cross_attention_frequency: int = 2,
+        cross_attention_init_std: float | None = None,
         bert_init: str | None = None,
         projection: ProjectionKind = "linear",
         feature_layer: int = -1,
@@ -173,6 +174,7 @@ class VideoInterface(ModalityInterface):
             qformer_intermediate_size=qformer_intermediate_size, cross_attention_frequency=cross_attention_frequency,
             dropout=dropout, bert_init=bert_init, qformer_text=qformer_text, instruction_aware=instruction_aware,
             text_tokenizer=text_tokenizer, max_text_tokens=max_text_tokens, text_embeddings=text_embeddings,
+            cross_attention_init_std=cross_attention_init_std,
         )
         bridge_args = dict(tokenizer=tokenizer, max_text_tokens=max_text_tokens, feature_positions=feature_positions,
                            position_kind=feature_position_kind, projection=projection)
