@@ -1,18 +1,24 @@
-"""The video demo's task, generated at demo time: shapes on a 3×3 grid that move, change colour, appear and disappear.
+"""The video demo's task, generated at demo time: shapes on a 3×3 grid that move, change colour, appear, disappear
+and flash.
 
-Every clip (16 frames, 8 fps, H.264 through PyAV) holds four shapes of distinct kinds, each with one role:
-a *mover* crosses a row or a column, a *changer* turns from one colour to another, and two *events* appear or
-disappear at different moments. Each clip gets one "Yes" and one "No" question per category, as MME pairs them:
+Every clip (16 frames, 8 fps, H.264 through PyAV; the interface samples the odd frames 1, 3, ..., 15) holds five
+shapes of distinct kinds, each with one role: a *mover* crosses a row or a column, a *changer* turns from one colour
+to another, an *event* shape appears or disappears and stays so, and two *flashes* each show for a moment (two
+sampled frames) and go, one after the other. Each clip gets one "Yes" and one "No" question per category, as MME
+pairs them:
 
 - temporal: `direction` ("Does the circle move to the left?"), `colour_change` ("Does the square turn blue?"),
-  `order` ("Does the triangle appear before the diamond disappears?"), `start_end` ("Is the diamond there at the
-  end?");
+  `order` ("Does the triangle appear before the cross?"), `start_end` ("Is the diamond there at the end?");
 - `static`, the control ("Is there a red circle?").
 
-Every temporal "No" differs from its "Yes" only in time — the reverse direction, the colour before the change for
-the one after, "after" for "before", start for end — so a model that sees the frames as a set without their order
-(the no-time ablation) cannot tell them apart, while the static control stays answerable (facts measured for this
-design: DESIGN.md).
+Every temporal "No" is the "Yes" of the same clip played backwards (`Clip.reversed`: the reverse direction, the
+colour before the change for the one after, the two flashes swapped, start for end), and the clips are drawn so
+that a clip and its reversal are equally likely in every split (moments from ranges symmetric in time, held-out
+combinations closed under reversal). So a model that sees the sampled frames as a set, without their order (the
+no-time ablation), cannot do better than chance on any temporal category, while the static control stays
+answerable. Order asks about two *flashes* because two events that happen once and stay (appear, disappear) leave
+their order in single frames: the frames between them show both shapes, or neither, and which one depends on the
+order (measured: README).
 
 Splits (`build_video_task`): `test` and `val` clips are drawn first and `train` avoids their scenes, so no held-out
 scene (shapes, colours, paths, cells, moments) occurs in training; `test_combos` holds clips whose every shape
@@ -31,7 +37,7 @@ import numpy as np
 from xllm.demo.synthetic import COLOURS, write_jsonl
 from xllm.demo.video_files import write_video
 
-SHAPES = ("circle", "square", "triangle", "diamond")
+SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
 DIRECTION_WORDS = {"left": "to the left", "right": "to the right", "up": "up", "down": "down"}
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
@@ -40,18 +46,34 @@ TEMPORAL = ("direction", "colour_change", "order", "start_end")
 CATEGORIES = (*TEMPORAL, "static")
 FRAMES, FPS = 16, 8
 BLANK = "videos/blank.mp4"
-FIRST_MOMENT, LAST_MOMENT, MIN_GAP = 3, 13, 3  # events happen between sampled frames, far enough apart to order
+# Time reversal maps sampled frame f to 16 - f (1 <-> 15), so a state that starts at frame `at` starts at 17 - at
+# backwards: moments are drawn from ranges closed under that map.
+FIRST_MOMENT, LAST_MOMENT = 3, 14  # a change happens with at least one sampled frame on each side
+FLASH, FLASH_GAP = 4, 1  # a flash lasts 4 frames (2 sampled ones); the second starts >= 1 frame after the first ends
+FLASH_PAIRS = [(a, b) for a in range(1, 13) for b in range(a + FLASH + FLASH_GAP, 13)]  # (a, b) <-> (13-b, 13-a)
 
-# Combinations no training clip contains (the `test_combos` split uses only these), one per shape and role, so
-# every colour, direction and event still occurs in training with other shapes.
+
+def _both_ways(role: str, combos: list[tuple]) -> set[tuple]:
+    """A held-out combination together with its time reversal, so reversing a clip never enters or leaves them."""
+    reverse = {"mover": lambda s, c, d: (s, c, OPPOSITE[d]), "changer": lambda s, a, b: (s, b, a),
+               "event": lambda s, c, k: (s, c, EVENTS[1 - EVENTS.index(k)]), "flash": lambda s, c, k: (s, c, k)}
+    return {combo for c in combos for combo in (c, reverse[role](*c))}
+
+
+# Combinations no training clip contains (the `test_combos` split uses only these): one (shape, colour) per shape and
+# role, in both directions of time, so every colour, direction and event still occurs in training with other shapes.
 HELD_OUT = {
-    "mover": {("circle", "red", "left"), ("square", "green", "up"), ("triangle", "blue", "right"),
-              ("diamond", "yellow", "down")},
-    "changer": {("circle", "blue", "yellow"), ("square", "yellow", "red"), ("triangle", "red", "green"),
-                ("diamond", "green", "blue")},
-    "event": {("circle", "green", "appear"), ("square", "blue", "disappear"), ("triangle", "yellow", "appear"),
-              ("diamond", "red", "disappear"), ("circle", "yellow", "disappear"), ("square", "red", "appear"),
-              ("triangle", "green", "disappear"), ("diamond", "blue", "appear")},
+    "mover": _both_ways("mover", [("circle", "red", "left"), ("square", "green", "up"), ("triangle", "blue", "right"),
+                                  ("diamond", "yellow", "down"), ("cross", "red", "up")]),
+    "changer": _both_ways("changer", [("circle", "blue", "yellow"), ("square", "yellow", "red"),
+                                      ("triangle", "red", "green"), ("diamond", "green", "blue"),
+                                      ("cross", "blue", "red")]),
+    "event": _both_ways("event", [("circle", "green", "appear"), ("square", "blue", "appear"),
+                                  ("triangle", "yellow", "appear"), ("diamond", "red", "appear"),
+                                  ("cross", "green", "appear")]),
+    "flash": _both_ways("flash", [("circle", "yellow", "flash"), ("square", "red", "flash"),
+                                  ("triangle", "green", "flash"), ("diamond", "blue", "flash"),
+                                  ("cross", "yellow", "flash")]),
 }
 
 
@@ -62,11 +84,16 @@ class Mover:
     direction: str
     line: int  # the row (left/right) or column (up/down) it crosses
 
-    def cell(self, progress: float) -> tuple[float, float]:
-        """(row, column) in cell units at `progress` 0..1 along its path, end cell to end cell."""
+    def cell(self, frame: int) -> tuple[float, float]:
+        """(row, column) in cell units at `frame`: the first sampled frame (1) at one end cell, the last (15) at
+        the other."""
+        progress = (frame - 1) / (FRAMES - 2)
         dr, dc = DIRECTIONS[self.direction]
         along = progress * 2 if dr + dc > 0 else 2 - progress * 2
         return (along, self.line) if dr else (self.line, along)
+
+    def reversed(self) -> Mover:
+        return Mover(self.shape, self.colour, OPPOSITE[self.direction], self.line)
 
 
 @dataclass(frozen=True)
@@ -77,6 +104,9 @@ class Changer:
     row: int
     column: int
     at: int  # first frame in the new colour
+
+    def reversed(self) -> Changer:
+        return Changer(self.shape, self.after, self.before, self.row, self.column, 17 - self.at)
 
 
 @dataclass(frozen=True)
@@ -91,53 +121,84 @@ class Event:
     def visible(self, frame: int) -> bool:
         return (frame >= self.at) == (self.kind == "appear")
 
+    def reversed(self) -> Event:
+        return Event(self.shape, self.colour, EVENTS[1 - EVENTS.index(self.kind)], self.row, self.column, 17 - self.at)
+
+
+@dataclass(frozen=True)
+class Flash:
+    shape: str
+    colour: str
+    row: int
+    column: int
+    at: int  # first frame shown; shown for FLASH frames
+
+    def visible(self, frame: int) -> bool:
+        return self.at <= frame < self.at + FLASH
+
+    def reversed(self) -> Flash:
+        return Flash(self.shape, self.colour, self.row, self.column, 17 - FLASH - self.at)
+
 
 @dataclass(frozen=True)
 class Clip:
     mover: Mover
     changer: Changer
-    events: tuple[Event, Event]  # ordered by moment
+    event: Event
+    flashes: tuple[Flash, Flash]  # in the order they show
 
     def key(self) -> tuple:
         """What a scene is, whatever the drawing's jitter."""
         return astuple(self)
 
+    def reversed(self) -> Clip:
+        """The same clip played backwards (its sampled frames in reverse order: `draw_clip`'s frame f becomes 16 - f):
+        what the frames as a set cannot tell from this clip."""
+        first, second = self.flashes
+        return Clip(self.mover.reversed(), self.changer.reversed(), self.event.reversed(),
+                    (second.reversed(), first.reversed()))
+
     def combos(self) -> list[tuple[str, tuple]]:
-        m, c = self.mover, self.changer
+        m, c, e = self.mover, self.changer, self.event
         return [("mover", (m.shape, m.colour, m.direction)), ("changer", (c.shape, c.before, c.after)),
-                *[("event", (e.shape, e.colour, e.kind)) for e in self.events]]
+                ("event", (e.shape, e.colour, e.kind)), *[("flash", (f.shape, f.colour, "flash")) for f in self.flashes]]
 
     def held_out_combos(self) -> int:
         return sum(combo in HELD_OUT[role] for role, combo in self.combos())
 
 
 def sample_clip(rng: random.Random) -> Clip:
-    shapes = rng.sample(SHAPES, 4)
+    """A clip drawn so that it and its reversal are equally likely: directions, colour pairs, event kinds and every
+    moment come from sets that time reversal maps onto themselves."""
+    shapes = rng.sample(SHAPES, 5)
     direction = rng.choice(list(DIRECTIONS))
     line = rng.randrange(3)
     horizontal = DIRECTIONS[direction][0] == 0
     free = [(r, c) for r in range(3) for c in range(3) if (r if horizontal else c) != line]
-    cells = rng.sample(free, 3)
+    cells = rng.sample(free, 4)
     before, after = rng.sample(list(COLOURS), 2)
-    first = rng.randint(FIRST_MOMENT, LAST_MOMENT - MIN_GAP)
-    second = rng.randint(first + MIN_GAP, LAST_MOMENT)
-    events = tuple(Event(shape, rng.choice(list(COLOURS)), rng.choice(EVENTS), *cell, at)
-                   for shape, cell, at in zip(shapes[2:], cells[1:], (first, second)))
+    first, second = rng.choice(FLASH_PAIRS)
     return Clip(Mover(shapes[0], rng.choice(list(COLOURS)), direction, line),
-                Changer(shapes[1], before, after, *cells[0], rng.randint(FIRST_MOMENT, LAST_MOMENT)), events)
+                Changer(shapes[1], before, after, *cells[0], rng.randint(FIRST_MOMENT, LAST_MOMENT)),
+                Event(shapes[2], rng.choice(list(COLOURS)), rng.choice(EVENTS), *cells[1],
+                      rng.randint(FIRST_MOMENT, LAST_MOMENT)),
+                tuple(Flash(shape, rng.choice(list(COLOURS)), *cell, at)
+                      for shape, cell, at in zip(shapes[3:], cells[2:], (first, second))))
 
 
 def sample_held_out_clip(rng: random.Random) -> Clip:
     """A clip whose every shape uses a held-out combination of its role."""
-    while True:
-        mover = rng.choice(sorted(HELD_OUT["mover"]))
-        changer = rng.choice([c for c in sorted(HELD_OUT["changer"]) if c[0] != mover[0]])
-        events = rng.sample([e for e in sorted(HELD_OUT["event"]) if e[0] not in (mover[0], changer[0])], 2)
-        if events[0][0] != events[1][0]:
+    roles = ("mover", "changer", "event", "flash", "flash")
+    shapes = rng.sample(SHAPES, 5)
+    combos = [rng.choice(sorted(c for c in HELD_OUT[role] if c[0] == shape)) for role, shape in zip(roles, shapes)]
+    (mover, changer, event, *flashes) = combos
+    while True:  # cells, lines and moments as any clip's whose mover crosses the same way (the others avoid its line)
+        clip = sample_clip(rng)
+        if DIRECTIONS[clip.mover.direction][0] == DIRECTIONS[mover[2]][0]:
             break
-    clip = sample_clip(rng)  # cells, lines and moments as any clip's
     return Clip(Mover(*mover, clip.mover.line), Changer(*changer, *astuple(clip.changer)[3:]),
-                tuple(Event(*combo, *astuple(e)[3:]) for combo, e in zip(events, clip.events)))
+                Event(*event, *astuple(clip.event)[3:]),
+                tuple(Flash(*combo[:2], *astuple(f)[2:]) for combo, f in zip(flashes, clip.flashes)))
 
 
 def draw_shape(draw, shape: str, cx: float, cy: float, half: float, fill: tuple[int, int, int]) -> None:
@@ -147,8 +208,12 @@ def draw_shape(draw, shape: str, cx: float, cy: float, half: float, fill: tuple[
         draw.rectangle((cx - half * 0.9, cy - half * 0.9, cx + half * 0.9, cy + half * 0.9), fill=fill)
     elif shape == "triangle":
         draw.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)], fill=fill)
-    else:
+    elif shape == "diamond":
         draw.polygon([(cx, cy - half), (cx + half, cy), (cx, cy + half), (cx - half, cy)], fill=fill)
+    else:  # a plus-shaped cross, bars a third of its width
+        bar = half / 3
+        draw.rectangle((cx - half, cy - bar, cx + half, cy + bar), fill=fill)
+        draw.rectangle((cx - bar, cy - half, cx + bar, cy + half), fill=fill)
 
 
 def draw_clip(clip: Clip, rng: random.Random, size: int = 160) -> list[np.ndarray]:
@@ -169,44 +234,43 @@ def draw_clip(clip: Clip, rng: random.Random, size: int = 160) -> list[np.ndarra
         m, c = clip.mover, clip.changer
         draw_shape(draw, c.shape, *centre(c.shape, c.row, c.column), half[c.shape],
                    COLOURS[c.after if frame >= c.at else c.before])
-        for e in clip.events:
-            if e.visible(frame):
-                draw_shape(draw, e.shape, *centre(e.shape, e.row, e.column), half[e.shape], COLOURS[e.colour])
-        draw_shape(draw, m.shape, *centre(m.shape, *m.cell(frame / (FRAMES - 1))), half[m.shape], COLOURS[m.colour])
+        for shown in (clip.event, *clip.flashes):
+            if shown.visible(frame):
+                draw_shape(draw, shown.shape, *centre(shown.shape, shown.row, shown.column), half[shown.shape],
+                           COLOURS[shown.colour])
+        draw_shape(draw, m.shape, *centre(m.shape, *m.cell(frame)), half[m.shape], COLOURS[m.colour])
         frames.append(np.asarray(image))
     return frames
 
 
 def yes_no_questions(clip: Clip, rng: random.Random) -> list[tuple[str, str, str]]:
-    """(category, question, answer): one Yes and one No per category; each temporal No differs only in time."""
-    m, c = clip.mover, clip.changer
-    first, second = clip.events
+    """(category, question, answer): one Yes and one No per category; each temporal No is the Yes of
+    `clip.reversed()` (tested), the static No names a colour the shape never has."""
+    m, c, e = clip.mover, clip.changer, clip.event
+    first, second = clip.flashes
     out = []
     yes, no = DIRECTION_WORDS[m.direction], DIRECTION_WORDS[OPPOSITE[m.direction]]
     out += [("direction", f"Does the {m.shape} move {yes}?", "Yes"), ("direction", f"Does the {m.shape} move {no}?", "No")]
     out += [("colour_change", f"Does the {c.shape} turn {c.after}?", "Yes"),
             ("colour_change", f"Does the {c.shape} turn {c.before}?", "No")]
-    # One word tells each pair apart ("before"/"after"), so a pair differs in time alone, not also in which clause
-    # comes first (as swapped clauses did); either event may lead the sentence so that neither word goes with one
-    # answer (tested).
-    a, b, yes, no = (first, second, "before", "after") if rng.random() < 0.5 else (second, first, "after", "before")
-    out += [("order", f"Does the {a.shape} {a.kind} {yes} the {b.shape} {b.kind}s?", "Yes"),
-            ("order", f"Does the {a.shape} {a.kind} {no} the {b.shape} {b.kind}s?", "No")]
-    event = rng.choice(clip.events)
-    there, absent = ("end", "start") if event.kind == "appear" else ("start", "end")
-    out += [("start_end", f"Is the {event.shape} there at the {there}?", "Yes"),
-            ("start_end", f"Is the {event.shape} there at the {absent}?", "No")]
-    shown = rng.choice([(m.shape, m.colour), *[(e.shape, e.colour) for e in clip.events]])
+    out += [("order", f"Does the {first.shape} appear before the {second.shape}?", "Yes"),
+            ("order", f"Does the {second.shape} appear before the {first.shape}?", "No")]
+    there, absent = ("end", "start") if e.kind == "appear" else ("start", "end")
+    out += [("start_end", f"Is the {e.shape} there at the {there}?", "Yes"),
+            ("start_end", f"Is the {e.shape} there at the {absent}?", "No")]
+    # Sorted, so the clip played backwards (its flashes swapped) asks the same static questions.
+    shown = rng.choice(sorted([(m.shape, m.colour), (e.shape, e.colour), *[(f.shape, f.colour) for f in clip.flashes]]))
     other = rng.choice([colour for colour in COLOURS if colour != shown[1]])
     out += [("static", f"Is there a {shown[1]} {shown[0]}?", "Yes"), ("static", f"Is there a {other} {shown[0]}?", "No")]
     return out
 
 
 def caption(clip: Clip) -> str:
-    m, c = clip.mover, clip.changer
-    events = " and ".join(f"the {e.colour} {e.shape} {e.kind}s" for e in clip.events)
+    m, c, e = clip.mover, clip.changer, clip.event
+    first, second = clip.flashes
     return (f"A {m.colour} {m.shape} moves {DIRECTION_WORDS[m.direction]}, the {c.shape} turns from {c.before} to "
-            f"{c.after}, then {events}.")
+            f"{c.after}, the {e.colour} {e.shape} {e.kind}s, and a {first.colour} {first.shape} flashes before a "
+            f"{second.colour} {second.shape}.")
 
 
 def pair_records(questions: list[dict], seed: int) -> list[dict]:
@@ -270,7 +334,7 @@ def build_video_task(
     out = Path(out)
     stamp = out / "COMPLETE"
     wanted = json.dumps({"train": train, "val": val, "test": test, "test_combos": test_combos, "seed": seed,
-                         "size": size, "version": 5})
+                         "size": size, "version": 7})
     if stamp.exists() and stamp.read_text() == wanted:
         return out
     test_scenes = build_split(out, "test", test, seed * 1000 + 2, size=size)

