@@ -161,7 +161,8 @@ class Clip:
     def combos(self) -> list[tuple[str, tuple]]:
         m, c, e = self.mover, self.changer, self.event
         return [("mover", (m.shape, m.colour, m.direction)), ("changer", (c.shape, c.before, c.after)),
-                ("event", (e.shape, e.colour, e.kind)), *[("flash", (f.shape, f.colour, "flash")) for f in self.flashes]]
+                ("event", (e.shape, e.colour, e.kind)),
+                *[("flash", (f.shape, f.colour, "flash")) for f in self.flashes]]
 
     def held_out_combos(self) -> int:
         return sum(combo in HELD_OUT[role] for role, combo in self.combos())
