@@ -42,6 +42,7 @@ DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
 DIRECTION_WORDS = {"left": "to the left", "right": "to the right", "up": "up", "down": "down"}
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 EVENTS = ("appear", "disappear")
+BACKWARDS = {"appear": "disappear", "disappear": "appear"}  # an event played backwards
 TEMPORAL = ("direction", "colour_change", "order", "start_end")
 CATEGORIES = (*TEMPORAL, "static")
 FRAMES, FPS = 16, 8
@@ -56,7 +57,7 @@ FLASH_PAIRS = [(a, b) for a in range(1, 13) for b in range(a + FLASH + FLASH_GAP
 def _both_ways(role: str, combos: list[tuple]) -> set[tuple]:
     """A held-out combination together with its time reversal, so reversing a clip never enters or leaves them."""
     reverse = {"mover": lambda s, c, d: (s, c, OPPOSITE[d]), "changer": lambda s, a, b: (s, b, a),
-               "event": lambda s, c, k: (s, c, EVENTS[1 - EVENTS.index(k)]), "flash": lambda s, c, k: (s, c, k)}
+               "event": lambda s, c, k: (s, c, BACKWARDS[k]), "flash": lambda s, c, k: (s, c, k)}
     return {combo for c in combos for combo in (c, reverse[role](*c))}
 
 
@@ -122,7 +123,7 @@ class Event:
         return (frame >= self.at) == (self.kind == "appear")
 
     def reversed(self) -> Event:
-        return Event(self.shape, self.colour, EVENTS[1 - EVENTS.index(self.kind)], self.row, self.column, 17 - self.at)
+        return Event(self.shape, self.colour, BACKWARDS[self.kind], self.row, self.column, 17 - self.at)
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ class ImageInterface(ModalityInterface):
         qformer_intermediate_size: FFN width.
         cross_attention_frequency: a cross-attention layer every N layers (BLIP-2: 2).
         cross_attention_init_std: the spread of the new cross-attention weights at the start (None: transformers'
-            0.02). The video demo learned from its first steps with 0.08 and sat at chance for ~400 with 0.02.
+            0.02). Both demos use 0.08: with 0.02 their LLM-free stage 0 sat near chance for its first ~400 steps.
         bert_init: optional local BERT checkpoint whose self-attention and FFN weights start the Q-Former.
         projection: `linear` (BLIP-2) or `mlp` (LLaVA-1.5) projection to the LLM width.
         feature_layer: which encoder hidden state feeds the Q-Former (-1: the last).

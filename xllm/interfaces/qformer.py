@@ -69,9 +69,9 @@ class QFormer(nn.Module):
         self.model = Blip2QFormerModel(self.config)
         if cross_attention_init_std is not None:
             # transformers draws every weight from N(0, 0.02). The cross-attention, which no BERT checkpoint starts,
-            # then spreads each query almost evenly over the features and adds little to it: the video demo's
-            # question-aware matching sat at chance for ~400 steps that way, and learned from the first steps with
-            # 0.08 (its README).
+            # then spreads each query almost evenly over the features and adds little to it: both demos'
+            # question-aware matching sat near chance for ~400 steps that way, and learned from the first steps with
+            # 0.08 (README).
             for name, weight in self.model.named_parameters():
                 if ".crossattention." in name and name.endswith(".weight") and "LayerNorm" not in name:
                     nn.init.normal_(weight, std=cross_attention_init_std)

@@ -106,8 +106,8 @@ class VideoInterface(ModalityInterface):
         freeze_qformer: keep the Q-Former from `init_from_image` frozen (X-LLM's reuse of the image Q-Former); the
             video adapter then names that image adapter, which it loads the Q-Former from.
         feature_positions, feature_position_kind, num_query_tokens, qformer_*, cross_attention_frequency,
-        cross_attention_init_std, bert_init, projection, feature_layer, encoder_dtype, dropout, qformer_text, instruction_aware,
-        text_tokenizer, max_text_tokens, text_embeddings: as for `ImageInterface` (per frame).
+        cross_attention_init_std, bert_init, projection, feature_layer, encoder_dtype, dropout, qformer_text,
+        instruction_aware, text_tokenizer, max_text_tokens, text_embeddings: as for `ImageInterface` (per frame).
         feature_cache: folder for the frozen encoder's (pooled) frame features, one file per video.
     """
 
