@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from xllm.chat import ChatSession
+from xllm.apps.chat import ChatSession
 from xllm.model import XLLM, ConversationCache
 
 QUESTIONS = ["Is there a blue circle in the image?", "Describe the image.", "How many shapes are there?",

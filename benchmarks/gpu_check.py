@@ -63,7 +63,14 @@ def tiny_pipeline(root: Path, device: str) -> dict:
 
 
 def throughput(args) -> dict:
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, ViTConfig, ViTImageProcessor, ViTModel
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        PreTrainedTokenizerFast,
+        ViTConfig,
+        ViTImageProcessor,
+        ViTModel,
+    )
 
     from xllm.model import XLLM
 

@@ -79,7 +79,7 @@ def run(cfg: dict) -> dict:
     from transformers import AutoTokenizer
 
     from xllm.interfaces import MediaBatch, QFormer, QFormerBridge
-    from xllm.pretraining import QFormerObjective
+    from xllm.objectives import QFormerObjective
 
     device = cfg.get("device", "cuda")
     torch.backends.cuda.matmul.allow_tf32 = False

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import TINY_QFORMER, make_model
-from xllm.checkpoint import write_model_card
+from xllm.adapters.format import write_model_card
 from xllm.interfaces import ImageInterface
 from xllm.model import XLLM
 
@@ -138,9 +138,10 @@ def test_the_wheel_alone_loads_an_adapter_from_another_project(project, tmp_path
     dist, target, elsewhere = tmp_path / "dist", tmp_path / "site", tmp_path / "other_project"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(dist),
                     str(ROOT)], check=True, capture_output=True)
-    (wheel,) = dist.glob("xllm-*.whl")
+    (wheel,) = dist.glob("xllm_toolkit-*.whl")  # the distribution name; `import xllm` stays
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
                    check=True, capture_output=True)
+    assert (target / "xllm/apps/serve_page.html").is_file()  # package data travels with the wheel
     elsewhere.mkdir()
     snippet = textwrap.dedent(f"""
         import xllm

@@ -5,15 +5,14 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from transformers import AutoImageProcessor
 
 from xllm.data.collator import ConversationCollator
 from xllm.data.dataset import ConversationDataset, build_tokenized_dataset
 from xllm.data.processor import ConversationProcessor
 from xllm.data.records import BadSampleError, BadSamples, read_records
+from xllm.encoders.vision import ImageLoader
 from xllm.interfaces.base import collate_items
-from xllm.interfaces.image import ImageLoader
 from xllm.llm import load_tokenizer
 
 

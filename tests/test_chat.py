@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from tests.conftest import make_model
-from xllm.chat import ChatSession
+from xllm.apps.chat import ChatSession
 from xllm.model import XLLM
 
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from xllm.interfaces.cformer import CFormer, cif, quantity_loss
+from xllm.blocks.cformer import CFormer, cif, quantity_loss
 
 
 def one_hot_frames(steps: int) -> torch.Tensor:

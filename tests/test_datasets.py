@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from xllm.data.records import read_records
-from xllm.interfaces.speech import decode_audio
+from xllm.encoders.audio import decode_audio
 
 RECIPES = Path(__file__).resolve().parents[1] / "datasets"
 
@@ -195,7 +195,7 @@ def write_clip(path: Path) -> Path:
 
 
 def test_msrvtt_annotations_to_jsonl(tmp_path):
-    from xllm.interfaces.video_frames import read_frames
+    from xllm.encoders.video_frames import read_frames
 
     # MSR-VTT's train_val_videodatainfo.json and TrainValVideo/<video_id>.mp4, as released.
     info = {"info": {"year": "2016"}, "videos": [

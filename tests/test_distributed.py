@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from tests.test_cli import fit_command, localized_configs
 from tests.test_resume import logged_trainer, losses
-from xllm.pretraining.qformer import gather_with_grad, itc_loss, itc_similarity
+from xllm.objectives.qformer import gather_with_grad, itc_loss, itc_similarity
 
 WORLD, PER_RANK = 2, 3
 

@@ -7,9 +7,8 @@ import torch
 from safetensors.torch import save_file
 from transformers import ViTImageProcessor
 
+from xllm.encoders.vision import FrozenVisionEncoder, ImageLoader
 from xllm.interfaces import ImageInterface
-from xllm.interfaces.encoders import FrozenVisionEncoder
-from xllm.interfaces.image import ImageLoader
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +79,7 @@ def test_feature_cache_matches_the_encoder_and_positions_apply(mobilenet_dir, ti
 
 
 def test_sincos_positions_are_fixed_and_distinct():
-    from xllm.interfaces.positions import sincos_2d
+    from xllm.blocks.positions import sincos_2d
 
     positions = sincos_2d(49, 160)[0]
     assert positions.shape == (49, 160)
@@ -95,7 +94,7 @@ def test_sincos_positions_are_fixed_and_distinct():
 def test_a_fill_killed_mid_write_leaves_no_half_written_entry(mobilenet_dir, tiny, tmp_path, monkeypatch):
     """The write is cut off after some bytes (as a killed run or a full disk would): the cache holds no entry for
     that file, so the next fill encodes it again instead of serving (or crashing on) a truncated one."""
-    import xllm.interfaces.feature_cache as feature_cache
+    import xllm.encoders.feature_cache as feature_cache
 
     images = [str(tiny / "data" / "images" / f"train_0000{i}.png") for i in range(2)]
     interface = ImageInterface(str(mobilenet_dir), feature_layer=17, feature_cache=str(tmp_path / "cache"),

@@ -4,17 +4,17 @@ import json
 import math
 from collections import Counter
 
-import datasets
 import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+import datasets
 from tests.conftest import make_image_interface
+from xllm.blocks.qformer import itg_attention_mask
 from xllm.data.pairs import PairCollator, PairDataset, build_pair_dataset
-from xllm.interfaces.qformer import itg_attention_mask
-from xllm.pretraining.qformer import QFormerObjective, itc_loss, itc_similarity, sample_hard_negatives
+from xllm.objectives.qformer import QFormerObjective, itc_loss, itc_similarity, sample_hard_negatives
 from xllm.training import InterfacePretrainingModule, XLLMDataModule, XLLMModule
 
 

@@ -1,8 +1,9 @@
 import pytest
 
-from xllm.data.processor import IGNORE_INDEX, ConversationProcessor
+from xllm.data.processor import ConversationProcessor
 from xllm.data.records import BadSampleError
 from xllm.llm import load_tokenizer
+from xllm.tensors import IGNORE_INDEX
 
 CONVERSATION = [
     {"from": "user", "value": "<image>\nWhat colour is the shape?"},

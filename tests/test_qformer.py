@@ -3,7 +3,7 @@ import re
 import torch
 from transformers import AutoModel
 
-from xllm.interfaces.qformer import QFormer
+from xllm.blocks.qformer import QFormer
 
 
 def tiny_qformer(**kwargs) -> QFormer:

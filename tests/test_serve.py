@@ -17,7 +17,7 @@ import pytest
 import uvicorn
 
 from tests.conftest import make_model
-from xllm.serve import ChatCompletions, create_app
+from xllm.apps.serve import ChatCompletions, create_app
 
 
 def free_port() -> int:

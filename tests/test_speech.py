@@ -11,9 +11,9 @@ import torch
 
 from xllm.data.dataset import ConversationDataset, build_tokenized_dataset
 from xllm.data.records import BadSampleError, BadSamples
+from xllm.encoders.audio import decode_audio
+from xllm.encoders.whisper import FrozenSpeechEncoder
 from xllm.interfaces import SpeechInterface
-from xllm.interfaces.encoders import FrozenSpeechEncoder
-from xllm.interfaces.speech import decode_audio
 from xllm.model import XLLM
 
 TINY_CFORMER = dict(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, max_tokens=64, dropout=0.0)
@@ -187,7 +187,7 @@ def test_short_clip_features_match_the_30_second_padded_run(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_speech_fit_stage0_then_stage1_then_chat(tiny, tmp_path):
-    from xllm.pretraining import CIFObjective
+    from xllm.objectives import CIFObjective
     from xllm.training import InterfacePretrainingModule, XLLMDataModule, XLLMModule
 
     def fit(module, steps):
@@ -248,7 +248,7 @@ def test_image_and_audio_in_one_conversation_and_the_window_qformer(tiny):
 
 
 def test_cif_objective_refuses_a_window_qformer_with_a_reason(tiny):
-    from xllm.pretraining import CIFObjective
+    from xllm.objectives import CIFObjective
 
     with pytest.raises(ValueError, match="window Q-Former has no token alignment"):
         CIFObjective(str(tiny / "llama")).bind(speech_interface(tiny, bridge="window"))

@@ -2,9 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from xllm.data.processor import IGNORE_INDEX
 from xllm.interfaces.base import ModalityTokens
 from xllm.model import splice_modality_tokens
+from xllm.tensors import IGNORE_INDEX
 
 fixed = ModalityTokens.fixed
 

@@ -11,11 +11,22 @@ import pytest
 
 from xllm.demo.synthetic import COLOURS
 from xllm.demo.synthetic_video import (
-    CATEGORIES, HELD_OUT, TEMPORAL, Changer, Clip, Event, Flash, Mover, build_video_task, draw_clip, sample_clip,
-    sample_held_out_clip, yes_no_questions,
+    CATEGORIES,
+    HELD_OUT,
+    TEMPORAL,
+    Changer,
+    Clip,
+    Event,
+    Flash,
+    Mover,
+    build_video_task,
+    draw_clip,
+    sample_clip,
+    sample_held_out_clip,
+    yes_no_questions,
 )
 from xllm.demo.video_files import write_video
-from xllm.interfaces.video_frames import read_frames
+from xllm.encoders.video_frames import read_frames
 
 
 def rows(folder, name):

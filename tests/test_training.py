@@ -215,7 +215,7 @@ def test_interface_tokens_land_at_the_image_placeholders(tiny):
 def test_vision_tower_of_a_dual_model_checkpoint(tmp_path):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    from xllm.interfaces.encoders import FrozenVisionEncoder
+    from xllm.encoders.vision import FrozenVisionEncoder
 
     config = CLIPConfig(
         text_config={"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32},

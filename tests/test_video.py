@@ -18,7 +18,7 @@ from tests.conftest import TINY_QFORMER, make_model
 from xllm.demo.video_files import write_video
 from xllm.interfaces import VideoInterface
 from xllm.model import XLLM
-from xllm.pretraining import QFormerObjective
+from xllm.objectives import QFormerObjective
 from xllm.training import InterfacePretrainingModule, XLLMDataModule, XLLMModule
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from xllm.demo.video_files import write_empty_video, write_video
-from xllm.interfaces.video_frames import read_frames, sample_times
+from xllm.encoders.video_frames import read_frames, sample_times
 
 BANDS, BAND = 8, 20  # frame i shows bit b of i as a white (1) or black (0) vertical band b
 

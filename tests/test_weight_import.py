@@ -10,7 +10,7 @@ import torch
 from transformers import Blip2Config, Blip2Model
 
 from tests.conftest import make_image_interface
-from xllm.interfaces.weight_import import import_qformer_weights, read_checkpoint
+from xllm.adapters.weight_import import import_qformer_weights, read_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures" / "lavis_parity"
 

@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium")
     args = parser.parse_args()
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "xllm.cli", "serve", "--adapter", args.adapter,
+    server = subprocess.Popen([sys.executable, "-m", "xllm.apps.cli", "serve", "--adapter", args.adapter,
                                "--port", str(port)])
     try:
         wait_until_up(f"http://127.0.0.1:{port}/v1/models", server)

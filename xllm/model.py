@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
 
-from xllm.checkpoint import (
+from xllm.adapters.format import (
     apply_overrides,
     build_interface,
     check_encoder_width,
@@ -35,7 +35,7 @@ from xllm.checkpoint import (
     write_checkpoint,
 )
 from xllm.data.collator import ConversationCollator
-from xllm.data.processor import IGNORE_INDEX, ConversationProcessor
+from xllm.data.processor import ConversationProcessor
 from xllm.data.records import normalize_turns
 from xllm.frozen import keep_frozen_in_eval
 from xllm.interfaces.base import Item, MediaBatch, ModalityInterface, ModalityTokens
@@ -48,6 +48,7 @@ from xllm.llm import (
     load_tokenizer,
     lora_to_dict,
 )
+from xllm.tensors import IGNORE_INDEX
 
 SENTINEL_BASE = -200  # LLaVA's IMAGE_TOKEN_INDEX; one id per modality counts down from here
 

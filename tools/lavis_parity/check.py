@@ -3,7 +3,7 @@
     python check.py --reference DIR [--checkpoint LAVIS.pth]
 
 Reads what `make_reference.py` wrote in DIR (LAVIS's query outputs for fixed image features, and LAVIS's
-forward+backward time at BLIP-2's shape), imports the checkpoint with `xllm.interfaces.weight_import`, and
+forward+backward time at BLIP-2's shape), imports the checkpoint with `xllm.adapters.weight_import`, and
 prints max |Δ| of the query outputs and of the projected tokens, then xllm's time at the same shape and the ratio.
 Exits non-zero when max |Δ| > 1e-5.
 """
@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from xllm.interfaces.bridge import QFormerBridge
-from xllm.interfaces.qformer import QFormer
-from xllm.interfaces.weight_import import import_qformer_weights, read_checkpoint
+from xllm.adapters.weight_import import import_qformer_weights, read_checkpoint
+from xllm.blocks.bridge import QFormerBridge
+from xllm.blocks.qformer import QFormer
 
 
 def bridge_like(state: dict[str, torch.Tensor], heads: int, llm_width: int | None) -> nn.Module:

@@ -2,11 +2,10 @@
 
 from xllm.data.collator import ConversationCollator
 from xllm.data.dataset import ConversationDataset, build_tokenized_dataset
-from xllm.data.processor import IGNORE_INDEX, ConversationProcessor
-from xllm.data.records import BadSamples, BadSampleError, read_records
+from xllm.data.processor import ConversationProcessor
+from xllm.data.records import BadSampleError, BadSamples, read_records
 
 __all__ = [
-    "IGNORE_INDEX",
     "BadSampleError",
     "ConversationCollator",
     "ConversationDataset",

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from xllm.data.processor import IGNORE_INDEX
 from xllm.interfaces.base import MediaBatch
+from xllm.tensors import IGNORE_INDEX
 
 
 def pad_ids(rows: Sequence[Sequence[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

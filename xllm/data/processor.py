@@ -20,8 +20,7 @@ from transformers import PreTrainedTokenizerBase
 from xllm.data.records import BadSampleError
 from xllm.data.templates import Message, render_segments
 from xllm.interfaces.base import placeholder
-
-IGNORE_INDEX = -100
+from xllm.tensors import IGNORE_INDEX
 
 
 @dataclass

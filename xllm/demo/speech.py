@@ -46,9 +46,9 @@ def cformer_alone(adapter: Path, llm: Path, records: list[dict]) -> list[str]:
     """Greedy transcripts of the stage-0 C-Former on its own: each fired token's nearest LLM output embedding."""
     from torch import nn
 
-    from xllm.checkpoint import apply_overrides, build_interface, load_weights, read_config
+    from xllm.adapters.format import apply_overrides, build_interface, load_weights, read_config
     from xllm.demo.pipeline import feature_caches
-    from xllm.pretraining.cformer import CIFObjective
+    from xllm.objectives.cformer import CIFObjective
 
     config = apply_overrides(read_config(adapter), interface_overrides=feature_caches(CONFIGS))
     (name, spec), = config["interfaces"].items()
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     timings["total"] = time.perf_counter() - started
 
     scores = {name: error_rates(predictions, references) for name, predictions in rows.items()}
-    from xllm.checkpoint import write_model_card
+    from xllm.adapters.format import write_model_card
 
     trained_scores = scores["trained (stage 0 + 1, through the LLM)"]
     write_model_card(out / "stage1" / "adapter", metrics={

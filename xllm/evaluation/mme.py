@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from xllm.data.processor import IGNORE_INDEX
 from xllm.data.records import raw_records, read_records
 from xllm.model import XLLM
+from xllm.tensors import IGNORE_INDEX
 
 
 def mme_label(text: str) -> str:

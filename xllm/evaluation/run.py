@@ -15,10 +15,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from xllm.data.processor import IGNORE_INDEX
 from xllm.evaluation.metrics import normalize_answer, summarize
 from xllm.evaluation.mme import load_yes_no, mme_table, score_yes_no
 from xllm.model import XLLM
+from xllm.tensors import IGNORE_INDEX
 
 
 def last_reply(record: dict) -> int:

@@ -29,6 +29,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from xllm.tensors import pad_stack
+
 Item = torch.Tensor | dict[str, torch.Tensor]
 
 
@@ -84,17 +86,6 @@ class ModalityTokens:
         return cls(embeds, lengths)
 
 
-def pad_stack(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Stack tensors that may differ along their first axis: zero-padded batch and lengths (None if all equal)."""
-    if all(t.shape == tensors[0].shape for t in tensors):
-        return torch.stack(list(tensors)), None
-    if any(t.shape[1:] != tensors[0].shape[1:] for t in tensors):
-        raise ValueError(f"items differ beyond their first axis: {sorted({tuple(t.shape) for t in tensors})}")
-    lengths = torch.tensor([t.shape[0] for t in tensors], dtype=torch.long)
-    out = tensors[0].new_zeros((len(tensors), int(lengths.max()), *tensors[0].shape[1:]))
-    for row, tensor in enumerate(tensors):
-        out[row, : tensor.shape[0]] = tensor
-    return out, lengths
 
 
 def collate_items(items: Sequence[Item]) -> MediaBatch:

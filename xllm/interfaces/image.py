@@ -7,33 +7,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch import nn
 from transformers import AutoImageProcessor
 
+from xllm.blocks.bridge import QFormerBridge, build_qformer, write_text_side
+from xllm.blocks.positions import PositionKind
+from xllm.blocks.projection import ProjectionKind
+from xllm.encoders.feature_cache import FEATURES, CachedFeatureLoader, FeatureCache
+from xllm.encoders.vision import FEATURES_VERSION, FrozenVisionEncoder, ImageLoader
 from xllm.interfaces.base import MediaBatch, ModalityInterface, ModalityTokens
-from xllm.interfaces.bridge import QFormerBridge, build_qformer, write_text_side
-from xllm.interfaces.encoders import FEATURES_VERSION, FrozenVisionEncoder
-from xllm.interfaces.feature_cache import FEATURES, CachedFeatureLoader, FeatureCache
-from xllm.interfaces.positions import PositionKind
-from xllm.interfaces.projection import ProjectionKind
-
-
-class ImageLoader:
-    """Decodes one image file and applies the encoder's image processor (small, so workers get a cheap copy)."""
-
-    def __init__(self, processor) -> None:
-        self.processor = processor
-
-    def __call__(self, path: str) -> dict[str, torch.Tensor]:
-        try:
-            with Image.open(path) as image:
-                image = image.convert("RGB")
-        except FileNotFoundError:
-            raise
-        except (UnidentifiedImageError, OSError, ValueError) as err:
-            raise ValueError(f"cannot decode image {path}: {err}") from err
-        return {"pixel_values": self.processor(images=image, return_tensors="pt")["pixel_values"][0]}
 
 
 class ImageInterface(ModalityInterface):
@@ -41,7 +23,7 @@ class ImageInterface(ModalityInterface):
 
     Args:
         encoder: path (or hub id) of a transformers vision model with an image processor config, or a
-            torchvision CNN directory (see `xllm.interfaces.encoders`).
+            torchvision CNN directory (see `xllm.encoders.vision`).
         num_query_tokens: learned queries, i.e. LLM tokens per image (BLIP-2: 32).
         qformer_hidden_size: Q-Former width (BLIP-2: 768, bert-base).
         qformer_layers: Q-Former depth (BLIP-2: 12).
@@ -65,7 +47,7 @@ class ImageInterface(ModalityInterface):
         feature_cache: folder for the frozen encoder's outputs, one safetensors file per image. With it,
             `prepare_media` encodes each image once and training reads features instead of pixels.
         feature_position_kind: `learned`, `factorised` (row + column; fastest to learn in the demo) or
-            `sincos2d` (fixed); see `xllm.interfaces.positions`.
+            `sincos2d` (fixed); see `xllm.blocks.positions`.
         text_embeddings: safetensors file with the Q-Former text side's frozen word and position tables (an
             adapter writes its own, so it loads without the `bert_init` checkpoint).
     """

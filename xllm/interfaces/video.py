@@ -21,7 +21,6 @@ image Q-Former this way; `freeze_qformer` keeps it as it was.
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,34 +30,18 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoImageProcessor
 
+from xllm.blocks.bridge import QFormerBridge, build_qformer, write_text_side
+from xllm.blocks.positions import POSITION_INIT_STD, PositionKind, square_side
+from xllm.blocks.projection import ProjectionKind
+from xllm.blocks.qformer import QFormer
+from xllm.encoders.feature_cache import FEATURES, CachedFeatureLoader, FeatureCache
+from xllm.encoders.video_frames import SamplingMode, VideoLoader
+from xllm.encoders.vision import FEATURES_VERSION, FrozenVisionEncoder
 from xllm.frozen import freeze
 from xllm.interfaces.base import MediaBatch, ModalityInterface, ModalityTokens
-from xllm.interfaces.bridge import QFormerBridge, build_qformer, write_text_side
-from xllm.interfaces.encoders import FEATURES_VERSION, FrozenVisionEncoder
-from xllm.interfaces.feature_cache import FEATURES, CachedFeatureLoader, FeatureCache
-from xllm.interfaces.positions import POSITION_INIT_STD, PositionKind, square_side
-from xllm.interfaces.projection import ProjectionKind
-from xllm.interfaces.qformer import QFormer
-from xllm.interfaces.video_frames import SamplingMode, read_frames
 
 TemporalKind = Literal["qformer", "concat"]
 IMAGE_BRIDGE = "interfaces.image.bridge."  # where an image adapter keeps the bridge's trained tensors
-
-
-class VideoLoader:
-    """`path -> {"pixel_values": [frames, 3, H, W]}`: sampled frames through the encoder's image processor
-    (small, so data workers get a cheap copy)."""
-
-    def __init__(self, processor, num_frames: int, sampling: SamplingMode, fps: float | None, short_side: int | None,
-                 seed: int | None = None) -> None:
-        self.processor, self.num_frames, self.sampling, self.fps, self.short_side = (
-            processor, num_frames, sampling, fps, short_side)
-        self.rng = random.Random(seed)
-
-    def __call__(self, path: str) -> dict[str, torch.Tensor]:
-        sampled = read_frames(path, self.num_frames, self.sampling, self.fps, self.short_side, self.rng)
-        pixels = self.processor(images=list(sampled.frames), return_tensors="pt")["pixel_values"]
-        return {"pixel_values": pixels}
 
 
 class FramesBridge(QFormerBridge):

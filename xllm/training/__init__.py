@@ -3,6 +3,6 @@
 from xllm.training.base import TrainingModule
 from xllm.training.datamodule import XLLMDataModule
 from xllm.training.module import XLLMModule
-from xllm.training.pretrain import InterfacePretrainingModule
+from xllm.training.stage0 import InterfacePretrainingModule
 
 __all__ = ["InterfacePretrainingModule", "TrainingModule", "XLLMDataModule", "XLLMModule"]

@@ -13,13 +13,14 @@ from typing import Any, Literal
 
 from torch import nn
 
-from xllm.checkpoint import load_weights
+from xllm.adapters.format import load_weights
 from xllm.data.collator import ConversationCollator
 from xllm.data.dataset import ConversationDataset, build_tokenized_dataset
 from xllm.data.records import BadSamples
 from xllm.interfaces.base import ModalityInterface
 from xllm.llm import LoraSettings
 from xllm.model import XLLM
+from xllm.tensors import IGNORE_INDEX
 from xllm.training.base import TrainingModule
 
 
@@ -110,7 +111,7 @@ class XLLMModule(TrainingModule):
         self.log(f"{split}/loss", out.loss, prog_bar=True, batch_size=size,
                  on_step=split == "train", on_epoch=split != "train", sync_dist=split != "train")
         if split == "train":
-            self.log("train/target_tokens", float((batch["labels"] != -100).sum()), on_step=True, batch_size=1)
+            self.log("train/target_tokens", float((batch["labels"] != IGNORE_INDEX).sum()), on_step=True, batch_size=1)
         llm_frozen, llm_trained, interface_trained = self._flop_counts
         flops = out.tokens * (4 * llm_frozen + 6 * llm_trained) + out.media_tokens * 6 * interface_trained
         return {"loss": out.loss, "sequences": size, "tokens": out.tokens, "flops": flops}

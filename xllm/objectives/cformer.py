@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from xllm.blocks.cformer import CFormer, quantity_loss
 from xllm.interfaces.base import MediaBatch, ModalityInterface, PretrainableInterface
-from xllm.interfaces.cformer import CFormer, quantity_loss
 from xllm.llm import embedding_tables, load_tokenizer
-from xllm.pretraining.base import PretrainingObjective, PretrainOutput
+from xllm.objectives.base import PretrainingObjective, PretrainOutput
 
 
 class CIFObjective(PretrainingObjective):

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertModel
 
-from xllm.interfaces.projection import ProjectionKind, build_projection
+from xllm.blocks.projection import ProjectionKind, build_projection
 
 
 @dataclass

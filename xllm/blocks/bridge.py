@@ -14,9 +14,9 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from xllm.interfaces.positions import FeaturePositions, PositionKind
-from xllm.interfaces.projection import ProjectionKind, build_projection
-from xllm.interfaces.qformer import QFormer
+from xllm.blocks.positions import FeaturePositions, PositionKind
+from xllm.blocks.projection import ProjectionKind, build_projection
+from xllm.blocks.qformer import QFormer
 
 
 class QFormerBridge(nn.Module):

@@ -20,6 +20,7 @@ from typing import Literal
 
 import av
 import numpy as np
+import torch
 
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".webm", ".mkv", ".avi", ".mov")
 SamplingMode = Literal["uniform", "fps", "headtail"]
@@ -160,3 +161,19 @@ def _read(container, stream, path, num_frames, mode, fps, short_side, rng) -> Sa
     if not kept:
         raise ValueError(f"{path}: no decodable video frames")
     return SampledFrames(np.stack([array for _, _, array in kept]), [t for _, t, _ in kept], decoded)
+
+
+class VideoLoader:
+    """`path -> {"pixel_values": [frames, 3, H, W]}`: sampled frames through the encoder's image processor
+    (small, so data workers get a cheap copy)."""
+
+    def __init__(self, processor, num_frames: int, sampling: SamplingMode, fps: float | None, short_side: int | None,
+                 seed: int | None = None) -> None:
+        self.processor, self.num_frames, self.sampling, self.fps, self.short_side = (
+            processor, num_frames, sampling, fps, short_side)
+        self.rng = random.Random(seed)
+
+    def __call__(self, path: str) -> dict[str, torch.Tensor]:
+        sampled = read_frames(path, self.num_frames, self.sampling, self.fps, self.short_side, self.rng)
+        pixels = self.processor(images=list(sampled.frames), return_tensors="pt")["pixel_values"]
+        return {"pixel_values": pixels}

@@ -1,7 +1,7 @@
 """Stage 0: LLM-free pretraining of one interface's bridge with an objective chosen in the config.
 
 The LLM is never created, so stage 0 spends neither memory nor time on it. The objective (e.g.
-`xllm.pretraining.QFormerObjective`, BLIP-2's ITC/ITM/ITG + question-aware matching) binds to the interface
+`xllm.objectives.QFormerObjective`, BLIP-2's ITC/ITM/ITG + question-aware matching) binds to the interface
 through `PretrainableInterface` and owns its text tokenization; the data are media-text pairs from the usual
 conversation files (`xllm.data.pairs`). The result is an interface checkpoint that stage 1 loads with
 `init_adapter:`.
@@ -14,12 +14,12 @@ from typing import Any
 
 from torch import nn
 
-from xllm.checkpoint import load_weights, save_interface_checkpoint
+from xllm.adapters.format import load_weights, save_interface_checkpoint
 from xllm.data.pairs import PairCollator, PairDataset, build_pair_dataset
 from xllm.data.records import BadSamples
 from xllm.interfaces.base import ModalityInterface
-from xllm.pretraining.base import PretrainingObjective
-from xllm.pretraining.qformer import QFormerObjective
+from xllm.objectives.base import PretrainingObjective
+from xllm.objectives.qformer import QFormerObjective
 from xllm.training.base import TrainingModule
 
 

@@ -19,9 +19,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
     # Each command imports only what it needs (the server's web framework is an optional extra).
     if argv[0] == "chat":
-        from xllm.chat import main as command
+        from xllm.apps.chat import main as command
     else:
-        from xllm.serve import main as command
+        from xllm.apps.serve import main as command
     command(argv[1:])
 
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from xllm.interfaces.projection import ProjectionKind, build_projection
-from xllm.interfaces.qformer import QFormer
+from xllm.blocks.projection import ProjectionKind, build_projection
+from xllm.blocks.qformer import QFormer
 
 
 class WindowQFormer(nn.Module):

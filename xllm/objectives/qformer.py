@@ -28,11 +28,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from xllm.blocks.bridge import QFormerBridge
 from xllm.interfaces.base import ModalityInterface, PretrainableInterface
-from xllm.interfaces.bridge import QFormerBridge
-from xllm.pretraining.base import PretrainingObjective, PretrainOutput
-
-IGNORE_INDEX = -100
+from xllm.objectives.base import PretrainingObjective, PretrainOutput
+from xllm.tensors import IGNORE_INDEX
 
 
 def gather_with_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -24,7 +24,6 @@ from torch import nn
 from transformers import Blip2QFormerConfig, Blip2QFormerModel
 from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 
-
 TEXT_TABLES = ("word_embeddings.weight", "position_embeddings.weight")
 
 
