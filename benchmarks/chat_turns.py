@@ -13,7 +13,8 @@ import argparse
 import time
 
 from xllm.apps.chat import ChatSession
-from xllm.model import XLLM, ConversationCache
+from xllm.generation import ConversationCache
+from xllm.model import XLLM
 
 QUESTIONS = ["Is there a blue circle in the image?", "Describe the image.", "How many shapes are there?",
              "Is there a red square?", "What colour is the triangle?", "Is there a green circle?",

@@ -78,7 +78,9 @@ class CachedFeatures:
 def run(cfg: dict) -> dict:
     from transformers import AutoTokenizer
 
-    from xllm.interfaces import MediaBatch, QFormer, QFormerBridge
+    from xllm.blocks.bridge import QFormerBridge
+    from xllm.blocks.qformer import QFormer
+    from xllm.interfaces import MediaBatch
     from xllm.objectives import QFormerObjective
 
     device = cfg.get("device", "cuda")

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import TINY_QFORMER, make_model
-from xllm.adapters.format import write_model_card
+from xllm.adapters.card import write_model_card
 from xllm.interfaces import ImageInterface
 from xllm.model import XLLM
 
@@ -24,7 +24,7 @@ QUESTION = [{"from": "user", "value": "<image>\nIs there a red circle?"}]
 
 
 def logits(model: XLLM, image: Path) -> torch.Tensor:
-    batch = model.batch([QUESTION], [{"image": str(image)}])
+    batch = model.processor()([QUESTION], [{"image": str(image)}])
     with torch.no_grad():
         return model(batch["input_ids"], batch["attention_mask"], batch["media"]).logits
 

@@ -29,7 +29,7 @@ def test_a_session_replies_as_model_chat_does_turn_after_turn(tiny, tmp_path):
     turns += [{"from": "assistant", "value": first}, {"from": "user", "value": "And a square?"}]
     assert second == model.chat(turns, {"image": [photo]}, max_new_tokens=6)
     assert len(session.turns) == 4 and session.media == {"image": [photo]}
-    first_prompt = model.embed_prompts(model.batch([turns[:1]], [{"image": photo}]))[0].shape[1]  # image tokens in
+    first_prompt = model.embed_prompts(model.processor()([turns[:1]], [{"image": photo}]))[0].shape[1]  # image tokens in
     assert session.cache.reused >= first_prompt
 
     # A third turn with a second image: still equal, still reusing.

@@ -71,9 +71,9 @@ def test_a_variable_length_modality_goes_all_the_way(tiny, tmp_path, signal_data
     torch.manual_seed(0)
     model = XLLM.from_paths(str(tiny / "llama"), {"signal": SignalInterface()}, template="vicuna_v1")
     # records -> processor -> dataset -> collator: one batch holding a 2-token and a 5-token item.
-    rows = build_tokenized_dataset(str(signal_data), model.processor(max_length=128))
+    rows = build_tokenized_dataset(str(signal_data), model.processor(max_length=128).text)
     dataset = ConversationDataset(rows, {"signal": model.interfaces["signal"].media_loader()})
-    batch = model.collator()([dataset[0], dataset[1]])
+    batch = model.processor().collator([dataset[0], dataset[1]])
     media = batch["media"]["signal"]
     assert media.lengths.tolist() == [2, 5] and media.values["values"].shape == (2, 5, 4)
 

@@ -170,8 +170,8 @@ def test_objective_losses_fall_and_switch_off(tiny):
     objective.bind(interface)
     batch = pair_batch(interface, objective, tiny)
     out = objective(interface, batch)
-    assert out.itg is None and out.itc is not None and out.itm is not None
-    assert torch.isclose(out.loss, out.itc + out.itm)
+    assert "itg" not in out.metrics and "itc" in out.metrics and "itm" in out.metrics
+    assert torch.isclose(out.loss, out.metrics["itc"] + out.metrics["itm"])
     objective = QFormerObjective(embed_dim=16, itm_weight=0.0, itg_weight=0.0)
     objective.bind(interface)
     # lr 1e-3: at 3e-3 the loss fell then jumped back on some CPUs (chaotic); at 1e-3 over 8 seeds the
@@ -181,11 +181,11 @@ def test_objective_losses_fall_and_switch_off(tiny):
     first = None
     for _ in range(40):
         out = objective(interface, batch)
-        first = first if first is not None else out.itc.item()
+        first = first if first is not None else out.metrics["itc"].item()
         optimizer.zero_grad()
         out.loss.backward()
         optimizer.step()
-    assert out.itc.item() < 0.7 * first
+    assert out.metrics["itc"].item() < 0.7 * first
 
 
 def test_objective_refuses_an_interface_without_a_qformer_text_side(tiny):

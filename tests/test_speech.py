@@ -131,7 +131,7 @@ def test_bad_audio_in_a_data_file_names_the_record_or_is_counted(tiny, tmp_path)
     data = tmp_path / "bad.jsonl"
     data.write_text("\n".join(lines) + "\n")
     model = XLLM.from_paths(str(tiny / "llama"), {"audio": speech_interface(tiny)}, template="vicuna_v1")
-    rows = build_tokenized_dataset(str(data), model.processor(max_length=256))
+    rows = build_tokenized_dataset(str(data), model.processor(max_length=256).text)
     loaders = {"audio": model.interfaces["audio"].media_loader()}
     for index, (name, (_, words)) in enumerate(files.items()):
         with pytest.raises(BadSampleError, match=words) as caught:
@@ -208,8 +208,8 @@ def test_tiny_speech_fit_stage0_then_stage1_then_chat(tiny, tmp_path):
     after = objective(stage0.interface, batch)
     # Measured: loss 43.8 -> 7.8 (the pull toward the typed tokens' embeddings 35.4 -> 1.4, quantity 2.4 -> 0.4).
     assert float(after.loss) < 0.5 * float(before.loss), (before, after)
-    assert float(after.embedding_distance) < 0.5 * float(before.embedding_distance), (before, after)
-    assert float(after.quantity) < float(before.quantity), (before.quantity, after.quantity)
+    assert float(after.metrics["embedding_distance"]) < 0.5 * float(before.metrics["embedding_distance"]), (before, after)
+    assert float(after.metrics["quantity"]) < float(before.metrics["quantity"]), (before.metrics, after.metrics)
     assert (tmp_path / "stage0" / "adapter.safetensors").is_file()
 
     stage1 = XLLMModule(llm=str(tiny / "llama"), interfaces={"audio": speech_interface(tiny)}, stage=1,
@@ -235,7 +235,7 @@ def test_image_and_audio_in_one_conversation_and_the_window_qformer(tiny):
                             template="vicuna_v1")
     image = next((tiny / "data" / "images").glob("*.png"))
     clips = sorted((tiny / "data" / "audio").glob("*.wav"))[:2]
-    batch = model.batch([[{"from": "user", "value": "<image>\n<audio>\nDoes the speech describe the picture?"}],
+    batch = model.processor()([[{"from": "user", "value": "<image>\n<audio>\nDoes the speech describe the picture?"}],
                          [{"from": "user", "value": "<audio>\nTranscribe the audio."}]],
                         [{"image": [str(image)], "audio": [str(clips[0])]}, {"audio": [str(clips[1])]}])
     tokens = model.interfaces["audio"](batch["media"]["audio"])

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from xllm.interfaces.base import ModalityTokens
-from xllm.model import splice_modality_tokens
+from xllm.splice import splice_modality_tokens
 from xllm.tensors import IGNORE_INDEX
 
 fixed = ModalityTokens.fixed

@@ -4,7 +4,7 @@
     llm | blocks | encoders               the frozen LLM; trainable blocks; frozen encoders and media decoding
     interfaces                            the contract and the modalities, composed of blocks and encoders
     data | objectives | adapters          conversations -> batches; stage-0 losses; the adapter artifact
-    generation, model                     XLLM: embed, splice, loss, generate
+    generation, splice, model             XLLM: embed, splice, loss, generate
     training | evaluation                 Lightning stages; metrics and MME
     apps, demo                            what a person runs; nothing in the library imports them
 
@@ -21,7 +21,7 @@ BOTTOM = {"tensors", "frozen"}
 COMPONENTS = BOTTOM | {"llm", "blocks", "encoders"}
 INTERFACES = COMPONENTS | {"interfaces"}
 DATA = INTERFACES | {"data"}
-MODEL = DATA | {"adapters", "generation", "model"}
+MODEL = DATA | {"adapters", "generation", "splice", "model"}
 LIBRARY = MODEL | {"objectives", "training", "evaluation"}
 ALLOWED = {
     "tensors": set(),
@@ -34,6 +34,7 @@ ALLOWED = {
     "objectives": INTERFACES | {"llm", "objectives"},
     "adapters": INTERFACES | {"adapters"},
     "generation": BOTTOM,
+    "splice": INTERFACES,
     "model": MODEL - {"model"},
     "training": LIBRARY - {"evaluation"},
     "evaluation": MODEL | {"evaluation"},

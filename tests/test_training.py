@@ -13,10 +13,10 @@ from xllm.training import XLLMDataModule, XLLMModule
 
 
 def fixed_batch(model, tiny, n=8, file="train_chat.jsonl"):
-    rows = build_tokenized_dataset(str(tiny / "data" / file), model.processor(max_length=256))
+    rows = build_tokenized_dataset(str(tiny / "data" / file), model.processor(max_length=256).text)
     loaders = {m: i.media_loader() for m, i in model.interfaces.items()}
     dataset = ConversationDataset(rows, loaders)
-    return model.collator()([dataset[i] for i in range(0, len(dataset), len(dataset) // n)][:n])
+    return model.processor().collator([dataset[i] for i in range(0, len(dataset), len(dataset) // n)][:n])
 
 
 @pytest.mark.parametrize("llm,template", [("llama", "vicuna_v1"), ("glm", "glm4")])
@@ -178,7 +178,7 @@ def test_chat_answers_about_media_and_uses_it(tiny):
     assert model.chat(one, {"image": images[0]}, max_new_tokens=4) == answers[0]
     assert model.chat(two, {"image": images[1:]}, max_new_tokens=4) == answers[1]
     # The image reaches the LLM: other images change the first reply token's logits.
-    batch_a, batch_b = model.batch([one], [{"image": images[0]}]), model.batch([one], [{"image": images[2]}])
+    batch_a, batch_b = model.processor()([one], [{"image": images[0]}]), model.processor()([one], [{"image": images[2]}])
     logits_a = model.generate_ids(batch_a, 1, do_sample=False, output_logits=True).logits[0]
     logits_b = model.generate_ids(batch_b, 1, do_sample=False, output_logits=True).logits[0]
     assert not torch.allclose(logits_a, logits_b)

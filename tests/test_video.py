@@ -111,7 +111,7 @@ def test_a_tiny_video_fit_learns_through_video_records_and_its_adapter_chats(tin
     module = XLLMModule(llm=str(tiny / "llama"), interfaces={"video": video_interface(tiny)}, stage=1,
                         template="vicuna_v1", adapter_dir=str(tmp_path / "adapter"), lr=1e-2, max_length=256)
     model = module.model.train()
-    batch = model.batch([r["conversations"] for r in records], [{"video": str(tmp_path / r["video"])} for r in records],
+    batch = model.processor()([r["conversations"] for r in records], [{"video": str(tmp_path / r["video"])} for r in records],
                         prompt=False)
     first = model(batch["input_ids"], batch["attention_mask"], batch["media"], batch["labels"]).loss.item()
     trainer = pl.Trainer(max_steps=40, accelerator="cpu", logger=False, enable_checkpointing=False,

@@ -5,16 +5,16 @@ interface once on all items of its modality in the batch (a `MediaBatch`), then 
 replaces each sentinel by exactly that item's tokens (`ModalityTokens`: counts may differ per item), in reading
 order. Nothing here knows which modalities exist: a new interface plugs in through `ModalityInterface`.
 
-One inference path: `chat(messages, media)` for one conversation, `reply` for many, both built on `batch`
-(conversations + media paths -> the same batch training uses) and `generate`; evaluation and MME scoring use
-`batch` + `generate` / `generate_ids` (which also hands back each step's logits).
+One inference path: `chat(messages, media)` for one conversation, `reply` for many, both built on the model's
+processor (`processor()`: conversations + media paths -> the same batch training uses) and `generate`;
+evaluation and MME scoring use the processor + `generate` / `generate_ids` (which also hands back each step's
+logits) or `forward(..., per_row=True)`.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,22 +23,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from xllm.adapters.format import (
-    apply_overrides,
-    build_interface,
-    check_encoder_width,
-    check_paths,
-    load_weights,
-    read_config,
-    write_checkpoint,
-)
-from xllm.data.collator import ConversationCollator
-from xllm.data.processor import ConversationProcessor
-from xllm.data.records import normalize_turns
+from xllm.adapters.format import load_weights
+from xllm.adapters.load import adapter_config, build_interfaces
+from xllm.adapters.save import write_checkpoint
+from xllm.data.processor import MediaInput, MultimodalProcessor
 from xllm.frozen import keep_frozen_in_eval
-from xllm.interfaces.base import Item, MediaBatch, ModalityInterface, ModalityTokens
+from xllm.generation import CACHE_KWARG, ConversationCache, stream_pieces
+from xllm.interfaces.base import MediaBatch, ModalityInterface, ModalityTokens
 from xllm.llm import (
     LoraSettings,
     apply_lora,
@@ -48,79 +41,10 @@ from xllm.llm import (
     load_tokenizer,
     lora_to_dict,
 )
+from xllm.splice import splice_modality_tokens
 from xllm.tensors import IGNORE_INDEX
 
 SENTINEL_BASE = -200  # LLaVA's IMAGE_TOKEN_INDEX; one id per modality counts down from here
-
-
-def splice_modality_tokens(
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    labels: torch.Tensor | None,
-    embed_tokens: nn.Embedding,
-    modality_embeds: dict[int, ModalityTokens],
-    padding_side: str = "right",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Replace each sentinel id in `input_ids` by its item's embeddings.
-
-    Args:
-        input_ids: `[batch, length]` token ids, with negative sentinels for media items.
-        attention_mask: `[batch, length]`, 1 on real tokens (padding may be on either side).
-        labels: `[batch, length]` or None; spliced positions get -100.
-        embed_tokens: the LLM's input embedding table.
-        modality_embeds: sentinel id -> that modality's `ModalityTokens`, items in reading order over the batch;
-            item i contributes its first `lengths[i]` token embeddings.
-        padding_side: padding of the output (`left` for generation).
-
-    Returns `(inputs_embeds, attention_mask, labels)` of the expanded, re-padded batch.
-    """
-    safe_ids = input_ids.masked_fill(input_ids < 0, 0)
-    text_embeds = embed_tokens(safe_ids)
-    used = {sentinel: 0 for sentinel in modality_embeds}
-    rows_embeds: list[torch.Tensor] = []
-    rows_labels: list[torch.Tensor] = []
-    for row in range(input_ids.shape[0]):
-        keep = attention_mask[row].bool()
-        ids, embeds = input_ids[row][keep], text_embeds[row][keep]
-        row_labels = labels[row][keep] if labels is not None else torch.full_like(ids, IGNORE_INDEX)
-        pieces, label_pieces, start = [], [], 0
-        for position in (ids < 0).nonzero().flatten().tolist():
-            sentinel = int(ids[position])
-            if sentinel not in modality_embeds or used[sentinel] >= len(modality_embeds[sentinel].lengths):
-                raise ValueError(f"row {row}: more media placeholders (id {sentinel}) than media items in the batch")
-            tokens = modality_embeds[sentinel]
-            item = tokens.embeds[used[sentinel], : int(tokens.lengths[used[sentinel]])].to(text_embeds.dtype)
-            used[sentinel] += 1
-            pieces += [embeds[start:position], item]
-            label_pieces += [row_labels[start:position], row_labels.new_full((item.shape[0],), IGNORE_INDEX)]
-            start = position + 1
-        pieces.append(embeds[start:])
-        label_pieces.append(row_labels[start:])
-        rows_embeds.append(torch.cat(pieces))
-        rows_labels.append(torch.cat(label_pieces))
-    for sentinel, count in used.items():
-        if count != len(modality_embeds[sentinel].lengths):
-            raise ValueError(
-                f"{len(modality_embeds[sentinel].lengths)} media items (id {sentinel}) for {count} placeholders in the batch"
-            )
-
-    length = max(r.shape[0] for r in rows_embeds)
-    batch, hidden = len(rows_embeds), text_embeds.shape[-1]
-    out_embeds = text_embeds.new_zeros((batch, length, hidden))
-    out_mask = attention_mask.new_zeros((batch, length))
-    out_labels = input_ids.new_full((batch, length), IGNORE_INDEX)
-    for row, (embeds, row_labels) in enumerate(zip(rows_embeds, rows_labels)):
-        n = embeds.shape[0]
-        span = slice(0, n) if padding_side == "right" else slice(length - n, length)
-        out_embeds[row, span] = embeds
-        out_mask[row, span] = 1
-        out_labels[row, span] = row_labels
-    return out_embeds, out_mask, (out_labels if labels is not None else None)
-
-
-def _as_list(value: Any) -> list:
-    """One media value (a path or a loaded item) or a sequence of them, as a list."""
-    return [value] if isinstance(value, (str, torch.Tensor, dict)) else list(value)
 
 
 @functools.cache
@@ -138,53 +62,8 @@ class XLLMOutput:
     logits: torch.Tensor
     tokens: int
     media_tokens: int
-
-
-MediaInput = Mapping[str, "str | Item | Sequence[str | Item]"]
-
-
-# transformers 5.x renames generate's `past_key_values` to `cache` (the old name warns until 6.0).
-_CACHE_KWARG = "cache" if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters else "past_key_values"
-
-
-class ConversationCache:
-    """The LLM's KV cache of one conversation's last turn (prompt + reply), for the next turn to reuse.
-
-    A turn re-reads the whole conversation, so its prompt begins with the previous prompt and reply; the keys and
-    values of the longest prefix whose input embeddings are *equal* are taken from the cache and only the rest
-    is computed. A prefix is compared by embeddings, not token ids, because media tokens have no ids; a reply
-    re-tokenized differently from how it was generated just ends the shared prefix earlier."""
-
-    def __init__(self) -> None:
-        self.embeds: torch.Tensor | None = None  # [n, hidden]: the positions `cache` holds keys/values for
-        self.cache: Any = None
-        self.reused = 0  # positions the last turn took from the cache
-
-    def take(self, embeds: torch.Tensor, config: Any) -> Any:
-        """The cache cut to the shared prefix of `embeds` ([1, length, hidden]), or a new, empty one for an LLM
-        of `config`."""
-        from transformers import DynamicCache
-
-        if embeds.shape[0] != 1:
-            raise ValueError(f"a conversation cache serves one conversation, not a batch of {embeds.shape[0]}")
-        cache, old, self.cache, self.embeds, self.reused = self.cache, self.embeds, None, None, 0
-        if cache is None or old is None:
-            return DynamicCache(config=config)
-        length = min(len(old), embeds.shape[1] - 1)  # at least the last position is computed: its logits are needed
-        same = (old[:length] == embeds[0, :length]).all(-1)
-        shared = int(same.cumprod(0).sum())
-        if shared == 0:
-            return DynamicCache(config=config)
-        if cache.get_seq_length() > shared:
-            cache.crop(shared - cache.get_seq_length())  # a negative count removes that many from the end
-        self.reused = shared
-        return cache
-
-    def keep(self, prompt: torch.Tensor, reply: torch.Tensor, cache: Any) -> None:
-        """After generation: `cache` holds the prompt and every reply token but the last (never fed back)."""
-        embeds = torch.cat([prompt[0], reply[0]])
-        if cache.get_seq_length() == len(embeds):  # anything else (a model's own cache rules): start afresh
-            self.embeds, self.cache = embeds, cache
+    row_loss_sums: torch.Tensor | None = None  # `[batch]` summed loss over each row's labels (`per_row=True`)
+    row_label_counts: torch.Tensor | None = None  # `[batch]` how many labels each row has (`per_row=True`)
 
 
 class XLLM(nn.Module):
@@ -271,23 +150,9 @@ class XLLM(nn.Module):
             interface_overrides: other replaced init args, e.g. `{"image": {"feature_cache": "cache/"}}`.
             interface_classes: interface classes from outside xllm that the adapter may name.
         """
-        config = read_config(directory)
-        if config.get("llm") is None:
-            raise ValueError(
-                f"{directory} is a stage-0 interface checkpoint (no LLM yet); train stage 1 from it with init_adapter"
-            )
-        if not trust_remote_code and (config.get("trust_remote_code") or config["llm"].get("trust_remote_code")):
-            raise ValueError(
-                f"adapter {directory}: its config asks for trust_remote_code, and xllm never takes that from a file; "
-                "nothing was loaded. If you trust the LLM's code, pass trust_remote_code=True yourself"
-            )
-        config = apply_overrides(config, llm=llm, encoders=encoders, interface_overrides=interface_overrides,
-                                 dtype=dtype)
-        check_paths(directory, config)
-        interfaces = {}
-        for name, spec in config["interfaces"].items():
-            interfaces[name] = build_interface(name, spec, interface_classes)
-            check_encoder_width(directory, name, spec, interfaces[name])
+        config = adapter_config(directory, llm=llm, encoders=encoders, dtype=dtype,
+                                trust_remote_code=trust_remote_code, interface_overrides=interface_overrides)
+        interfaces = build_interfaces(directory, config, interface_classes)
         model = cls.from_paths(
             config["llm"]["path"], interfaces, llm_dtype=config["llm"].get("dtype", "float32"),
             trust_remote_code=trust_remote_code, template=config["template"], system_prompt=config.get("system_prompt"),
@@ -336,69 +201,10 @@ class XLLM(nn.Module):
         return input_embeddings(self.llm).weight.device
 
     # --- data --------------------------------------------------------------------------------------
-    def processor(self, max_length: int = 2048) -> ConversationProcessor:
-        """The one tokenizer of conversations for this model (LLM ids, labels, interfaces' instruction ids)."""
-        tokenizers = {m: i.instruction_tokenizer() for m, i in self.interfaces.items()}
-        return ConversationProcessor(
-            tokenizer=self.tokenizer,
-            template=self.template,
-            sentinels=dict(self.sentinels),
-            max_tokens={m: i.max_tokens for m, i in self.interfaces.items()},
-            max_length=max_length,
-            system_prompt=self.system_prompt,
-            instruction_tokenizers={m: t for m, t in tokenizers.items() if t is not None},
-        )
-
-    def collator(self) -> ConversationCollator:
-        return ConversationCollator(self.tokenizer.pad_token_id, {m: i.collate for m, i in self.interfaces.items()})
-
-    def batch(
-        self,
-        conversations: Sequence[Sequence[Mapping[str, str]]],
-        media: Sequence[MediaInput] | None = None,
-        prompt: bool = True,
-        max_length: int = 2048,
-    ) -> dict[str, Any]:
-        """Conversations + their media (paths, or items already loaded) -> the batch training uses.
-
-        `prompt=True` ends each conversation with the assistant cue (for `generate`); `prompt=False` encodes
-        whole conversations with their labels (for a teacher-forced loss)."""
-        media = list(media) if media is not None else [{} for _ in conversations]
-        if len(media) != len(conversations):
-            raise ValueError(f"{len(conversations)} conversations but {len(media)} media entries")
-        processor = self.processor(max_length)
-        loaded = self.load_media(media)
-        items = []
-        for index, (turns, item_media) in enumerate(zip(conversations, loaded)):
-            turns = normalize_turns(list(turns), f"conversation {index}")
-            text = "".join(t["value"] for t in turns)
-            for modality, interface in self.interfaces.items():
-                given, wanted = len(item_media.get(modality, [])), text.count(interface.placeholder)
-                if given != wanted:
-                    raise ValueError(f"conversation {index}: {wanted} {interface.placeholder} placeholder(s) but "
-                                     f"{given} {modality} item(s)")
-            record = {"id": str(index), "source": f"conversation {index}", "conversations": turns, "media": {}}
-            encoded = processor.encode_prompt(turns) if prompt else processor.encode(record)
-            items.append({"id": str(index), **encoded, "media": item_media})
-        return self.collator()(items)
-
-    def prepare_media(self, media: Sequence[MediaInput]) -> None:
-        """Let each interface prepare all of its paths at once (e.g. cache their features in batches)."""
-        for modality, interface in self.interfaces.items():
-            paths = [v for entry in media for v in _as_list(entry.get(modality, [])) if isinstance(v, str)]
-            if paths:
-                interface.prepare_media(paths)
-
-    def load_media(self, media: Sequence[MediaInput]) -> list[dict[str, list[Item]]]:
-        """Each entry's media as loaded items: paths are prepared and loaded, loaded items pass through."""
-        media = [{m: _as_list(v) for m, v in entry.items()} for entry in media]
-        unknown = sorted({m for entry in media for m in entry if m not in self.interfaces})
-        if unknown:
-            raise ValueError(f"media of {unknown} given, but the model has interfaces for {sorted(self.interfaces)} only")
-        self.prepare_media(media)
-        loaders = {m: i.media_loader() for m, i in self.interfaces.items() if any(m in entry for entry in media)}
-        return [{m: [loaders[m](v) if isinstance(v, str) else v for v in values] for m, values in entry.items()}
-                for entry in media]
+    def processor(self, max_length: int = 2048) -> MultimodalProcessor:
+        """This model's processor: conversations + media -> the batch `forward` and `generate` read."""
+        return MultimodalProcessor(self.tokenizer, self.template, dict(self.interfaces), self.sentinels,
+                                   self.system_prompt, max_length)
 
     # --- compute -----------------------------------------------------------------------------------
     def encode_media(self, media: Mapping[str, MediaBatch]) -> dict[int, ModalityTokens]:
@@ -428,27 +234,39 @@ class XLLM(nn.Module):
         attention_mask: torch.Tensor,
         media: Mapping[str, MediaBatch],
         labels: torch.Tensor | None = None,
+        per_row: bool = False,
     ) -> XLLMOutput:
         """LLM output on the spliced batch; `.loss` is the mean next-token loss over assistant tokens.
 
         With `labels`, `.logits` holds only the positions that predict a label (`[n_labels, vocab]`): the LM
         head over a large vocabulary is a big share of a small LLM's step (SmolLM2: 28M of 135M parameters),
-        and only those positions enter the loss. Without labels, `.logits` is the whole `[batch, length, vocab]`."""
+        and only those positions enter the loss. Without labels, `.logits` is the whole `[batch, length, vocab]`.
+        `per_row=True` also gives each row's summed loss and label count (evaluation's per-sample loss)."""
         embeds, mask, labels = self.embed_inputs(input_ids, attention_mask, labels, media)
         tokens = int(mask.sum())
         media_tokens = tokens - int((attention_mask.bool() & (input_ids >= 0)).sum())
         if labels is None:
             out = self.llm(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
             return XLLMOutput(None, out.logits, tokens, media_tokens)
-        if not self._keeps_logits():
-            out = self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels, use_cache=False)
-            return XLLMOutput(out.loss, out.logits, tokens, media_tokens)
         predicts = torch.zeros_like(labels, dtype=torch.bool)
         predicts[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-        logits = self.llm(inputs_embeds=embeds, attention_mask=mask, use_cache=False, logits_to_keep=predicts).logits
-        # The same mean over supervised tokens that transformers' causal-LM loss computes on the full logits.
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels[:, 1:][predicts[:, :-1]])
-        return XLLMOutput(loss, logits, tokens, media_tokens)
+        if self._keeps_logits():
+            logits = self.llm(inputs_embeds=embeds, attention_mask=mask, use_cache=False,
+                              logits_to_keep=predicts).logits
+            kept = logits.reshape(-1, logits.shape[-1])  # one row per label, in reading order
+            # The same mean over supervised tokens that transformers' causal-LM loss computes on the full logits.
+            loss = F.cross_entropy(kept.float(), labels[:, 1:][predicts[:, :-1]])
+        else:
+            out = self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels, use_cache=False)
+            loss, logits = out.loss, out.logits
+            kept = logits[predicts] if per_row else None
+        output = XLLMOutput(loss, logits, tokens, media_tokens)
+        if per_row:
+            losses = F.cross_entropy(kept.float(), labels[:, 1:][predicts[:, :-1]], reduction="none")
+            rows = predicts.nonzero()[:, 0]
+            output.row_loss_sums = losses.new_zeros(labels.shape[0]).index_add_(0, rows, losses)
+            output.row_label_counts = predicts.sum(dim=1)
+        return output
 
     def _keeps_logits(self) -> bool:
         """Whether the LLM's forward takes `logits_to_keep` (transformers' own models do; hub remote code may not)."""
@@ -456,7 +274,7 @@ class XLLM(nn.Module):
         return _forward_takes_logits_to_keep(type(base))
 
     def embed_prompts(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """A prompt batch (from `batch`) spliced and left-padded on the LLM's device: `(inputs_embeds,
+        """A prompt batch (from `processor()`) spliced and left-padded on the LLM's device: `(inputs_embeds,
         attention_mask)`, so every prompt's next token sits in the last column."""
         device = self.device
         media = {m: b.to(device) for m, b in batch["media"].items()}
@@ -470,28 +288,28 @@ class XLLM(nn.Module):
         self, batch: Mapping[str, Any], max_new_tokens: int = 64, conversation_cache: ConversationCache | None = None,
         **generate_kwargs: Any,
     ) -> Any:
-        """The LLM's `generate` on a prompt batch (from `batch`), with its KV cache: the output with the new
+        """The LLM's `generate` on a prompt batch (from `processor()`), with its KV cache: the output with the new
         token ids in `sequences` (and per-step `logits` when `output_logits=True` is passed).
 
         With `conversation_cache` (one conversation), the keys/values of the longest prefix this prompt shares
         with the cached prompt + reply are reused and only the rest is computed; the cache then holds this turn."""
         embeds, mask = self.embed_prompts(batch)
         if conversation_cache is not None:
-            generate_kwargs[_CACHE_KWARG] = conversation_cache.take(embeds, self.llm.config)
+            generate_kwargs[CACHE_KWARG] = conversation_cache.take(embeds, self.llm.config)
         output = self.llm.generate(
             inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
             pad_token_id=self.tokenizer.pad_token_id, return_dict_in_generate=True, **generate_kwargs,
         )
         if conversation_cache is not None:
             new_embeds = input_embeddings(self.llm)(output.sequences[:, :-1])
-            conversation_cache.keep(embeds, new_embeds, generate_kwargs[_CACHE_KWARG])
+            conversation_cache.keep(embeds, new_embeds, generate_kwargs[CACHE_KWARG])
         return output
 
     def generate(
         self, batch: Mapping[str, Any], max_new_tokens: int = 64, conversation_cache: ConversationCache | None = None,
         **generate_kwargs: Any,
     ) -> list[str]:
-        """Replies to a prompt batch (from `batch`): the decoded new text of each (see `generate_ids`)."""
+        """Replies to a prompt batch (from `processor()`): the decoded new text of each (see `generate_ids`)."""
         output = self.generate_ids(batch, max_new_tokens, conversation_cache, **generate_kwargs)
         return self.tokenizer.batch_decode(output.sequences, skip_special_tokens=True)
 
@@ -504,7 +322,7 @@ class XLLM(nn.Module):
     ) -> list[str]:
         """The next assistant reply of each conversation (greedy unless sampling arguments are given)."""
         generate_kwargs.setdefault("do_sample", False)
-        replies = self.generate(self.batch(conversations, media), max_new_tokens, **generate_kwargs)
+        replies = self.generate(self.processor()(conversations, media), max_new_tokens, **generate_kwargs)
         return [text.strip() for text in replies]
 
     def chat(
@@ -522,24 +340,7 @@ class XLLM(nn.Module):
         """`chat`, with the reply's text yielded piece by piece as it is generated (greedy unless sampling
         arguments are given); the pieces join to what `chat` returns, before stripping. Pass a
         `conversation_cache=ConversationCache()` on every turn of one conversation to reuse its KV cache."""
-        from transformers import TextIteratorStreamer
-
         generate_kwargs.setdefault("do_sample", False)
-        batch = self.batch([messages], [media or {}])
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        errors: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                self.generate(batch, max_new_tokens, streamer=streamer, **generate_kwargs)
-            except BaseException as err:  # re-raised in the caller's thread, after the stream ends
-                errors.append(err)
-                streamer.end()
-
-        # transformers streams from a generating thread: the caller reads pieces while tokens are produced.
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        yield from streamer
-        thread.join()
-        if errors:
-            raise errors[0]
+        batch = self.processor()([messages], [media or {}])
+        yield from stream_pieces(
+            lambda streamer: self.generate(batch, max_new_tokens, streamer=streamer, **generate_kwargs), self.tokenizer)

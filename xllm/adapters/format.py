@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,24 +34,12 @@ from torch import nn
 
 import xllm
 from xllm.interfaces.base import ModalityInterface
-from xllm.interfaces.image import ImageInterface
-from xllm.interfaces.speech import SpeechInterface
-from xllm.interfaces.video import VideoInterface
 
 FORMAT = "xllm-adapter"
 VERSION = 2  # 2: local paths relative to the adapter, hidden sizes, xllm version, self-contained Q-Former text
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "adapter.safetensors"
 CARD_NAME = "README.md"
-
-# The interfaces a config may name without the caller passing the class. A fixed list, not "anything under
-# xllm.": importing a module runs its code, and some modules (xllm.demo.__main__) run a whole job.
-XLLM_INTERFACES: tuple[type[ModalityInterface], ...] = (ImageInterface, SpeechInterface, VideoInterface)
-
-
-def class_path(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
 
 def _json_ready(value: Any) -> Any:
     if isinstance(value, dict):
@@ -75,7 +63,7 @@ def encoder_hidden_size(interface: ModalityInterface) -> int | None:
     return getattr(getattr(interface, "encoder", None), "hidden_size", None)
 
 
-def write_checkpoint(
+def write_adapter_files(
     directory: str | Path,
     tensors: Mapping[str, torch.Tensor],
     interfaces: Mapping[str, ModalityInterface],
@@ -83,7 +71,8 @@ def write_checkpoint(
     llm: Mapping[str, Any] | None = None,
     trained_on: str | None = None,
 ) -> Path:
-    """Write `config.json` + `adapter.safetensors` (+ interface files and a model card).
+    """Write `config.json` + `adapter.safetensors` (+ the files interfaces need); `save.write_checkpoint` adds the
+    model card.
 
     Args:
         directory: where to write (created).
@@ -122,20 +111,7 @@ def write_checkpoint(
     config["local_paths"] = local_paths
     save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": FORMAT})
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, ensure_ascii=False))
-    write_model_card(directory)
     return directory
-
-
-def save_interface_checkpoint(interfaces: Mapping[str, ModalityInterface], directory: str | Path, stage: int = 0,
-                              trained_on: str | None = None) -> Path:
-    """Stage 0's output: the interfaces' trainable tensors, named as inside an `XLLM`, and their config."""
-    tensors = {
-        f"interfaces.{name}.{key}": p
-        for name, interface in interfaces.items()
-        for key, p in interface.named_parameters()
-        if p.requires_grad
-    }
-    return write_checkpoint(directory, tensors, interfaces, stage, trained_on=trained_on)
 
 
 def _get(config: dict, dotted: str) -> tuple[dict, str]:
@@ -223,32 +199,6 @@ def check_paths(directory: str | Path, config: Mapping[str, Any]) -> None:
                                  f"interface_overrides={{{name!r}: {{{key!r}: PATH}}}}")
 
 
-def build_interface(name: str, spec: Mapping[str, Any], allowed: Iterable[type] = ()) -> ModalityInterface:
-    """Instantiate `{"class_path", "init_args"}`: one of xllm's interfaces, or one of the `allowed` classes.
-
-    Nothing is imported because a file names it: a class from elsewhere must be passed by the caller."""
-    classes = {class_path(c): c for c in (*XLLM_INTERFACES, *allowed)}
-    cls = classes.get(spec["class_path"])
-    if cls is None:
-        raise ValueError(
-            f"interface {name!r}: class_path {spec['class_path']!r} is not one of xllm's interfaces "
-            f"({', '.join(class_path(c) for c in XLLM_INTERFACES)}); nothing was imported. If you trust it, import "
-            "the class yourself and pass it: interface_classes=[MyInterface]"
-        )
-    if not (isinstance(cls, type) and issubclass(cls, ModalityInterface)):
-        raise TypeError(f"interface {name!r}: {spec['class_path']} is not a ModalityInterface")
-    return cls(**spec.get("init_args", {}))
-
-
-def check_encoder_width(directory: str | Path, name: str, spec: Mapping[str, Any], interface: ModalityInterface) -> None:
-    trained, now = spec.get("encoder_hidden_size"), encoder_hidden_size(interface)
-    if trained is not None and now is not None and trained != now:
-        raise ValueError(
-            f"adapter {directory}: its {name} interface was trained on encoder features of width {trained}, but the "
-            f"encoder at {spec['init_args'].get('encoder')} gives {now}: pass the encoder it was trained with"
-        )
-
-
 def _listed(keys: list[str], limit: int = 8) -> str:
     return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
@@ -279,39 +229,3 @@ def load_weights(module: nn.Module, directory: str | Path, strict: bool = True) 
                 raise ValueError(f"{path}: {key} has shape {tuple(tensor.shape)}, model has {tuple(own[key].shape)}")
             own[key].copy_(tensor.to(own[key].dtype))
     return sorted(tensors)
-
-
-def write_model_card(directory: str | Path, metrics: Mapping[str, Any] | None = None) -> Path:
-    """(Re)write the directory's `README.md`: what it is, what it was trained against, its numbers, how to load it."""
-    directory = Path(directory)
-    config = json.loads((directory / CONFIG_NAME).read_text())
-    llm = config.get("llm") or {}
-    modalities = sorted(config["interfaces"])
-    lines = ["---", "library_name: xllm", "tags:", "- xllm", *[f"- {m}" for m in modalities],
-             "- multimodal", "---", "", f"# xllm {'adapter' if llm else 'interface checkpoint'} "
-             f"(stage {config.get('stage')})", ""]
-    if llm:
-        lines += [f"Foreign-language interfaces ({', '.join(modalities)}) for the frozen LLM `{llm.get('path')}` "
-                  f"(hidden size {llm.get('hidden_size')}, template `{config.get('template')}`"
-                  f"{', LoRA' if config.get('lora') else ''}).", ""]
-    else:
-        lines += [f"LLM-free stage-0 pretraining of the {', '.join(modalities)} interface; train stage 1 from it "
-                  "with `init_adapter:`.", ""]
-    lines += ["| interface | class | frozen encoder | encoder width |", "|---|---|---|---:|"]
-    for name, spec in config["interfaces"].items():
-        lines.append(f"| {name} | `{spec['class_path']}` | `{spec['init_args'].get('encoder')}` | "
-                     f"{spec.get('encoder_hidden_size')} |")
-    if config.get("trained_on"):
-        lines += ["", f"Trained on: {config['trained_on']}."]
-    if metrics:
-        lines += ["", "## Evaluation", "", "| metric | value |", "|---|---:|"]
-        lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
-    lines += ["", "## Load", "", "```python", "from xllm import XLLM", "",
-              "model = XLLM.from_pretrained(\"path/to/this/folder\")  # llm=..., encoders={...} if models moved",
-              "print(model.chat([{\"from\": \"user\", \"value\": \"<image>\\nWhat is in the picture?\"}], "
-              "{\"image\": \"photo.jpg\"}))", "```", "",
-              "Paths in `config.json` listed under `local_paths` are relative to this folder. Only the trained "
-              "tensors are in `adapter.safetensors`; the frozen LLM and encoders are loaded from their paths.", ""]
-    path = directory / CARD_NAME
-    path.write_text("\n".join(lines))
-    return path

@@ -14,7 +14,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TextIO
 
-from xllm.model import XLLM, ConversationCache
+from xllm.generation import ConversationCache
+from xllm.model import XLLM
 
 
 class ChatSession:
@@ -40,7 +41,7 @@ class ChatSession:
 
     def ask(self, text: str) -> Iterable[str]:
         """The user's turn (with the pending media in front of it); yields the reply as it is generated."""
-        placeholders = "".join(f"<{modality}>\n" for modality, _ in self.pending)
+        placeholders = "".join(self.model.interfaces[modality].placeholder + "\n" for modality, _ in self.pending)
         turns = [*self.turns, {"from": "user", "value": placeholders + text}]
         media = {m: list(paths) for m, paths in self.media.items()}
         for modality, path in self.pending:

@@ -1,7 +1,8 @@
 """`xllm serve --adapter DIR`: the OpenAI chat-completions protocol over a trained model, and a small web page.
 
-`POST /v1/chat/completions` takes OpenAI's `messages` with content parts (`text`, `image_url` as a `data:` URL
-or a path inside a folder the server was allowed to read, `input_audio` as base64), `max_tokens`, `temperature`
+`POST /v1/chat/completions` takes OpenAI's `messages` with content parts: `text`, and whatever part types the
+adapter's interfaces declare (`image_url`, `video_url` as a `data:` URL or a path inside a folder the server was
+allowed to read, `input_audio` as base64 data and a format; see `ModalityInterface.content_parts`), `max_tokens`, `temperature`
 and `stream` (server-sent events); `GET /v1/models` lists the one model; `GET /` is a page to upload an image,
 ask, and watch the answer stream. Requests are queued: one generation runs at a time, so concurrent clients
 never share state. Errors use OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`).
@@ -16,6 +17,7 @@ import argparse
 import base64
 import binascii
 import json
+import re
 import tempfile
 import threading
 import time
@@ -30,7 +32,7 @@ from starlette.concurrency import run_in_threadpool
 
 from xllm.model import XLLM
 
-AUDIO_FORMATS = {"wav", "mp3", "flac", "ogg", "m4a"}
+MEDIA_FORMAT = re.compile(r"[a-z0-9]{1,8}")  # a `{"data", "format"}` part's format: a file suffix, nothing more
 
 
 class RequestError(ValueError):
@@ -60,6 +62,8 @@ class ChatCompletions:
         self.model, self.name, self.max_media = model, name, max_media
         self.media_dirs = [Path(d).resolve() for d in media_dirs]
         self.lock = threading.Lock()  # the queue: one generation at a time on the one model
+        # content-part type -> the modality that reads it, as the adapter's interfaces declare them
+        self.part_modalities = {part: m for m, i in model.interfaces.items() for part in i.content_parts}
 
     # --- requests ------------------------------------------------------------------------------------
     def _media_path(self, url: str, folder: Path, index: int, param: str) -> str:
@@ -82,6 +86,20 @@ class ChatCompletions:
             raise RequestError(f"media {index + 1}: no such file {url}", param)
         return str(path)
 
+    def _media_part(self, kind: Any, part: dict, param: str) -> tuple[str, str]:
+        """`(modality, url)` of a media content part, or a 400 naming the part type and what this adapter reads."""
+        if kind not in self.part_modalities:
+            readable = ", ".join(["text", *self.part_modalities])
+            raise RequestError(f"unsupported content part {kind!r}: this model reads {readable}", param)
+        modality, payload = self.part_modalities[kind], part.get(kind)
+        if not isinstance(payload, dict):
+            raise RequestError(f"a {kind} part needs a {kind} object", param)
+        if "url" in payload:
+            return modality, str(payload["url"])
+        if not MEDIA_FORMAT.fullmatch(str(payload.get("format", ""))):
+            raise RequestError(f"a {kind} part needs a url, or base64 data and a format such as wav or mp4", param)
+        return modality, f"data:{modality}/{payload['format']};base64,{payload.get('data', '')}"
+
     def parse(self, body: Any, folder: Path) -> tuple[list[dict], dict[str, list[str]], dict[str, Any]]:
         """`(turns, media, generation settings)` of a request; media from data: URLs are written into `folder`."""
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list) or not body["messages"]:
@@ -101,24 +119,14 @@ class ChatCompletions:
                 if kind == "text" and isinstance(part.get("text"), str):
                     value += part["text"]
                     continue
-                if kind == "image_url" and isinstance(part.get("image_url"), dict):
-                    modality, url = "image", part["image_url"].get("url", "")
-                elif kind == "input_audio" and isinstance(part.get("input_audio"), dict):
-                    audio = part["input_audio"]
-                    if audio.get("format") not in AUDIO_FORMATS:
-                        raise RequestError(f"input_audio format must be one of {sorted(AUDIO_FORMATS)}", param)
-                    modality, url = "audio", f"data:audio/{audio['format']};base64,{audio.get('data', '')}"
-                else:
-                    raise RequestError(f"unsupported content part {kind!r} (text, image_url, input_audio)", param)
-                if modality not in self.model.interfaces:
-                    raise RequestError(f"this model reads {sorted(self.model.interfaces)}, not {modality}", param)
+                modality, url = self._media_part(kind, part, param)
                 if message["role"] != "user":
                     raise RequestError("media belong in user messages", param)
                 count += 1
                 if count > self.max_media:
                     raise RequestError(f"too many media items: at most {self.max_media} per request", param)
                 media.setdefault(modality, []).append(self._media_path(url, folder, count - 1, param))
-                value += f"<{modality}>\n"
+                value += self.model.interfaces[modality].placeholder + "\n"
             turns.append({"from": message["role"], "value": value})
         if turns[-1]["from"] != "user":
             raise RequestError("the last message must be the user's", "messages")
@@ -211,7 +219,7 @@ def create_app(completions: ChatCompletions, max_request_bytes: int = 20 * 2**20
             turns, media, settings = completions.parse(body, Path(folder.name))
             if body.get("stream"):
                 # Decode the media before the stream starts, so a bad file is a 400, not an event mid-stream.
-                await run_in_threadpool(completions.model.load_media, [media])
+                await run_in_threadpool(completions.model.processor().load_media, [media])
                 return StreamingResponse(completions.chunks(turns, media, settings, folder),
                                          media_type="text/event-stream")
             try:

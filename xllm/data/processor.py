@@ -1,4 +1,5 @@
-"""Conversation -> `input_ids` + `labels` (+ each media item's instruction ids): all tokenization in one place.
+"""Conversations + media -> batches: `MultimodalProcessor` (the model's processor) over `ConversationProcessor`
+(conversation -> `input_ids` + `labels` + each media item's instruction ids: all tokenization in one place).
 
 Each `<image>` / `<video>` / `<audio>` placeholder becomes a single negative sentinel id (LLaVA's trick);
 `XLLM` later replaces it by that item's interface tokens. Labels are the token ids on assistant replies and
@@ -11,15 +12,17 @@ turn holding it (as transformers' InstructBLIP processor emits `qformer_input_id
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from transformers import PreTrainedTokenizerBase
 
-from xllm.data.records import BadSampleError
+from xllm.data.collator import ConversationCollator
+from xllm.data.records import BadSampleError, check_placeholders, normalize_turns
 from xllm.data.templates import Message, render_segments
-from xllm.interfaces.base import placeholder
+from xllm.interfaces.base import Item, ModalityInterface, placeholder
 from xllm.tensors import IGNORE_INDEX
 
 
@@ -143,3 +146,86 @@ class ConversationProcessor:
         )
         ids, _ = self._tokenize_segments(segments)
         return {"input_ids": ids, "labels": [IGNORE_INDEX] * len(ids), "instruction_ids": self.instruction_ids(conversations)}
+
+
+MediaInput = Mapping[str, "str | Item | Sequence[str | Item]"]
+
+
+def _as_list(value: Any) -> list:
+    """One media value (a path or a loaded item) or a sequence of them, as a list."""
+    return [value] if isinstance(value, (str, torch.Tensor, dict)) else list(value)
+
+
+class MultimodalProcessor:
+    """Conversations + their media -> the batch `XLLM` reads, for training, evaluation and inference alike.
+
+    Owns the LLM's tokenizer and chat template (through `ConversationProcessor`, `text`), each interface's media
+    loading and batching, and the placeholder check; `XLLM.processor()` builds the one that matches a model, as
+    transformers pairs a model with its processor. Nothing modality-specific is written here: every modality
+    comes from its interface (placeholder, token budget, instruction tokenizer, loader, collate).
+
+    Args:
+        tokenizer: the LLM's tokenizer.
+        template: chat template name (see `xllm.data.templates.TEMPLATES`).
+        interfaces: modality -> interface.
+        sentinels: modality -> the negative id that stands for one item in `input_ids`.
+        system_prompt: optional system message for every conversation.
+        max_length: longest expanded sequence (text + media tokens).
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, template: str, interfaces: Mapping[str, ModalityInterface],
+                 sentinels: Mapping[str, int], system_prompt: str | None = None, max_length: int = 2048) -> None:
+        self.interfaces = dict(interfaces)
+        tokenizers = {m: i.instruction_tokenizer() for m, i in self.interfaces.items()}
+        self.text = ConversationProcessor(
+            tokenizer=tokenizer, template=template, sentinels=dict(sentinels),
+            max_tokens={m: i.max_tokens for m, i in self.interfaces.items()}, max_length=max_length,
+            system_prompt=system_prompt, instruction_tokenizers={m: t for m, t in tokenizers.items() if t is not None},
+        )
+        self.collator = ConversationCollator(tokenizer.pad_token_id, {m: i.collate for m, i in self.interfaces.items()})
+
+    def encode_prompt(self, conversation: Sequence[Mapping[str, str]]) -> dict[str, Any]:
+        """Token ids of a prompt that ends in the assistant cue (see `ConversationProcessor.encode_prompt`)."""
+        return self.text.encode_prompt(normalize_turns(list(conversation), "conversation"))
+
+    def prepare_media(self, media: Sequence[MediaInput]) -> None:
+        """Let each interface prepare all of its paths at once (e.g. cache their features in batches)."""
+        for modality, interface in self.interfaces.items():
+            paths = [v for entry in media for v in _as_list(entry.get(modality, [])) if isinstance(v, str)]
+            if paths:
+                interface.prepare_media(paths)
+
+    def load_media(self, media: Sequence[MediaInput]) -> list[dict[str, list[Item]]]:
+        """Each entry's media as loaded items: paths are prepared and loaded, loaded items pass through."""
+        media = [{m: _as_list(v) for m, v in entry.items()} for entry in media]
+        unknown = sorted({m for entry in media for m in entry if m not in self.interfaces})
+        if unknown:
+            raise ValueError(f"media of {unknown} given, but the model has interfaces for {sorted(self.interfaces)} only")
+        self.prepare_media(media)
+        loaders = {m: i.media_loader() for m, i in self.interfaces.items() if any(m in entry for entry in media)}
+        return [{m: [loaders[m](v) if isinstance(v, str) else v for v in values] for m, values in entry.items()}
+                for entry in media]
+
+    def __call__(
+        self,
+        conversations: Sequence[Sequence[Mapping[str, str]]],
+        media: Sequence[MediaInput] | None = None,
+        prompt: bool = True,
+    ) -> dict[str, Any]:
+        """Conversations + their media (paths, or items already loaded) -> a batch.
+
+        `prompt=True` ends each conversation with the assistant cue (for `XLLM.generate`); `prompt=False` encodes
+        whole conversations with their labels (for a teacher-forced loss)."""
+        media = list(media) if media is not None else [{} for _ in conversations]
+        if len(media) != len(conversations):
+            raise ValueError(f"{len(conversations)} conversations but {len(media)} media entries")
+        loaded = self.load_media(media)
+        items = []
+        for index, (turns, item_media) in enumerate(zip(conversations, loaded)):
+            source = f"conversation {index}"
+            turns = normalize_turns(list(turns), source)
+            check_placeholders(turns, {m: len(item_media.get(m, [])) for m in self.interfaces}, source, what="item")
+            record = {"id": str(index), "source": source, "conversations": turns, "media": {}}
+            encoded = self.text.encode_prompt(turns) if prompt else self.text.encode(record)
+            items.append({"id": str(index), **encoded, "media": item_media})
+        return self.collator(items)

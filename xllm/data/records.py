@@ -97,6 +97,27 @@ def normalize_turns(conversations: list[Any], source: str = "conversation", reco
     return turns
 
 
+def check_placeholders(turns: list[dict[str, str]], counts: dict[str, int], source: str,
+                       record_id: str | None = None, what: str = "file") -> None:
+    """Each modality's placeholders must match its media items one to one, and sit in user or system turns only.
+
+    counts: modality -> number of media items given for the conversation; `what` names them in the error."""
+    text = "".join(t["value"] for t in turns)
+    for modality, expected in counts.items():
+        marker = placeholder(modality)
+        found = text.count(marker)
+        if found != expected:
+            raise BadSampleError(
+                source, record_id,
+                f"{found} {marker} placeholder(s) but {expected} {modality} {what}(s)", "placeholder_mismatch",
+            )
+        for turn in turns:
+            if turn["from"] == "assistant" and marker in turn["value"]:
+                raise BadSampleError(
+                    source, record_id, f"{marker} inside an assistant turn is not supported", "malformed_record"
+                )
+
+
 def normalize_record(
     source: str, raw: Any, modalities: list[str], media_root: str | None, allow_outside_root: bool = False,
 ) -> dict[str, Any]:
@@ -129,20 +150,7 @@ def normalize_record(
             raise BadSampleError(source, record_id, f"'{key}' must be a path or a list of paths", "malformed_record")
         media.setdefault(modality, []).extend(paths)
 
-    for modality in modalities:
-        marker = placeholder(modality)
-        expected = len(media.get(modality, []))
-        found = text.count(marker)
-        if found != expected:
-            raise BadSampleError(
-                source, record_id,
-                f"{found} {marker} placeholder(s) but {expected} {modality} file(s)", "placeholder_mismatch",
-            )
-        for turn in turns:
-            if turn["from"] == "assistant" and marker in turn["value"]:
-                raise BadSampleError(
-                    source, record_id, f"{marker} inside an assistant turn is not supported", "malformed_record"
-                )
+    check_placeholders(turns, {m: len(media.get(m, [])) for m in modalities}, source, record_id)
 
     resolved: dict[str, list[str]] = {}
     for modality, paths in media.items():
@@ -158,7 +166,10 @@ def normalize_record(
             if not os.path.isfile(full):
                 raise BadSampleError(source, record_id, f"{modality} file not found: {full}", "missing_media")
             resolved[modality].append(full)
-    return {"id": record_id or source, "source": source, "conversations": turns, "media": resolved}
+    # Fields the format does not use (an MME `category`, an `image_id`...) stay with the record for its reader.
+    media_keys = {k for k in raw if k in modalities or k.removesuffix("s") in modalities}
+    fields = {k: v for k, v in raw.items() if k not in ("id", "conversations") and k not in media_keys}
+    return {"id": record_id or source, "source": source, "conversations": turns, "media": resolved, "fields": fields}
 
 
 def _inside(path: str, root: str) -> bool:

@@ -22,9 +22,6 @@ VICUNA_SYSTEM = (
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
 
-TEMPLATES = ("tokenizer", "vicuna_v1", "glm4")
-
-
 @dataclass(frozen=True)
 class Message:
     role: str  # "system" | "user" | "assistant"
@@ -32,23 +29,6 @@ class Message:
 
 
 Segments = list[tuple[str, bool]]
-
-
-def render_segments(
-    messages: list[Message],
-    tokenizer: PreTrainedTokenizerBase,
-    template: str,
-    system_prompt: str | None = None,
-    add_generation_prompt: bool = False,
-) -> Segments:
-    """Render `messages` with `template`; `add_generation_prompt` ends with the assistant cue for generation."""
-    if template == "vicuna_v1":
-        return _vicuna_v1(messages, tokenizer, system_prompt, add_generation_prompt)
-    if template == "glm4":
-        return _glm4(messages, tokenizer, system_prompt, add_generation_prompt)
-    if template == "tokenizer":
-        return _tokenizer_template(messages, tokenizer, system_prompt, add_generation_prompt)
-    raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
 
 
 def _with_system(messages: list[Message], system_prompt: str | None) -> list[Message]:
@@ -125,3 +105,20 @@ def _tokenizer_template(messages: list[Message], tokenizer, system_prompt, add_g
         raise ValueError("the tokenizer's chat_template is not prefix-stable; set template: vicuna_v1 or glm4")
     segments.append((tail[len(done):], False))
     return [s for s in segments if s[0]]
+
+
+# The chat templates by name: one renderer each. A new template is a function and a line here.
+TEMPLATES = {"tokenizer": _tokenizer_template, "vicuna_v1": _vicuna_v1, "glm4": _glm4}
+
+
+def render_segments(
+    messages: list[Message],
+    tokenizer: PreTrainedTokenizerBase,
+    template: str,
+    system_prompt: str | None = None,
+    add_generation_prompt: bool = False,
+) -> Segments:
+    """Render `messages` with `template`; `add_generation_prompt` ends with the assistant cue for generation."""
+    if template not in TEMPLATES:
+        raise ValueError(f"template must be one of {tuple(TEMPLATES)}, got {template!r}")
+    return TEMPLATES[template](messages, tokenizer, system_prompt, add_generation_prompt)

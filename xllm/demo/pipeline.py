@@ -93,7 +93,8 @@ def trained_model(adapter: Path, configs: Path = CONFIGS):
 
 def untrained_model(adapter: Path, configs: Path = CONFIGS):
     """The trained adapter's architecture with freshly initialised interfaces (the 'before' column)."""
-    from xllm.adapters.format import apply_overrides, build_interface, read_config
+    from xllm.adapters.format import apply_overrides, read_config
+    from xllm.adapters.load import build_interface
     from xllm.model import XLLM
 
     config = apply_overrides(read_config(adapter), interface_overrides=feature_caches(configs))
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
     timings["evaluate"] = time.perf_counter() - step  # includes the chat
     timings["total"] = time.perf_counter() - started
 
-    from xllm.adapters.format import write_model_card
+    from xllm.adapters.card import write_model_card
 
     write_model_card(out / "stage2" / "adapter", metrics={
         "held-out yes/no questions": after["all"]["questions"], "accuracy": after["all"]["acc"],

@@ -46,7 +46,8 @@ def cformer_alone(adapter: Path, llm: Path, records: list[dict]) -> list[str]:
     """Greedy transcripts of the stage-0 C-Former on its own: each fired token's nearest LLM output embedding."""
     from torch import nn
 
-    from xllm.adapters.format import apply_overrides, build_interface, load_weights, read_config
+    from xllm.adapters.format import apply_overrides, load_weights, read_config
+    from xllm.adapters.load import build_interface
     from xllm.demo.pipeline import feature_caches
     from xllm.objectives.cformer import CIFObjective
 
@@ -71,12 +72,13 @@ def cformer_alone(adapter: Path, llm: Path, records: list[dict]) -> list[str]:
 
 def transcribe(model, records: list[dict], batch_size: int = 32) -> list[str]:
     """The LLM's transcripts through the library's one inference path (`XLLM.reply`)."""
-    model.prepare_media([r["media"] for r in records])
+    processor = model.processor()
+    processor.prepare_media([r["media"] for r in records])
     out = []
     for start in range(0, len(records), batch_size):
         chunk = records[start:start + batch_size]
         prompts = [r["conversations"][:1] for r in chunk]
-        out += model.reply(prompts, model.load_media([r["media"] for r in chunk]), max_new_tokens=24)
+        out += model.reply(prompts, processor.load_media([r["media"] for r in chunk]), max_new_tokens=24)
     return out
 
 
@@ -141,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
     timings["total"] = time.perf_counter() - started
 
     scores = {name: error_rates(predictions, references) for name, predictions in rows.items()}
-    from xllm.adapters.format import write_model_card
+    from xllm.adapters.card import write_model_card
 
     trained_scores = scores["trained (stage 0 + 1, through the LLM)"]
     write_model_card(out / "stage1" / "adapter", metrics={

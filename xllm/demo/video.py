@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
     timings["evaluate"] = time.perf_counter() - step
     timings["total"] = time.perf_counter() - started
 
-    from xllm.adapters.format import write_model_card
+    from xllm.adapters.card import write_model_card
 
     first = scores[args.split]["trained"]
     write_model_card(adapter, metrics={f"held-out {args.split} yes/no questions": first["all"]["questions"],

@@ -13,12 +13,11 @@ same greedy generation, at the step where the two replies part.
 from __future__ import annotations
 
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from xllm.data.records import raw_records, read_records
+from xllm.data.records import read_records
 from xllm.model import XLLM
 from xllm.tensors import IGNORE_INDEX
 
@@ -37,7 +36,7 @@ def mme_label(text: str) -> str:
 
 def reply_fork(model: XLLM) -> tuple[list[int], int, int]:
     """Where the template's "Yes" and "No" replies part: `(shared reply tokens before it, yes id, no id)`."""
-    processor = model.processor()
+    processor = model.processor().text
 
     def reply_ids(answer: str) -> list[int]:
         turns = [{"from": "user", "value": "?"}, {"from": "assistant", "value": answer}]
@@ -57,12 +56,13 @@ def score_yes_no(model: XLLM, records: list[dict], batch_size: int = 32) -> list
     shared, yes_id, no_id = reply_fork(model)
     # Enough tokens for MME's four characters after the template's shared start ("Yes," / "No, " / "Yes<eos>").
     max_new_tokens = len(shared) + 3
-    model.prepare_media([r["media"] for r in records])  # e.g. cache every file's features once, in batches
+    processor = model.processor()
+    processor.prepare_media([r["media"] for r in records])  # e.g. cache every file's features once, in batches
     results = []
     model.eval()
     for start in range(0, len(records), batch_size):
         chunk = records[start:start + batch_size]
-        batch = model.batch([r["conversations"][:-1] for r in chunk], [r["media"] for r in chunk])
+        batch = processor([r["conversations"][:-1] for r in chunk], [r["media"] for r in chunk])
         output = model.generate_ids(batch, max_new_tokens, do_sample=False, output_logits=True)
         replies = model.tokenizer.batch_decode(output.sequences, skip_special_tokens=True)
         at_fork = output.logits[len(shared)].float() if len(output.logits) > len(shared) else None
@@ -103,9 +103,7 @@ def load_yes_no(
     """Records with their `category` and `image_id` fields (kept from the JSON/JSONL) for `score_yes_no`; a
     record without `image_id` is its own image (acc+ then needs both answers within one record: never)."""
     records = read_records(path, list(model.interfaces), media_root, None, allow_outside_root)[:limit]
-    raw = dict(raw_records(Path(path)))
     for record in records:
-        fields = raw[record["source"]]
-        record["category"] = str(fields.get("category", "all"))
-        record["image_id"] = str(fields.get("image_id", record["id"]))
+        record["category"] = str(record["fields"].get("category", "all"))
+        record["image_id"] = str(record["fields"].get("image_id", record["id"]))
     return records

@@ -13,12 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from xllm.evaluation.metrics import normalize_answer, summarize
 from xllm.evaluation.mme import load_yes_no, mme_table, score_yes_no
 from xllm.model import XLLM
-from xllm.tensors import IGNORE_INDEX
 
 
 def last_reply(record: dict) -> int:
@@ -31,18 +29,11 @@ def teacher_forced_loss(
     model: XLLM, records: list[dict], media: list[dict], max_length: int
 ) -> list[tuple[float, int]]:
     """Per record: (summed next-token loss over assistant tokens, number of those tokens); `media` per record."""
-    batch = model.batch([r["conversations"] for r in records], media, prompt=False, max_length=max_length)
+    batch = model.processor(max_length)([r["conversations"] for r in records], media, prompt=False)
     device = model.device
-    media = {m: b.to(device) for m, b in batch["media"].items()}
-    embeds, mask, labels = model.embed_inputs(
-        batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device), media
-    )
-    # Per-row sums (the LLM's own loss is a batch mean).
-    logits = model.llm(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits[:, :-1].float()
-    targets = labels[:, 1:]
-    losses = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
-    counts = (targets != IGNORE_INDEX).sum(dim=1)
-    return [(float(l), int(c)) for l, c in zip(losses.sum(dim=1), counts)]
+    out = model(batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                {m: b.to(device) for m, b in batch["media"].items()}, batch["labels"].to(device), per_row=True)
+    return [(float(l), int(c)) for l, c in zip(out.row_loss_sums, out.row_label_counts)]
 
 
 def evaluate(
@@ -98,11 +89,12 @@ def evaluate(
                                      "metrics": mme_table(samples), "samples": samples})
     if metric != "text":
         raise ValueError(f"metric must be auto, yes_no or text, got {metric!r}")
-    model.prepare_media([r["media"] for r in records])  # e.g. cache every file's features once, in batches
+    processor = model.processor(max_length)
+    processor.prepare_media([r["media"] for r in records])  # e.g. cache every file's features once, in batches
     samples: list[dict[str, Any]] = []
     for start in range(0, len(records), batch_size):
         chunk = records[start:start + batch_size]
-        media = model.load_media([r["media"] for r in chunk])  # decoded once, for generation and for the loss
+        media = processor.load_media([r["media"] for r in chunk])  # decoded once, for generation and for the loss
         prompts = [r["conversations"][: last_reply(r)] for r in chunk]
         predictions = model.reply(prompts, media, max_new_tokens=max_new_tokens)
         losses = teacher_forced_loss(model, chunk, media, max_length)

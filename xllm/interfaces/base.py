@@ -116,6 +116,9 @@ class ModalityInterface(nn.Module):
     modality: str = ""
     # init args that name local files or folders: a checkpoint stores them relative to itself
     path_args: tuple[str, ...] = ()
+    # OpenAI chat content-part types this interface reads (`xllm serve`): a part is `{"type": T, T: {"url": ...}}`
+    # (a data: URL or an allowed path) or `{"type": T, T: {"data": base64, "format": "wav"}}`
+    content_parts: tuple[str, ...] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

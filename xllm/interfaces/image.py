@@ -54,6 +54,7 @@ class ImageInterface(ModalityInterface):
 
     modality = "image"
     path_args = ("encoder", "bert_init", "text_tokenizer", "text_embeddings", "feature_cache")
+    content_parts = ("image_url",)
 
     def __init__(
         self,

@@ -56,6 +56,7 @@ class SpeechInterface(ModalityInterface):
 
     modality = "audio"
     path_args = ("encoder", "bert_init", "feature_cache")
+    content_parts = ("input_audio",)
 
     def __init__(
         self,

@@ -96,6 +96,7 @@ class VideoInterface(ModalityInterface):
 
     modality = "video"
     path_args = ("encoder", "bert_init", "text_tokenizer", "text_embeddings", "feature_cache", "init_from_image")
+    content_parts = ("video_url",)
 
     def __init__(
         self,

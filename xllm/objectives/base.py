@@ -7,7 +7,7 @@ CIF speech-recognition loss.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -17,21 +17,11 @@ from xllm.interfaces.base import ModalityInterface, PretrainableInterface
 
 @dataclass
 class PretrainOutput:
-    """`loss` (weighted sum) plus each named part, for logging; parts an objective does not compute stay None."""
+    """`loss` (the weighted sum that trains) and `metrics`, the named parts and accuracies an objective computed
+    (`itc`, `itm`, `token_ce`, ...), each logged as `<split>/<name>`."""
 
     loss: torch.Tensor
-    itc: torch.Tensor | None = None
-    itm: torch.Tensor | None = None
-    itg: torch.Tensor | None = None
-    qa_itm: torch.Tensor | None = None
-    qa_itm_accuracy: torch.Tensor | None = None
-    itm_accuracy: torch.Tensor | None = None
-    negative_texts: torch.Tensor | None = None  # for each image, the index of its ITM negative text
-    negative_images: torch.Tensor | None = None  # for each text, the index of its ITM negative image
-    token_ce: torch.Tensor | None = None  # speech: cross-entropy of fired tokens against the transcript's tokens
-    quantity: torch.Tensor | None = None  # speech: CIF quantity loss |Σα − L|
-    token_accuracy: torch.Tensor | None = None
-    embedding_distance: torch.Tensor | None = None  # speech: fired tokens vs their typed tokens' input embeddings
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class PretrainingObjective(nn.Module):

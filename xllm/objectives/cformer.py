@@ -79,8 +79,8 @@ class CIFObjective(PretrainingObjective):
         quantity = quantity_loss(fired.alpha_sum, target_lengths)
         accuracy = (logits.argmax(dim=-1) == wanted).float().mean()
         loss = token_ce + self.embedding_weight * embedding + self.quantity_weight * quantity
-        return PretrainOutput(loss=loss, token_ce=token_ce.detach(), quantity=quantity.detach(),
-                              token_accuracy=accuracy, embedding_distance=embedding.detach())
+        return PretrainOutput(loss, dict(token_ce=token_ce.detach(), quantity=quantity.detach(),
+                                        token_accuracy=accuracy, embedding_distance=embedding.detach()))
 
     @torch.no_grad()
     def transcribe(self, interface: PretrainableInterface, media: MediaBatch) -> list[str]:

@@ -206,7 +206,6 @@ class QFormerObjective(PretrainingObjective):
             with torch.no_grad():
                 neg_text = sample_hard_negatives(sim_i2t[:, offset:offset + size], same_text, generator)
                 neg_image = sample_hard_negatives(sim_t2i[:, offset:offset + size], same_text, generator)
-            out.negative_texts, out.negative_images = neg_text, neg_image
             keep_t, keep_i = neg_text >= 0, neg_image >= 0
             rows = torch.arange(size, device=device)
             image_rows = torch.cat([rows, rows[keep_t], neg_image[keep_i]])
@@ -225,7 +224,7 @@ class QFormerObjective(PretrainingObjective):
                 logits = torch.cat([logits, self.itm_head(flipped_out).mean(dim=1)])
                 labels = torch.cat([labels, torch.zeros(len(flipped), dtype=torch.long, device=device)])
             losses["itm"] = F.cross_entropy(logits, labels)
-            out.itm_accuracy = (logits.argmax(dim=1) == labels).float().mean()
+            out.metrics["itm_accuracy"] = (logits.argmax(dim=1) == labels).float().mean()
 
         if self.weights["itg"] > 0:
             _, text_out = qformer.joint(features, text_ids, text_mask, causal_text=True, feature_mask=feature_mask)
@@ -243,9 +242,9 @@ class QFormerObjective(PretrainingObjective):
                 logits = self.question_logits(features[rows], None if feature_mask is None else feature_mask[rows],
                                               instruction_ids[rows], instruction_mask[rows])
                 losses["qa_itm"] = F.cross_entropy(logits, answers[rows])
-                out.qa_itm_accuracy = (logits.argmax(dim=1) == answers[rows]).float().mean()
+                out.metrics["qa_itm_accuracy"] = (logits.argmax(dim=1) == answers[rows]).float().mean()
 
         for name, value in losses.items():
-            setattr(out, name, value)
+            out.metrics[name] = value
             out.loss = out.loss + self.weights[name] * value
         return out

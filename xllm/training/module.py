@@ -89,7 +89,7 @@ class XLLMModule(TrainingModule):
     def build_dataset(
         self, path: str, media_root: str | None, bad_samples: BadSamples, allow_outside_root: bool = False,
     ) -> ConversationDataset:
-        rows = build_tokenized_dataset(path, self.model.processor(self.max_length), media_root, bad_samples,
+        rows = build_tokenized_dataset(path, self.model.processor(self.max_length).text, media_root, bad_samples,
                                        allow_outside_root)
         for modality, interface in self.model.interfaces.items():
             interface.prepare_media([p for media in rows["media"] for p in (media.get(modality) or [])])
@@ -97,7 +97,7 @@ class XLLMModule(TrainingModule):
         return ConversationDataset(rows, loaders, bad_samples)
 
     def collator(self) -> ConversationCollator:
-        return self.model.collator()
+        return self.model.processor().collator
 
     def save_result(self, directory: Path) -> None:
         self.model.save_pretrained(directory, stage=self.stage, trained_on=self.trained_on())

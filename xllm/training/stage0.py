@@ -14,7 +14,8 @@ from typing import Any
 
 from torch import nn
 
-from xllm.adapters.format import load_weights, save_interface_checkpoint
+from xllm.adapters.format import load_weights
+from xllm.adapters.save import save_interface_checkpoint
 from xllm.data.pairs import PairCollator, PairDataset, build_pair_dataset
 from xllm.data.records import BadSamples
 from xllm.interfaces.base import ModalityInterface
@@ -92,9 +93,6 @@ class InterfacePretrainingModule(TrainingModule):
         on_step, sync = split == "train", split != "train"
         self.log(f"{split}/loss", out.loss, prog_bar=True, batch_size=size, on_step=on_step, on_epoch=not on_step,
                  sync_dist=sync)
-        for name in ("itc", "itm", "itg", "itm_accuracy", "qa_itm", "qa_itm_accuracy", "token_ce", "quantity",
-                     "token_accuracy", "embedding_distance"):
-            value = getattr(out, name)
-            if value is not None:
-                self.log(f"{split}/{name}", value, batch_size=size, on_step=on_step, on_epoch=not on_step, sync_dist=sync)
+        for name, value in out.metrics.items():
+            self.log(f"{split}/{name}", value, batch_size=size, on_step=on_step, on_epoch=not on_step, sync_dist=sync)
         return {"loss": out.loss, "sequences": size}
