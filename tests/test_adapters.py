@@ -159,3 +159,18 @@ def test_the_wheel_alone_loads_an_adapter_from_another_project(project, tmp_path
     module_file, answer = out.stdout.strip().splitlines()[-2:]
     assert Path(module_file).is_relative_to(target)
     assert isinstance(eval(answer), str)
+
+
+def test_a_version_2_adapter_still_loads_and_gives_the_outputs_it_gave(tiny):
+    """`tests/fixtures/adapter_v2` was written by xllm at e6abea8 (format version 2, flat Q-Former settings) against
+    the tiny models, with the last position's logits for one question saved beside it by the same code."""
+    fixture = ROOT / "tests" / "fixtures" / "adapter_v2"
+    assert json.loads((fixture / "config.json").read_text())["version"] == 2
+    model = XLLM.from_pretrained(fixture, llm=str(tiny / "llama"), encoders={"image": str(tiny / "vit")})
+    stored = load_file(str(fixture / "adapter.safetensors"))
+    own = dict(model.named_parameters())
+    assert all(torch.equal(own[k], v) for k, v in stored.items())
+    got = logits(model, tiny / "data" / "images" / "test_00000.png")[0, -1]
+    torch.testing.assert_close(got, load_file(str(fixture / "reference.safetensors"))["last_logits"])
+    assert isinstance(model.chat(QUESTION, {"image": str(tiny / "data" / "images" / "test_00000.png")},
+                                 max_new_tokens=4), str)
