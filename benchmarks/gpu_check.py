@@ -84,7 +84,7 @@ def throughput(args) -> dict:
                              num_key_value_heads=args.llm_hidden // 128, pad_token_id=0)
     with torch.device("cuda"):
         llm = LlamaForCausalLM(llm_config).to(torch.bfloat16).requires_grad_(False).eval()
-    interface = ImageInterface(str(root / "vit"), encoder_dtype="bfloat16", num_query_tokens=32)
+    interface = ImageInterface(str(root / "vit"), encoder_dtype="bfloat16", qformer=dict(num_query_tokens=32))
     model = XLLM(llm, tokenizer, {"image": interface}).cuda()
     model.train()
     trainable, frozen_total = count_parameters(model)

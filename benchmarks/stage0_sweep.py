@@ -40,9 +40,9 @@ def make_bundle(folder: str) -> None:
 
     interface = ImageInterface(
         ".cache/models/mobilenet-v2", feature_cache=".cache/features/mobilenet-v2", feature_layer=17,
-        feature_positions=49, num_query_tokens=8, qformer_hidden_size=384, qformer_layers=2, qformer_heads=12,
-        qformer_intermediate_size=1536, cross_attention_frequency=1, bert_init=str(BERT), qformer_text=True,
-        instruction_aware=True, max_text_tokens=32, dropout=0.0)
+        feature_positions=49, qformer=dict(
+            num_query_tokens=8, hidden_size=384, layers=2, heads=12, intermediate_size=1536, cross_attention_frequency=1,
+            bert_init=str(BERT), text=True, instruction_aware=True, max_text_tokens=32, dropout=0.0))
     out = {}
     for split in ("train", "val"):
         rows = [json.loads(line) for line in open(DATA / f"{split}_yesno.jsonl")]

@@ -19,9 +19,7 @@ from xllm.demo.tiny import build_all
 from xllm.interfaces import ImageInterface
 from xllm.model import XLLM
 
-TINY_QFORMER = dict(
-    num_query_tokens=4, qformer_hidden_size=32, qformer_layers=2, qformer_heads=2, qformer_intermediate_size=64
-)
+TINY_QFORMER = dict(num_query_tokens=4, hidden_size=32, layers=2, heads=2, intermediate_size=64)
 
 
 @pytest.fixture(scope="session")
@@ -29,8 +27,14 @@ def tiny(tmp_path_factory) -> Path:
     return build_all(tmp_path_factory.mktemp("tiny"))
 
 
-def make_image_interface(tiny: Path, **overrides) -> ImageInterface:
-    return ImageInterface(str(tiny / "vit"), **{**TINY_QFORMER, "dropout": 0.0, **overrides})
+def text_side(tiny: Path, instruction_aware: bool = True) -> dict:
+    """Q-Former settings for BLIP-2's text side started from the tiny BERT (instruction-aware by default)."""
+    return dict(text=True, instruction_aware=instruction_aware, bert_init=str(tiny / "bert"))
+
+
+def make_image_interface(tiny: Path, qformer: dict | None = None, **overrides) -> ImageInterface:
+    """A tiny image interface; `qformer` settings go over the tiny Q-Former's."""
+    return ImageInterface(str(tiny / "vit"), qformer={**TINY_QFORMER, "dropout": 0.0, **(qformer or {})}, **overrides)
 
 
 def make_model(tiny: Path, llm: str = "llama", template: str = "vicuna_v1", **interface_overrides) -> XLLM:

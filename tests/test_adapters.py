@@ -39,8 +39,8 @@ def project(tiny, tmp_path):
     cwd = os.getcwd()
     os.chdir(root)  # paths as a user writes them in a config: relative to the working directory
     try:
-        image = ImageInterface("models/vit", **TINY_QFORMER, dropout=0.0, qformer_text=True, instruction_aware=True,
-                               bert_init="models/bert")
+        image = ImageInterface("models/vit", qformer=dict(**TINY_QFORMER, dropout=0.0, text=True, instruction_aware=True,
+                                                          bert_init="models/bert"))
         model = XLLM.from_paths("models/llama", {"image": image}, template="vicuna_v1")
         model.save_pretrained("runs/adapter", stage=2)
     finally:

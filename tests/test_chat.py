@@ -7,13 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import make_model
+from tests.conftest import make_model, text_side
 from xllm.apps.chat import ChatSession
 from xllm.model import XLLM
 
 
 def test_a_session_replies_as_model_chat_does_turn_after_turn(tiny, tmp_path):
-    model = make_model(tiny, qformer_text=True, instruction_aware=True, bert_init=str(tiny / "bert")).eval()
+    model = make_model(tiny, qformer=text_side(tiny)).eval()
     photo = str(tiny / "data" / "images" / "test_00000.png")
     session = ChatSession(model, max_new_tokens=6)
     session.attach("image", photo)

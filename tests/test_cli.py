@@ -62,7 +62,7 @@ def test_print_config_lists_the_typed_options(tiny, tmp_path, capsys, monkeypatc
     out = capsys.readouterr().out
     # The stage file chose the module; the common file's interface merged into it.
     assert "class_path: xllm.training.XLLMModule" in out
-    assert "qformer_layers: 2" in out and "stage: 1" in out and "on_bad_sample: error" in out
+    assert "layers: 2" in out and "stage: 1" in out and "on_bad_sample: error" in out
 
 
 def readme_library_example() -> str:
@@ -95,7 +95,7 @@ def test_stage0_then_stage1_then_stage2_then_evaluate_then_the_readme_example(ti
         assert not any(".encoder.model." in k for k in keys)
         assert any("lora_" in k for k in keys) == (stage == "tiny_stage2")
         config = json.loads((adapter / "config.json").read_text())
-        assert config["interfaces"]["image"]["init_args"]["num_query_tokens"] == 4
+        assert config["interfaces"]["image"]["init_args"]["qformer"]["num_query_tokens"] == 4
         assert "train_" in config["trained_on"] and "optimizer steps" in (adapter / "README.md").read_text()
     assert list((runs / "tiny_stage1").rglob("offline-run-*")), "W&B offline run folder missing"
 

@@ -24,6 +24,8 @@ def mobilenet_dir(tmp_path_factory):
     ViTImageProcessor(size={"height": 64, "width": 64}).save_pretrained(path)
     return path
 
+SMALL_QFORMER = dict(num_query_tokens=2, hidden_size=32, layers=1, heads=2, intermediate_size=32)
+
 
 def test_torchvision_cnn_feature_map_becomes_tokens(mobilenet_dir):
     encoder = FrozenVisionEncoder(str(mobilenet_dir))
@@ -51,8 +53,7 @@ def test_torchvision_cnn_feature_map_becomes_tokens(mobilenet_dir):
 def test_feature_cache_matches_the_encoder_and_positions_apply(mobilenet_dir, tiny, tmp_path):
     images = [str(tiny / "data" / "images" / f"train_0000{i}.png") for i in range(3)]
     cached = ImageInterface(str(mobilenet_dir), feature_layer=17, feature_positions=4, feature_cache=str(tmp_path),
-                            num_query_tokens=2, qformer_hidden_size=32, qformer_layers=1, qformer_heads=2,
-                            qformer_intermediate_size=32)
+                            qformer=SMALL_QFORMER)
     assert cached.prepare_media(images) == 3 and cached.prepare_media(images) == 0  # encoded once
     loader = cached.media_loader()
     cached_batch = cached.collate([loader(p) for p in images])
@@ -72,8 +73,7 @@ def test_feature_cache_matches_the_encoder_and_positions_apply(mobilenet_dir, ti
     cached.eval()
     assert torch.allclose(cached(cached_batch).embeds, cached(pixels_batch).embeds, atol=1e-5)
     with pytest.raises(ValueError, match="feature_positions=5 but the encoder gives 4 tokens"):
-        wrong = ImageInterface(str(mobilenet_dir), feature_positions=5, num_query_tokens=2, qformer_hidden_size=32,
-                               qformer_layers=1, qformer_heads=2, qformer_intermediate_size=32)
+        wrong = ImageInterface(str(mobilenet_dir), feature_positions=5, qformer=SMALL_QFORMER)
         wrong.attach(8)
         wrong(pixels_batch)
 
@@ -98,8 +98,7 @@ def test_a_fill_killed_mid_write_leaves_no_half_written_entry(mobilenet_dir, tin
 
     images = [str(tiny / "data" / "images" / f"train_0000{i}.png") for i in range(2)]
     interface = ImageInterface(str(mobilenet_dir), feature_layer=17, feature_cache=str(tmp_path / "cache"),
-                               num_query_tokens=2, qformer_hidden_size=32, qformer_layers=1, qformer_heads=2,
-                               qformer_intermediate_size=32)
+                               qformer=SMALL_QFORMER)
     real_save = feature_cache.save_file
 
     def cut_off(tensors, filename, *args, **kwargs):
@@ -121,8 +120,7 @@ def test_corrupt_image_with_a_feature_cache_is_named_not_fatal(mobilenet_dir, ti
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"not an image")
     good = str(tiny / "data" / "images" / "train_00000.png")
-    interface = ImageInterface(str(mobilenet_dir), feature_cache=str(tmp_path / "cache"), num_query_tokens=2,
-                               qformer_hidden_size=32, qformer_layers=1, qformer_heads=2, qformer_intermediate_size=32)
+    interface = ImageInterface(str(mobilenet_dir), feature_cache=str(tmp_path / "cache"), qformer=SMALL_QFORMER)
     assert interface.prepare_media([good, str(corrupt)]) == 1
     with pytest.raises(ValueError, match="cannot decode image .*corrupt.png"):
         interface.media_loader()(str(corrupt))
@@ -130,8 +128,7 @@ def test_corrupt_image_with_a_feature_cache_is_named_not_fatal(mobilenet_dir, ti
 
 def test_factorised_positions_share_rows_and_columns_and_train(mobilenet_dir):
     interface = ImageInterface(str(mobilenet_dir), feature_positions=4, feature_position_kind="factorised",
-                               num_query_tokens=2, qformer_hidden_size=32, qformer_layers=1, qformer_heads=2,
-                               qformer_intermediate_size=32)
+                               qformer=SMALL_QFORMER)
     bridge = interface.bridge
     positions = bridge.feature_positions.table()
     assert positions.shape == (1, 4, interface.encoder.hidden_size)
@@ -143,19 +140,19 @@ def test_factorised_positions_share_rows_and_columns_and_train(mobilenet_dir):
     features = torch.zeros(1, 4, interface.encoder.hidden_size)
     assert torch.allclose(bridge.features(features), bridge.ln_features(features) + positions)
     with pytest.raises(ValueError, match="square map"):
-        ImageInterface(str(mobilenet_dir), feature_positions=5, feature_position_kind="factorised", num_query_tokens=2,
-                       qformer_hidden_size=32, qformer_layers=1, qformer_heads=2, qformer_intermediate_size=32)
+        ImageInterface(str(mobilenet_dir), feature_positions=5, feature_position_kind="factorised",
+                       qformer=SMALL_QFORMER)
 
 
 def test_stage0_leaves_the_frozen_cnn_weights_and_batchnorm_statistics_as_they_were(mobilenet_dir, tiny, tmp_path):
     import pytorch_lightning as pl
 
-    from tests.conftest import TINY_QFORMER
+    from tests.conftest import TINY_QFORMER, text_side
     from xllm.training import InterfacePretrainingModule, XLLMDataModule
 
     torch.manual_seed(0)
-    interface = ImageInterface(str(mobilenet_dir), feature_layer=17, feature_positions=4, qformer_text=True,
-                               instruction_aware=True, bert_init=str(tiny / "bert"), **TINY_QFORMER)
+    interface = ImageInterface(str(mobilenet_dir), feature_layer=17, feature_positions=4,
+                               qformer={**TINY_QFORMER, **text_side(tiny)})
     before = {name: t.clone() for name, t in interface.encoder.state_dict().items()}
     assert any("running_mean" in name for name in before)  # BatchNorm statistics: buffers, not parameters
     module = InterfacePretrainingModule(interfaces={"image": interface}, adapter_dir=str(tmp_path / "adapter"), lr=1e-2)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import datasets
-from tests.conftest import make_image_interface
+from tests.conftest import make_image_interface, text_side
 from xllm.blocks.qformer import itg_attention_mask
 from xllm.data.pairs import PairCollator, PairDataset, build_pair_dataset
 from xllm.objectives.qformer import QFormerObjective, itc_loss, itc_similarity, sample_hard_negatives
@@ -70,7 +70,7 @@ def test_itg_mask_values():
 
 
 def test_itg_queries_ignore_text_and_text_is_causal(tiny):
-    interface = make_image_interface(tiny, qformer_text=True, bert_init=str(tiny / "bert")).eval()
+    interface = make_image_interface(tiny, qformer=dict(text=True, bert_init=str(tiny / "bert"))).eval()
     qformer = interface.bridge.qformer
     features = torch.randn(2, 17, 32)
     ids, mask = interface.bridge.tokenize(["is the shape red? yes", "a blue circle."])
@@ -91,7 +91,7 @@ def test_itg_queries_ignore_text_and_text_is_causal(tiny):
 
 
 def test_instruction_changes_the_queries(tiny):
-    interface = make_image_interface(tiny, qformer_text=True, instruction_aware=True, bert_init=str(tiny / "bert"))
+    interface = make_image_interface(tiny, qformer=text_side(tiny))
     interface.attach(16)
     interface.eval()
     media = interface.collate([{"pixel_values": torch.randn(3, 32, 32)} for _ in range(2)])
@@ -126,7 +126,7 @@ def test_yes_no_pairs_carry_their_answer_and_flipped_twin_whatever_the_question(
         record("asked", "<image>\nIs there a red square?", "Yes"), record("bare-yes", "<image>", "Yes"),
         record("bare-no", "<image>", "No."), record("caption", "<image>\nDescribe it.", "A red square.")]))
     rows = build_pair_dataset(str(data), "image", str(tiny / "data"))
-    interface = make_image_interface(tiny, qformer_text=True, instruction_aware=True, bert_init=str(tiny / "bert"))
+    interface = make_image_interface(tiny, qformer=text_side(tiny))
     objective = QFormerObjective(embed_dim=16)
     objective.bind(interface)
     pairs = PairDataset(rows, "image", interface.media_loader(), objective.tokenize)
@@ -147,7 +147,7 @@ def test_batch_by_record_keeps_a_records_pairs_in_one_batch(tiny, tmp_path):
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     module = InterfacePretrainingModule(
         batch_by_record=True, interfaces={"image": make_image_interface(
-            tiny, qformer_text=True, instruction_aware=True, bert_init=str(tiny / "bert"))})
+            tiny, qformer=text_side(tiny))})
     datamodule = XLLMDataModule(train_file=str(data), media_root=str(tiny / "data"), batch_size=2)
     datamodule.setup(model=module)
     assert len(datamodule.datasets["train"]) == 6  # items are records; batch_size counts them
@@ -165,7 +165,7 @@ def test_batch_by_record_keeps_a_records_pairs_in_one_batch(tiny, tmp_path):
 
 def test_objective_losses_fall_and_switch_off(tiny):
     torch.manual_seed(0)
-    interface = make_image_interface(tiny, qformer_text=True, instruction_aware=True, bert_init=str(tiny / "bert"))
+    interface = make_image_interface(tiny, qformer=text_side(tiny))
     objective = QFormerObjective(embed_dim=16, itg_weight=0.0)
     objective.bind(interface)
     batch = pair_batch(interface, objective, tiny)
@@ -204,8 +204,7 @@ def test_stage0_never_creates_an_llm_and_feeds_stage1(tiny, tmp_path, monkeypatc
         torch.manual_seed(0)
         module = InterfacePretrainingModule(
             adapter_dir=str(tmp_path / "stage0"), lr=1e-3,
-            interfaces={"image": make_image_interface(tiny, qformer_text=True, instruction_aware=True,
-                                                      bert_init=str(tiny / "bert"))},
+            interfaces={"image": make_image_interface(tiny, qformer=text_side(tiny))},
         )
         assert not any("llm" in n for n, _ in module.named_parameters())
         trainer = pl.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
@@ -219,8 +218,7 @@ def test_stage0_never_creates_an_llm_and_feeds_stage1(tiny, tmp_path, monkeypatc
 
     stage1 = XLLMModule(
         llm=str(tiny / "llama"), stage=1, template="vicuna_v1", init_adapter=str(tmp_path / "stage0"),
-        interfaces={"image": make_image_interface(tiny, qformer_text=True, instruction_aware=True,
-                                                  bert_init=str(tiny / "bert"))},
+        interfaces={"image": make_image_interface(tiny, qformer=text_side(tiny))},
     )
     state = dict(stage1.model.named_parameters())
     for key, tensor in saved.items():
@@ -237,8 +235,7 @@ def test_every_parameter_stage0_trains_gets_a_gradient_as_ddp_requires(tiny, tmp
     torch.manual_seed(0)
     module = InterfacePretrainingModule(
         adapter_dir=str(tmp_path / "stage0"), objective=QFormerObjective(embed_dim=16, **weights),
-        interfaces={"image": make_image_interface(tiny, qformer_text=True, instruction_aware=True,
-                                                  bert_init=str(tiny / "bert"))},
+        interfaces={"image": make_image_interface(tiny, qformer=text_side(tiny))},
     )
     data = XLLMDataModule(train_file=str(tiny / "data" / "train_yesno.jsonl"), batch_size=8)
     data.setup(model=module)

@@ -16,7 +16,7 @@ import openai
 import pytest
 import uvicorn
 
-from tests.conftest import make_model
+from tests.conftest import make_model, text_side
 from xllm.apps.serve import ChatCompletions, create_app
 
 
@@ -28,7 +28,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tiny):
-    model = make_model(tiny, qformer_text=True, instruction_aware=True, bert_init=str(tiny / "bert")).eval()
+    model = make_model(tiny, qformer=text_side(tiny)).eval()
     images = tiny / "data" / "images"
     completions = ChatCompletions(model, "tiny", media_dirs=[images], max_media=3)
     port = free_port()

@@ -5,7 +5,7 @@ import pytorch_lightning as pl
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import make_image_interface, make_model
+from tests.conftest import make_image_interface, make_model, text_side
 from xllm.data.dataset import ConversationDataset, build_tokenized_dataset
 from xllm.llm import LoraSettings
 from xllm.model import XLLM
@@ -21,8 +21,7 @@ def fixed_batch(model, tiny, n=8, file="train_chat.jsonl"):
 
 @pytest.mark.parametrize("llm,template", [("llama", "vicuna_v1"), ("glm", "glm4")])
 def test_loss_falls_on_a_fixed_batch(tiny, llm, template):
-    model = make_model(tiny, llm=llm, template=template, qformer_text=True, instruction_aware=True,
-                       bert_init=str(tiny / "bert"))
+    model = make_model(tiny, llm=llm, template=template, qformer=text_side(tiny))
     model.train()
     batch = fixed_batch(model, tiny, file="train_captions.jsonl")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -168,7 +167,7 @@ def test_adapter_refuses_foreign_class_paths(tiny, tmp_path):
 
 
 def test_chat_answers_about_media_and_uses_it(tiny):
-    model = make_model(tiny, qformer_text=True, instruction_aware=True, bert_init=str(tiny / "bert")).eval()
+    model = make_model(tiny, qformer=text_side(tiny)).eval()
     images = [str(tiny / "data" / "images" / f"train_0000{i}.png") for i in range(3)]
     one = [{"from": "user", "value": "<image>\nDescribe the image briefly."}]
     two = [{"role": "user", "content": "Hi <image> and <image>?"}]  # OpenAI-style turns work too
@@ -190,7 +189,7 @@ def test_chat_answers_about_media_and_uses_it(tiny):
 def test_every_parameter_stages_1_2_train_gets_a_gradient_as_ddp_requires(tiny, instruction_aware):
     # The Q-Former's text side that only stage-0 losses read (all of it without instructions, the last layer's
     # text FFN with them) stays out of training here; it would otherwise stop DDP.
-    model = make_model(tiny, qformer_text=True, instruction_aware=instruction_aware, bert_init=str(tiny / "bert"))
+    model = make_model(tiny, qformer=text_side(tiny, instruction_aware))
     batch = fixed_batch(model, tiny, n=4, file="train_chat.jsonl")
     model.train()
     model(batch["input_ids"], batch["attention_mask"], batch["media"], batch["labels"]).loss.backward()

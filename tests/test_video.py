@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from tests.conftest import TINY_QFORMER, make_model
+from tests.conftest import TINY_QFORMER, make_model, text_side
 from xllm.demo.video_files import write_video
 from xllm.interfaces import VideoInterface
 from xllm.model import XLLM
@@ -22,10 +22,11 @@ from xllm.objectives import QFormerObjective
 from xllm.training import InterfacePretrainingModule, XLLMDataModule, XLLMModule
 
 
-def video_interface(tiny: Path, **overrides) -> VideoInterface:
+def video_interface(tiny: Path, qformer: dict | None = None, **overrides) -> VideoInterface:
     torch.manual_seed(0)
-    settings = dict(num_frames=4, frame_tokens=4, feature_positions=4, short_side=None, dropout=0.0, **TINY_QFORMER)
-    return VideoInterface(str(tiny / "vit"), **{**settings, **overrides})
+    settings = dict(num_frames=4, frame_tokens=4, feature_positions=4, short_side=None)
+    return VideoInterface(str(tiny / "vit"), qformer={**TINY_QFORMER, "dropout": 0.0, **(qformer or {})},
+                          **{**settings, **overrides})
 
 
 def video_model(tiny: Path, **overrides) -> XLLM:
@@ -151,7 +152,8 @@ def test_video_starts_from_an_image_adapter_and_can_keep_its_qformer_frozen(tiny
 
     with pytest.raises(ValueError, match="image .* vs video"):
         XLLM.from_paths(str(tiny / "llama"), {"video": video_interface(
-            tiny, frame_tokens=None, feature_positions=None, num_query_tokens=8, init_from_image=str(directory))},
+            tiny, frame_tokens=None, feature_positions=None, qformer=dict(num_query_tokens=8),
+            init_from_image=str(directory))},
             template="vicuna_v1")
 
 
@@ -171,8 +173,7 @@ def test_video_qformer_pretrains_without_the_llm(tiny, tmp_path):
     torch.manual_seed(0)
     module = InterfacePretrainingModule(
         adapter_dir=str(tmp_path / "stage0"), lr=1e-3, objective=QFormerObjective(embed_dim=16, qa_itm_weight=1.0),
-        interfaces={"video": video_interface(tiny, qformer_text=True, instruction_aware=True,
-                                             bert_init=str(tiny / "bert"))})
+        interfaces={"video": video_interface(tiny, qformer=text_side(tiny))})
     trainer = pl.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
     trainer.fit(module, datamodule=XLLMDataModule(train_file=str(data), batch_size=8))
@@ -184,15 +185,15 @@ def test_video_qformer_pretrains_without_the_llm(tiny, tmp_path):
 
 def test_frame_size_sets_the_size_the_encoder_sees(tiny, clips):
     """`frame_size` resizes every sampled frame (the video demo's 160 px frames: half the encoder time of 224)."""
-    assert video_interface(tiny).frames_loader()(clips["four"])["pixel_values"].shape[-2:] == (32, 32)
-    pixels = video_interface(tiny, frame_size=16).frames_loader()(clips["four"])["pixel_values"]
+    assert video_interface(tiny).decoder()(clips["four"])["pixel_values"].shape[-2:] == (32, 32)
+    pixels = video_interface(tiny, frame_size=16).decoder()(clips["four"])["pixel_values"]
     assert pixels.shape == (4, 3, 16, 16)
 
 
 def test_cross_attention_init_std_widens_the_cross_attention_start_only(tiny):
     """The config line reaches the Q-Former: its new cross-attention weights start at the given spread, and every
     other Q-Former weight is drawn as before."""
-    default, wide = video_interface(tiny), video_interface(tiny, cross_attention_init_std=0.5)
+    default, wide = video_interface(tiny), video_interface(tiny, qformer=dict(cross_attention_init_std=0.5))
     widened = 0
     for (name, before), (_, after) in zip(default.bridge.qformer.model.named_parameters(),
                                           wide.bridge.qformer.model.named_parameters()):

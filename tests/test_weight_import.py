@@ -37,7 +37,7 @@ def tiny_blip2(tmp_path: Path) -> Path:
 def test_a_transformers_blip2_qformer_imports_with_parity(tiny, tmp_path):
     directory = tiny_blip2(tmp_path)
     blip2 = Blip2Model.from_pretrained(directory).eval()
-    interface = make_image_interface(tiny, cross_attention_frequency=2)
+    interface = make_image_interface(tiny, qformer=dict(cross_attention_frequency=2))
     interface.attach(48)
     report = import_qformer_weights(interface, directory)
     assert report.layout == "blip2" and not report.missing, report.summary()
@@ -55,7 +55,7 @@ def test_a_transformers_blip2_qformer_imports_with_parity(tiny, tmp_path):
 
 
 def test_a_checkpoint_of_another_shape_is_refused_with_both_shapes(tiny, tmp_path):
-    interface = make_image_interface(tiny, num_query_tokens=8, cross_attention_frequency=2)
+    interface = make_image_interface(tiny, qformer=dict(num_query_tokens=8, cross_attention_frequency=2))
     interface.attach(48)
     with pytest.raises(ValueError, match=r"query_tokens: checkpoint \(1, 4, 32\), interface \(1, 8, 32\)"):
         import_qformer_weights(interface, tiny_blip2(tmp_path))
@@ -66,10 +66,9 @@ def lavis_reference() -> tuple[dict, dict]:
     return state, read_checkpoint(FIXTURES / "lavis_reference.pth")
 
 
-def lavis_shaped_interface(tiny, **overrides):
-    interface = make_image_interface(tiny, qformer_hidden_size=64, qformer_layers=2, qformer_heads=4,
-                                     qformer_intermediate_size=128, num_query_tokens=8, cross_attention_frequency=2,
-                                     **overrides)
+def lavis_shaped_interface(tiny, **qformer):
+    interface = make_image_interface(tiny, qformer=dict(hidden_size=64, layers=2, heads=4, intermediate_size=128,
+                                                        num_query_tokens=8, cross_attention_frequency=2, **qformer))
     interface.attach(48)
     return interface.eval()
 
@@ -94,7 +93,7 @@ def test_a_lavis_stage2_checkpoint_without_the_text_ffn_imports_what_is_there(ti
     stage2 = {k: v for k, v in state.items()
               if not re.search(r"\.layer\.\d+\.(intermediate|output)\.|_embeddings\.|^Qformer\.cls\.", k)}
     assert len(stage2) < len(state)
-    interface = lavis_shaped_interface(tiny, qformer_text=True, text_tokenizer=str(tiny / "bert"))
+    interface = lavis_shaped_interface(tiny, text=True, text_tokenizer=str(tiny / "bert"))
     report = import_qformer_weights(interface, stage2)
     assert "bridge.qformer.model.encoder.layer.0.intermediate.dense.weight" in report.missing
     assert "bridge.qformer.embeddings.word_embeddings.weight" in report.missing

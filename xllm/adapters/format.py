@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +34,19 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import xllm
+from xllm.blocks.bridge import FLAT_QFORMER_ARGS
 from xllm.interfaces.base import ModalityInterface
 
 FORMAT = "xllm-adapter"
-VERSION = 2  # 2: local paths relative to the adapter, hidden sizes, xllm version, self-contained Q-Former text
+# 2: local paths relative to the adapter, hidden sizes, xllm version, self-contained Q-Former text.
+# 3: the image and video interfaces' Q-Former settings nested under `qformer` (read back from 2 by `_from_v2`).
+VERSION = 3
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "adapter.safetensors"
 CARD_NAME = "README.md"
+# Interfaces whose Q-Former settings version 2 (and 1) wrote flat among their arguments.
+FLAT_QFORMER_INTERFACES = ("xllm.interfaces.image.ImageInterface", "xllm.interfaces.video.VideoInterface")
+
 
 def _json_ready(value: Any) -> Any:
     if isinstance(value, dict):
@@ -48,6 +55,8 @@ def _json_ready(value: Any) -> Any:
         return [_json_ready(v) for v in value]
     if isinstance(value, Path):
         return str(value)
+    if is_dataclass(value) and not isinstance(value, type):
+        return _json_ready(asdict(value))
     return value
 
 
@@ -101,9 +110,10 @@ def write_adapter_files(
     config["interfaces"] = {}
     for name, interface in interfaces.items():
         spec = _json_ready(interface.reload_config(directory))
-        for key in interface.path_args:
-            if key in spec["init_args"]:
-                spec["init_args"][key], local = _relative_if_local(spec["init_args"][key], directory)
+        for key in interface.path_args:  # dotted for nested settings: `qformer.text_tokenizer`
+            node, last = _get(spec["init_args"], key, missing_ok=True)
+            if node is not None and last in node:
+                node[last], local = _relative_if_local(node[last], directory)
                 if local:
                     local_paths.append(f"interfaces.{name}.init_args.{key}")
         spec["encoder_hidden_size"] = encoder_hidden_size(interface)
@@ -114,12 +124,28 @@ def write_adapter_files(
     return directory
 
 
-def _get(config: dict, dotted: str) -> tuple[dict, str]:
+def _get(config: dict, dotted: str, missing_ok: bool = False) -> tuple[dict | None, str]:
+    """The dict that holds the dotted key's last part, and that part (None for a missing parent if `missing_ok`)."""
     *parents, last = dotted.split(".")
     node = config
     for part in parents:
+        if missing_ok and not isinstance(node.get(part), dict):
+            return None, last
         node = node[part]
     return node, last
+
+
+def _from_v2(config: dict[str, Any]) -> None:
+    """Version 2 -> 3 in place: the image and video interfaces' flat Q-Former arguments move under `qformer`."""
+    renamed = {}
+    for name, spec in config.get("interfaces", {}).items():
+        if spec.get("class_path") not in FLAT_QFORMER_INTERFACES:
+            continue
+        args = spec["init_args"]
+        args["qformer"] = {new: args.pop(old) for old, new in FLAT_QFORMER_ARGS.items() if old in args}
+        renamed.update({f"interfaces.{name}.init_args.{old}": f"interfaces.{name}.init_args.qformer.{new}"
+                        for old, new in FLAT_QFORMER_ARGS.items()})
+    config["local_paths"] = [renamed.get(p, p) for p in config.get("local_paths", [])]
 
 
 def read_config(directory: str | Path) -> dict[str, Any]:
@@ -136,6 +162,8 @@ def read_config(directory: str | Path) -> dict[str, Any]:
             f"{path}: format version {config['version']} (written by xllm {config.get('xllm_version', '?')}) is "
             f"newer than this xllm ({xllm.__version__}) reads (≤ {VERSION}); upgrade xllm"
         )
+    if config.get("version", 0) < 3:
+        _from_v2(config)
     stored = config["stored_paths"] = {}  # as written, for error messages
     for dotted in config.get("local_paths", []):
         node, key = _get(config, dotted)
@@ -195,8 +223,12 @@ def check_paths(directory: str | Path, config: Mapping[str, Any]) -> None:
         if key == "encoder":
             raise missing_path_error(directory, f"its {name} encoder", where,
                                      f"encoders={{{name!r}: PATH}} (evaluate.py: --encoders '{{\"{name}\": PATH}}')")
-        raise missing_path_error(directory, f"its {name} interface's {key}", where,
-                                 f"interface_overrides={{{name!r}: {{{key!r}: PATH}}}}")
+        arg = entry.split(".init_args.", 1)[1]  # `qformer.text_tokenizer` for a nested setting
+        override = "PATH"
+        for part in reversed(arg.split(".")):
+            override = f"{{{part!r}: {override}}}"
+        raise missing_path_error(directory, f"its {name} interface's {arg}", where,
+                                 f"interface_overrides={{{name!r}: {override}}}")
 
 
 def _listed(keys: list[str], limit: int = 8) -> str:

@@ -7,6 +7,8 @@ sit beside the queries) and by the stage-0 objective for captions.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +76,7 @@ class QFormerBridge(nn.Module):
     def tokenize(self, texts: list[str], device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Padded ids and mask of `texts` in the Q-Former's own tokenizer."""
         if self.tokenizer is None:
-            raise RuntimeError("this Q-Former has no text side (qformer_text: false)")
+            raise RuntimeError("this Q-Former has no text side (qformer: {text: false})")
         encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_text_tokens,
                                  return_tensors="pt")
         return encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
@@ -98,37 +100,97 @@ class QFormerBridge(nn.Module):
         return self.projection(queries)
 
 
-def build_qformer(
-    encoder_hidden_size: int, *, num_query_tokens: int, qformer_hidden_size: int, qformer_layers: int,
-    qformer_heads: int, qformer_intermediate_size: int, cross_attention_frequency: int, dropout: float,
-    bert_init: str | None, qformer_text: bool, instruction_aware: bool, text_tokenizer: str | None,
-    max_text_tokens: int, text_embeddings: str | None, cross_attention_init_std: float | None = None,
-) -> tuple[QFormer, PreTrainedTokenizerBase | None]:
-    """The Q-Former (and its own tokenizer, with a text side) from an interface's settings, as the image and video
-    interfaces name them; the settings are checked together."""
-    if instruction_aware and not qformer_text:
-        raise ValueError("instruction_aware needs the Q-Former text side: set qformer_text: true")
-    if qformer_text and not (text_tokenizer or bert_init):
-        raise ValueError("qformer_text needs a tokenizer: set text_tokenizer (or bert_init)")
-    tokenizer = AutoTokenizer.from_pretrained(text_tokenizer or bert_init) if qformer_text else None
+@dataclass
+class QFormerSettings:
+    """A Q-Former's shape, start and text side: one set of settings for the image and video interfaces (YAML:
+    `qformer: {num_query_tokens: 4, hidden_size: 384, ...}`).
+
+    Args:
+        num_query_tokens: learned queries, i.e. LLM tokens per item (BLIP-2: 32).
+        hidden_size: Q-Former width (BLIP-2: 768, bert-base).
+        layers: Q-Former depth (BLIP-2: 12).
+        heads: attention heads.
+        intermediate_size: FFN width.
+        cross_attention_frequency: a cross-attention layer every N layers (BLIP-2: 2).
+        cross_attention_init_std: the spread of the new cross-attention weights at the start (None: transformers'
+            0.02). The demos use 0.08: with 0.02 their LLM-free stage 0 sat near chance for its first ~400 steps.
+        bert_init: optional local BERT checkpoint whose self-attention and FFN weights start the Q-Former.
+        dropout: Q-Former dropout.
+        text: give the Q-Former BLIP-2's text side (needed for LLM-free pretraining and instruction-aware queries);
+            its tokenizer is `text_tokenizer` (default: `bert_init`).
+        instruction_aware: the text of the user turn holding each item joins the queries (InstructBLIP).
+        text_tokenizer: tokenizer directory for the Q-Former's text side.
+        max_text_tokens: longest Q-Former text (instruction or caption), in its own tokens.
+        text_embeddings: safetensors file with the text side's frozen word and position tables (an adapter writes
+            its own, so it loads without the `bert_init` checkpoint).
+    """
+
+    num_query_tokens: int = 32
+    hidden_size: int = 768
+    layers: int = 12
+    heads: int = 12
+    intermediate_size: int = 3072
+    cross_attention_frequency: int = 2
+    cross_attention_init_std: float | None = None
+    bert_init: str | None = None
+    dropout: float = 0.1
+    text: bool = False
+    instruction_aware: bool = False
+    text_tokenizer: str | None = None
+    max_text_tokens: int = 64
+    text_embeddings: str | None = None
+
+    @classmethod
+    def of(cls, value: QFormerSettings | Mapping[str, Any] | None) -> QFormerSettings:
+        """Settings from themselves, a dict (a config read back from JSON) or None (the defaults)."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        unknown = sorted(set(value) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown Q-Former settings {unknown}; known: {[f.name for f in fields(cls)]}")
+        return cls(**value)
+
+
+# Q-Former settings as version-2 adapters wrote them, flat among an interface's arguments -> their name now.
+FLAT_QFORMER_ARGS = {
+    "num_query_tokens": "num_query_tokens", "qformer_hidden_size": "hidden_size", "qformer_layers": "layers",
+    "qformer_heads": "heads", "qformer_intermediate_size": "intermediate_size",
+    "cross_attention_frequency": "cross_attention_frequency", "cross_attention_init_std": "cross_attention_init_std",
+    "bert_init": "bert_init", "dropout": "dropout", "qformer_text": "text", "instruction_aware": "instruction_aware",
+    "text_tokenizer": "text_tokenizer", "max_text_tokens": "max_text_tokens", "text_embeddings": "text_embeddings",
+}
+
+
+def build_qformer(encoder_hidden_size: int, settings: QFormerSettings,
+                  ) -> tuple[QFormer, PreTrainedTokenizerBase | None]:
+    """The Q-Former (and its own tokenizer, with a text side) from its settings, checked together."""
+    if settings.instruction_aware and not settings.text:
+        raise ValueError("instruction_aware needs the Q-Former text side: set qformer: {text: true}")
+    if settings.text and not (settings.text_tokenizer or settings.bert_init):
+        raise ValueError("the Q-Former text side needs a tokenizer: set qformer: {text_tokenizer: ...} (or bert_init)")
+    tokenizer = AutoTokenizer.from_pretrained(settings.text_tokenizer or settings.bert_init) if settings.text else None
     qformer = QFormer(
-        encoder_hidden_size, num_query_tokens=num_query_tokens, hidden_size=qformer_hidden_size,
-        num_layers=qformer_layers, num_heads=qformer_heads, intermediate_size=qformer_intermediate_size,
-        cross_attention_frequency=cross_attention_frequency, dropout=dropout, bert_init=bert_init,
-        text_vocab_size=len(tokenizer) if tokenizer is not None else None, max_text_positions=max_text_tokens,
-        text_embeddings=text_embeddings, cross_attention_init_std=cross_attention_init_std,
+        encoder_hidden_size, num_query_tokens=settings.num_query_tokens, hidden_size=settings.hidden_size,
+        num_layers=settings.layers, num_heads=settings.heads, intermediate_size=settings.intermediate_size,
+        cross_attention_frequency=settings.cross_attention_frequency, dropout=settings.dropout,
+        bert_init=settings.bert_init, text_vocab_size=len(tokenizer) if tokenizer is not None else None,
+        max_text_positions=settings.max_text_tokens, text_embeddings=settings.text_embeddings,
+        cross_attention_init_std=settings.cross_attention_init_std,
     )
     return qformer, tokenizer
 
 
-def write_text_side(bridge: QFormerBridge, folder: Path, init_args: dict[str, Any]) -> None:
+def write_text_side(bridge: QFormerBridge, folder: Path, settings: dict[str, Any]) -> None:
     """Into a checkpoint: what the Q-Former's text side reads from outside — its tokenizer, and the frozen word
-    tables when BERT gave them — so the interface reloads without `bert_init`; `init_args` then point there."""
-    init_args["bert_init"] = None  # the trained weights replace BERT's initialisation
+    tables when BERT gave them — so the interface reloads without `bert_init`; `settings` (the Q-Former settings
+    as a dict) then point there."""
+    settings["bert_init"] = None  # the trained weights replace BERT's initialisation
     if bridge.tokenizer is None:
         return
     bridge.tokenizer.save_pretrained(str(folder))
-    init_args["text_tokenizer"] = str(folder)
+    settings["text_tokenizer"] = str(folder)
     if bridge.frozen_modules():
         bridge.qformer.save_text_embeddings(folder / "embeddings.safetensors")
-        init_args["text_embeddings"] = str(folder / "embeddings.safetensors")
+        settings["text_embeddings"] = str(folder / "embeddings.safetensors")

@@ -29,6 +29,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from xllm.encoders.feature_cache import FeatureCache
 from xllm.tensors import pad_stack
 
 Item = torch.Tensor | dict[str, torch.Tensor]
@@ -201,6 +202,49 @@ class ModalityInterface(nn.Module):
         weights the checkpoint replaces anyway, or to write files into `directory` that the interface needs
         and that would otherwise live only at a path of the training machine."""
         return self.to_config()
+
+
+class FrozenEncoderInterface(ModalityInterface):
+    """An interface over a frozen encoder whose outputs may be cached (`feature_cache`): image, video, speech.
+
+    A subclass sets `self.cache` (a `FeatureCache`, or None) and writes `decoder()` (a picklable `path -> decoded
+    item`) and `encode_decoded(items)` (decoded items -> one feature tensor each, or a batch tensor); loading,
+    caching and the data workers' loader follow from those two, written once here."""
+
+    cache: FeatureCache | None = None
+    cache_batch_size: int = 32  # decoded items the encoder sees at once while the cache fills
+
+    def decoder(self) -> Callable[[str], Item]:
+        """`path -> decoded item` before the frozen encoder (pixels, frames, a mel spectrogram)."""
+        raise NotImplementedError
+
+    def encode_decoded(self, items: list[Item]) -> torch.Tensor | list[torch.Tensor]:
+        """The frozen encoder's features of decoded items, one per item (what the cache stores)."""
+        raise NotImplementedError
+
+    def cache_order(self, path: str) -> Any:
+        """Sort key of the paths the cache encodes (items of similar size can share a batch)."""
+        return path
+
+    def media_loader(self) -> Callable[[str], Item]:
+        decode = self.decoder()
+        return self.cache.loader(decode=decode) if self.cache is not None else decode
+
+    def load_media(self, path: str) -> Item:
+        self.prepare_media([path])
+        return self.media_loader()(path)
+
+    def prepare_media(self, paths: list[str], batch_size: int | None = None) -> int:
+        """Fill the feature cache for `paths` (no-op without `feature_cache`); returns how many were encoded."""
+        if self.cache is None:
+            return 0
+        return self.cache.fill(paths, self.decoder(), self.encode_decoded, batch_size or self.cache_batch_size,
+                               what=self.modality, order=self.cache_order)
+
+    def reload_config(self, directory: Path) -> dict[str, Any]:
+        config = super().reload_config(directory)
+        config["init_args"]["feature_cache"] = None  # a training-time cache, not part of the adapter
+        return config
 
 
 @runtime_checkable

@@ -21,14 +21,14 @@ from xllm.blocks.cformer import CFormer
 from xllm.blocks.projection import ProjectionKind
 from xllm.blocks.window_qformer import WindowQFormer
 from xllm.encoders.audio import MEL, AudioLoader
-from xllm.encoders.feature_cache import FEATURES, CachedFeatureLoader, FeatureCache
+from xllm.encoders.feature_cache import FEATURES, FeatureCache
 from xllm.encoders.whisper import FrozenSpeechEncoder
-from xllm.interfaces.base import MediaBatch, ModalityInterface, ModalityTokens
+from xllm.interfaces.base import FrozenEncoderInterface, MediaBatch, ModalityTokens
 
 SpeechBridgeKind = Literal["cformer", "window"]
 
 
-class SpeechInterface(ModalityInterface):
+class SpeechInterface(FrozenEncoderInterface):
     """One audio clip becomes a variable number of LLM tokens at `<audio>` (about one per output token with CIF).
 
     Args:
@@ -109,33 +109,21 @@ class SpeechInterface(ModalityInterface):
         return [self.encoder]
 
     def reload_config(self, directory: Path) -> dict[str, Any]:
-        config = self.to_config()
+        config = super().reload_config(directory)
         config["init_args"]["bert_init"] = None  # the trained weights replace BERT's initialisation
-        config["init_args"]["feature_cache"] = None  # a training-time cache, not part of the adapter
         return config
 
     # --- media ---------------------------------------------------------------------------------------
-    def media_loader(self) -> AudioLoader | CachedFeatureLoader:
-        audio = AudioLoader(self.encoder.feature_extractor, self.min_peak)
-        return self.cache.loader(decode=audio) if self.cache is not None else audio
+    def decoder(self) -> AudioLoader:
+        return AudioLoader(self.encoder.feature_extractor, self.min_peak)
 
-    def load_media(self, path: str) -> dict[str, torch.Tensor]:
-        self.prepare_media([path])
-        return self.media_loader()(path)
+    def encode_decoded(self, items: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+        batch = self.collate(items)
+        features, lengths = self.encoder(batch.values[MEL], batch.lengths)
+        return [f[:n] for f, n in zip(features, lengths.tolist())]
 
-    def prepare_media(self, paths: list[str], batch_size: int = 32) -> int:
-        """Fill the feature cache for `paths` (no-op without `feature_cache`); returns how many were encoded."""
-        if self.cache is None:
-            return 0
-
-        def encode(items: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
-            batch = self.collate(items)
-            features, lengths = self.encoder(batch.values[MEL], batch.lengths)
-            return [f[:n] for f, n in zip(features, lengths.tolist())]
-
-        # Files sorted by size: clips of similar length share a batch (less padding).
-        return self.cache.fill(paths, AudioLoader(self.encoder.feature_extractor, self.min_peak), encode,
-                               batch_size, what="audio", order=lambda p: (os.path.getsize(p), p))
+    def cache_order(self, path: str) -> tuple[int, str]:
+        return os.path.getsize(path), path  # clips of similar length share a batch (less padding)
 
     # --- compute -------------------------------------------------------------------------------------
     def bridge_inputs(self, media: MediaBatch) -> tuple[torch.Tensor, torch.Tensor]:

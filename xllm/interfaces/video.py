@@ -21,6 +21,7 @@ image Q-Former this way; `freeze_qformer` keeps it as it was.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,15 +31,15 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoImageProcessor
 
-from xllm.blocks.bridge import QFormerBridge, build_qformer, write_text_side
+from xllm.blocks.bridge import QFormerBridge, QFormerSettings, build_qformer, write_text_side
 from xllm.blocks.positions import POSITION_INIT_STD, PositionKind, square_side
 from xllm.blocks.projection import ProjectionKind
 from xllm.blocks.qformer import QFormer
-from xllm.encoders.feature_cache import FEATURES, CachedFeatureLoader, FeatureCache
+from xllm.encoders.feature_cache import FEATURES, FeatureCache
 from xllm.encoders.video_frames import SamplingMode, VideoLoader
 from xllm.encoders.vision import FEATURES_VERSION, FrozenVisionEncoder
 from xllm.frozen import freeze
-from xllm.interfaces.base import MediaBatch, ModalityInterface, ModalityTokens
+from xllm.interfaces.base import FrozenEncoderInterface, MediaBatch, ModalityTokens
 
 TemporalKind = Literal["qformer", "concat"]
 IMAGE_BRIDGE = "interfaces.image.bridge."  # where an image adapter keeps the bridge's trained tensors
@@ -67,7 +68,7 @@ class FramesBridge(QFormerBridge):
         return features.reshape(n, frames * tokens, dim)
 
 
-class VideoInterface(ModalityInterface):
+class VideoInterface(FrozenEncoderInterface):
     """One video becomes `num_query_tokens` LLM tokens (`temporal: qformer`) or up to `num_frames` times that
     (`temporal: concat`).
 
@@ -88,14 +89,15 @@ class VideoInterface(ModalityInterface):
         init_from_image: an image adapter directory whose bridge starts this one (one config line).
         freeze_qformer: keep the Q-Former from `init_from_image` frozen (X-LLM's reuse of the image Q-Former); the
             video adapter then names that image adapter, which it loads the Q-Former from.
-        feature_positions, feature_position_kind, num_query_tokens, qformer_*, cross_attention_frequency,
-        cross_attention_init_std, bert_init, projection, feature_layer, encoder_dtype, dropout, qformer_text,
-        instruction_aware, text_tokenizer, max_text_tokens, text_embeddings: as for `ImageInterface` (per frame).
+        qformer, projection, feature_layer, encoder_dtype, feature_positions, feature_position_kind: as for
+            `ImageInterface` (per frame).
         feature_cache: folder for the frozen encoder's (pooled) frame features, one file per video.
     """
 
     modality = "video"
-    path_args = ("encoder", "bert_init", "text_tokenizer", "text_embeddings", "feature_cache", "init_from_image")
+    cache_batch_size = 8
+    path_args = ("encoder", "qformer.bert_init", "qformer.text_tokenizer", "qformer.text_embeddings", "feature_cache",
+                 "init_from_image")
     content_parts = ("video_url",)
 
     def __init__(
@@ -111,26 +113,13 @@ class VideoInterface(ModalityInterface):
         frame_positions: bool = True,
         init_from_image: str | None = None,
         freeze_qformer: bool = False,
-        num_query_tokens: int = 32,
-        qformer_hidden_size: int = 768,
-        qformer_layers: int = 12,
-        qformer_heads: int = 12,
-        qformer_intermediate_size: int = 3072,
-        cross_attention_frequency: int = 2,
-        cross_attention_init_std: float | None = None,
-        bert_init: str | None = None,
+        qformer: QFormerSettings | None = None,
         projection: ProjectionKind = "linear",
         feature_layer: int = -1,
         encoder_dtype: str = "float32",
-        dropout: float = 0.1,
-        qformer_text: bool = False,
-        instruction_aware: bool = False,
-        text_tokenizer: str | None = None,
-        max_text_tokens: int = 64,
         feature_positions: int | None = None,
         feature_position_kind: PositionKind = "learned",
         feature_cache: str | None = None,
-        text_embeddings: str | None = None,
     ) -> None:
         super().__init__()
         if temporal not in ("qformer", "concat"):
@@ -142,7 +131,8 @@ class VideoInterface(ModalityInterface):
         if frame_tokens is not None:
             square_side(frame_tokens, "frame_tokens")
         self.num_frames, self.temporal, self.frame_tokens = num_frames, temporal, frame_tokens
-        self.instruction_aware = instruction_aware
+        self.settings = QFormerSettings.of(qformer)
+        self.instruction_aware = self.settings.instruction_aware
         self.encoder = FrozenVisionEncoder(encoder, feature_layer=feature_layer, dtype=encoder_dtype)
         self.processor = AutoImageProcessor.from_pretrained(encoder)
         if frame_size is not None:
@@ -152,23 +142,17 @@ class VideoInterface(ModalityInterface):
             self.processor = AutoImageProcessor.from_pretrained(encoder, size={"height": frame_size,
                                                                                "width": frame_size})
         self.sampling, self.fps, self.short_side = sampling, fps, short_side
-        qformer, tokenizer = build_qformer(
-            self.encoder.hidden_size, num_query_tokens=num_query_tokens, qformer_hidden_size=qformer_hidden_size,
-            qformer_layers=qformer_layers, qformer_heads=qformer_heads,
-            qformer_intermediate_size=qformer_intermediate_size, cross_attention_frequency=cross_attention_frequency,
-            dropout=dropout, bert_init=bert_init, qformer_text=qformer_text, instruction_aware=instruction_aware,
-            text_tokenizer=text_tokenizer, max_text_tokens=max_text_tokens, text_embeddings=text_embeddings,
-            cross_attention_init_std=cross_attention_init_std,
-        )
-        bridge_args = dict(tokenizer=tokenizer, max_text_tokens=max_text_tokens, feature_positions=feature_positions,
+        block, tokenizer = build_qformer(self.encoder.hidden_size, self.settings)
+        bridge_args = dict(tokenizer=tokenizer, max_text_tokens=self.settings.max_text_tokens,
+                           feature_positions=feature_positions,
                            position_kind=feature_position_kind, projection=projection)
         if temporal == "qformer":
-            self.bridge: QFormerBridge = FramesBridge(qformer, num_frames, frame_positions, **bridge_args)
+            self.bridge: QFormerBridge = FramesBridge(block, num_frames, frame_positions, **bridge_args)
             self.query_frame_positions = None
         else:
-            self.bridge = QFormerBridge(qformer, **bridge_args)
+            self.bridge = QFormerBridge(block, **bridge_args)
             self.query_frame_positions = (
-                nn.Parameter(torch.randn(num_frames, 1, qformer_hidden_size) * POSITION_INIT_STD)
+                nn.Parameter(torch.randn(num_frames, 1, self.settings.hidden_size) * POSITION_INIT_STD)
                 if frame_positions else None)
         self.image_weights = load_file(str(Path(init_from_image) / "adapter.safetensors")) if init_from_image else None
         self.freeze_qformer = freeze_qformer
@@ -215,36 +199,22 @@ class VideoInterface(ModalityInterface):
         return self.bridge.qformer.text_only_modules(self.instruction_aware)
 
     def reload_config(self, directory: Path) -> dict[str, Any]:
-        config = self.to_config()
+        config = super().reload_config(directory)
         args = config["init_args"]
-        args["feature_cache"] = None
         if not self.freeze_qformer:
             # The adapter's own weights replace the start. A frozen Q-Former is not in the adapter (frozen parts
             # never are), so it keeps coming from the image adapter, as the frozen LLM comes from its path.
             args["init_from_image"] = None
-        write_text_side(self.bridge, directory / f"{self.modality}_qformer_text", args)
+        args["qformer"] = asdict(self.settings)
+        write_text_side(self.bridge, directory / f"{self.modality}_qformer_text", args["qformer"])
         return config
 
     # --- media ---------------------------------------------------------------------------------------
-    def frames_loader(self) -> VideoLoader:
+    def decoder(self) -> VideoLoader:
         return VideoLoader(self.processor, self.num_frames, self.sampling, self.fps, self.short_side)
 
-    def media_loader(self) -> VideoLoader | CachedFeatureLoader:
-        frames = self.frames_loader()
-        return self.cache.loader(decode=frames) if self.cache is not None else frames
-
-    def load_media(self, path: str) -> dict[str, torch.Tensor]:
-        self.prepare_media([path])
-        return self.media_loader()(path)
-
-    def prepare_media(self, paths: list[str], batch_size: int = 8) -> int:
-        """Fill the feature cache for `paths` (no-op without `feature_cache`); returns how many were encoded."""
-        if self.cache is None:
-            return 0
-        return self.cache.fill(paths, self.frames_loader(), self._encode_clips, batch_size, what="video")
-
     @torch.no_grad()
-    def _encode_clips(self, items: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+    def encode_decoded(self, items: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
         device = next(self.encoder.parameters()).device
         # One clip per encoder call: a CNN on 2 CPU cores ran 2x slower per frame at 64 frames a batch than at 8.
         return [self.frame_features(item["pixel_values"].to(device)) for item in items]
