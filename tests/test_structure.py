@@ -70,3 +70,11 @@ def test_no_library_file_is_over_400_lines():
     long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py")
             if "demo" not in p.parts and (n := len(p.read_text().splitlines())) > 400}
     assert not long, long
+
+
+def test_the_readme_stays_a_newcomers_page():
+    """The commands, a table per demo, the examples; measurements and histories live in docs/ (linked)."""
+    readme = (PACKAGE.parent / "README.md").read_text()
+    assert len(readme.splitlines()) <= 300
+    for link in ("docs/demo_image.md", "docs/demo_speech.md", "docs/demo_video.md", "docs/architecture.md"):
+        assert link in readme and (PACKAGE.parent / link).is_file(), link

@@ -5,6 +5,7 @@ The lowest layer of xllm: `llm.py` and the interfaces' encoders both use it, and
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -24,8 +25,18 @@ def check_model_path(path: str, what: str) -> None:
     """Fail early with a useful message when a local-looking path is missing (hub ids pass through)."""
     looks_local = path.startswith((".", "/", "~")) or Path(path).exists() or path.count("/") != 1
     if looks_local and not Path(path).expanduser().exists():
-        hint = " (tiny test models: run `python -m xllm.demo.tiny`)" if ".cache/tiny" in path else ""
-        raise FileNotFoundError(f"{what}: no model directory at {path}{hint}")
+        raise FileNotFoundError(f"{what}: no model directory at {path}")
+
+
+def safetensors_files(folder: str | Path) -> list[Path]:
+    """The safetensors files of a transformers checkpoint directory: its index's shards, or `model.safetensors`."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return [folder / shard for shard in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    raise FileNotFoundError(f"{folder}: no model.safetensors (or its index) in this directory")
 
 
 def freeze(module: nn.Module) -> nn.Module:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from xllm.frozen import check_model_path, freeze, resolve_dtype
+from xllm.frozen import check_model_path, freeze, resolve_dtype, safetensors_files
 
 
 @dataclass
@@ -47,9 +47,6 @@ def embedding_tables(path: str, trust_remote_code: bool = False) -> tuple[torch.
     """The input embeddings' and the LM head's `[vocab, hidden]` weights, read from the checkpoint's safetensors
     without building the model (for a 7B LLM that is two tables, not 14 GB). A tied head is the same tensor as
     the input table, read once."""
-    import json
-    from pathlib import Path
-
     from safetensors import safe_open
     from transformers import AutoConfig
 
@@ -60,14 +57,10 @@ def embedding_tables(path: str, trust_remote_code: bool = False) -> tuple[torch.
     wanted = {"input": model.get_input_embeddings().weight, "output": model.get_output_embeddings().weight}
     names = {which: [n for n, p in model.named_parameters(remove_duplicate=False) if p is table]
              for which, table in wanted.items()}
-    folder = Path(path)
-    index = folder / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    files = safetensors_files(path)
     found: dict[str, torch.Tensor] = {}
     for file in files:
-        if not (folder / file).is_file():
-            continue
-        with safe_open(str(folder / file), framework="pt") as handle:
+        with safe_open(str(file), framework="pt") as handle:
             for which in wanted:
                 name = next((n for n in names[which] if n in handle.keys()), None)
                 if which not in found and name is not None:

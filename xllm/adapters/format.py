@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 import xllm
@@ -72,30 +72,22 @@ def encoder_hidden_size(interface: ModalityInterface) -> int | None:
     return getattr(getattr(interface, "encoder", None), "hidden_size", None)
 
 
-def write_adapter_files(
-    directory: str | Path,
-    tensors: Mapping[str, torch.Tensor],
+def config_for(
+    directory: Path,
     interfaces: Mapping[str, ModalityInterface],
     stage: int | None = None,
     llm: Mapping[str, Any] | None = None,
     trained_on: str | None = None,
-) -> Path:
-    """Write `config.json` + `adapter.safetensors` (+ the files interfaces need); `save.write_checkpoint` adds the
-    model card.
+) -> dict[str, Any]:
+    """The `config.json` of an adapter about to be written to `directory` (interfaces may write files there).
 
     Args:
-        directory: where to write (created).
-        tensors: the trainable tensors, named as inside an `XLLM`.
+        directory: the adapter directory (local paths are stored relative to it).
         interfaces: modality -> interface, to rebuild them.
-        stage: the training stage that produced them.
+        stage: the training stage that produced the adapter.
         llm: for adapters, `{"llm": {"path", "dtype", "hidden_size"}, "template", "system_prompt", "lora"}`.
         trained_on: what it was trained on, for the model card.
     """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    if not tensors:
-        raise ValueError("nothing trainable to save")
     local_paths: list[str] = []
     config: dict[str, Any] = {
         "format": FORMAT, "version": VERSION, "xllm_version": xllm.__version__, "stage": stage,
@@ -119,9 +111,7 @@ def write_adapter_files(
         spec["encoder_hidden_size"] = encoder_hidden_size(interface)
         config["interfaces"][name] = spec
     config["local_paths"] = local_paths
-    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": FORMAT})
-    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, ensure_ascii=False))
-    return directory
+    return config
 
 
 def _get(config: dict, dotted: str, missing_ok: bool = False) -> tuple[dict | None, str]:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from xllm.adapters.card import write_model_card
-from xllm.adapters.format import write_adapter_files
+from xllm.adapters.format import CONFIG_NAME, FORMAT, WEIGHTS_NAME, config_for
 from xllm.interfaces.base import ModalityInterface
 
 
@@ -21,8 +23,17 @@ def write_checkpoint(
     llm: Mapping[str, Any] | None = None,
     trained_on: str | None = None,
 ) -> Path:
-    """An adapter directory (see `xllm.adapters.format`) with its model card; arguments as `write_adapter_files`."""
-    directory = write_adapter_files(directory, tensors, interfaces, stage, llm, trained_on)
+    """Write an adapter directory (see `xllm.adapters.format`): `adapter.safetensors` with `tensors` (the trainable
+    ones, named as inside an `XLLM`), `config.json` (`config_for`'s arguments), the files interfaces need, and
+    the model card."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    if not tensors:
+        raise ValueError("nothing trainable to save")
+    config = config_for(directory, interfaces, stage, llm, trained_on)
+    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": FORMAT})
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, ensure_ascii=False))
     write_model_card(directory)
     return directory
 

@@ -13,7 +13,6 @@ tensors and plain containers is refused, never executed.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from xllm.frozen import safetensors_files
 from xllm.interfaces.image import ImageInterface
 
 Layout = Literal["blip2", "lavis", "xllm"]
@@ -122,15 +122,10 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     a `.pth`/`.pt`/`.bin` read with `weights_only=True` (LAVIS and X-LLM keep the state dict under `"model"`)."""
     path = Path(path)
     if path.is_dir():
-        index = path / "model.safetensors.index.json"
-        if index.is_file():
-            state: dict[str, torch.Tensor] = {}
-            for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-                state.update(load_file(str(path / shard)))
-            return state
-        if (path / "model.safetensors").is_file():
-            return load_file(str(path / "model.safetensors"))
-        raise FileNotFoundError(f"{path}: no model.safetensors (or its index) in this directory")
+        state: dict[str, torch.Tensor] = {}
+        for file in safetensors_files(path):
+            state.update(load_file(str(file)))
+        return state
     if path.suffix == ".safetensors":
         return load_file(str(path))
     try:

@@ -154,14 +154,37 @@ def chat(model, data: Path) -> list[tuple[str, str]]:
     return exchange
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description="xllm demo: a frozen SmolLM2 learns to see shapes, on a CPU")
-    parser.add_argument("--out", default="runs/demo", help="run folder (adapters, W&B offline runs, report)")
+def demo_parser(description: str, name: str) -> argparse.ArgumentParser:
+    """The options every demo has: its run folder, seed, and the folders of its models and data."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", default=f"runs/{name}", help="run folder (adapters, W&B offline runs, report)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--models", default=".cache/models")
+    parser.add_argument("--data", default=f".cache/{name}/data")
+    return parser
+
+
+def demo_start(parser: argparse.ArgumentParser, argv: list[str] | None,
+               ) -> tuple[argparse.Namespace, Path, Path, Path, float]:
+    """Parsed options, `(out, data, models)` folders and the start time; every CPU core for torch."""
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    return args, Path(args.out), Path(args.data), Path(args.models), time.perf_counter()
+
+
+def write_report(out: Path, report: list[str], result: dict) -> dict:
+    """A demo's `report.md` (the lines) and `report.json` (the numbers), printed too; returns `result`."""
+    (out / "report.md").write_text("\n".join(report) + "\n")
+    (out / "report.json").write_text(json.dumps(result, indent=2))
+    print("\n".join(report))
+    print(f"Everything is in {out}/ (report.md, adapters in stage*/adapter, W&B offline runs in wandb/).")
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = demo_parser("xllm demo: a frozen SmolLM2 learns to see shapes, on a CPU", "demo")
     parser.add_argument("--train_images", type=int, default=1200)
     parser.add_argument("--test_images", type=int, default=60)
-    parser.add_argument("--models", default=".cache/models")
-    parser.add_argument("--data", default=".cache/demo/data")
     parser.add_argument("--from_stage", type=int, default=0, help="reuse the adapters of earlier stages in --out")
     parser.add_argument("--no_stage0", action="store_true",
                         help="ablation: skip LLM-free pretraining and give its time to stage 2 (--no_stage0_steps)")
@@ -170,10 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--stage0_steps", type=int, default=None,
                         help="stage-0 steps instead of configs/demo/stage0.yaml's 1200 (fewer learn less; make test's "
                              "shortened run uses fewer to fit its time)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    started = time.perf_counter()
-    out, data, models = Path(args.out), Path(args.data), Path(args.models)
+    args, out, data, models, started = demo_start(parser, argv)
 
     from xllm.demo.materialize import materialize_all
     from xllm.demo.synthetic import BLANK, build_shapes_task
@@ -231,14 +251,10 @@ def main(argv: list[str] | None = None) -> dict:
     report += ["", "![training loss of each stage](training_curves.png)", "",
                "![held-out accuracy per category](categories.png)"]
     pictures(out, scores, test, results)
-    (out / "report.md").write_text("\n".join(report) + "\n")
     # `samples`: the trained model's reply to every test question, as `evaluate.py` writes them.
     result = {"seed": args.seed, "before": before, "image_blind": blind, "after": after, "chat": exchange,
               "seconds": timings, "samples": results}
-    (out / "report.json").write_text(json.dumps(result, indent=2))
-    print("\n".join(report))
-    print(f"Everything is in {out}/ (report.md, adapters in stage*/adapter, W&B offline runs in wandb/).")
-    return result
+    return write_report(out, report, result)
 
 
 if __name__ == "__main__":

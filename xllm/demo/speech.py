@@ -18,7 +18,6 @@ configs/demo_speech/stageN.yaml` run, in this process; everything lands in `--ou
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -27,7 +26,6 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
-import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs" / "demo_speech"
@@ -99,20 +97,15 @@ def spoken_question(model, out: Path) -> tuple[str, str, str]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description="xllm speech demo: a frozen SmolLM2 learns to hear, on a CPU")
-    parser.add_argument("--out", default="runs/demo_speech", help="run folder (adapters, W&B offline runs, report)")
-    parser.add_argument("--seed", type=int, default=0)
+    from xllm.demo.pipeline import demo_parser, demo_start, write_report
+
+    parser = demo_parser("xllm speech demo: a frozen SmolLM2 learns to hear, on a CPU", "demo_speech")
     parser.add_argument("--step_scale", type=float, default=1.0, help="scale every stage's step budget")
     parser.add_argument("--train_clips", type=int, default=2000)
     parser.add_argument("--split", default="test", choices=["val", "test"],
                         help="report on val while choosing settings; test once, for the report")
-    parser.add_argument("--models", default=".cache/models")
-    parser.add_argument("--data", default=".cache/demo_speech/data")
     parser.add_argument("--from_stage", type=int, default=0, help="reuse the adapters of earlier stages in --out")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    started = time.perf_counter()
-    out, data, models = Path(args.out), Path(args.data), Path(args.models)
+    args, out, data, models, started = demo_start(parser, argv)
 
     from xllm.data.records import read_records
     from xllm.demo.materialize import materialize_all
@@ -159,13 +152,9 @@ def main(argv: list[str] | None = None) -> dict:
               "A spoken question, in a held-out voice:", "",
               f"> **audio:** \"{question[0]}\"  \n> **transcribed:** {question[1]}  \n> **answered:** {question[2]}",
               "", "Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())]
-    (out / "report.md").write_text("\n".join(report) + "\n")
     result = {"seed": args.seed, "split": args.split, "scores": scores, "question": question, "seconds": timings,
               "predictions": {name: p[:20] for name, p in rows.items()}}
-    (out / "report.json").write_text(json.dumps(result, indent=2))
-    print("\n".join(report))
-    print(f"Everything is in {out}/ (report.md, adapters in stage*/adapter, W&B offline runs in wandb/).")
-    return result
+    return write_report(out, report, result)
 
 
 if __name__ == "__main__":

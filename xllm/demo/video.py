@@ -22,7 +22,6 @@ this process; everything lands in `--out`. Choose settings with `--split val`; r
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -31,9 +30,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
-import torch
 
-from xllm.demo.pipeline import fit, localized_config
+from xllm.demo.pipeline import demo_parser, demo_start, fit, localized_config, write_report
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs" / "demo_video"
@@ -84,22 +82,15 @@ def format_table(scores: dict[str, dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description="xllm video demo: a frozen SmolLM2 learns time in videos, on a CPU")
-    parser.add_argument("--out", default="runs/demo_video", help="run folder (adapters, W&B offline runs, report)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = demo_parser("xllm video demo: a frozen SmolLM2 learns time in videos, on a CPU", "demo_video")
     parser.add_argument("--step_scale", type=float, default=1.0, help="scale every stage's step budget")
     parser.add_argument("--train_clips", type=int, default=1000)
     parser.add_argument("--test_clips", type=int, default=20, help="per held-out split (and val)")
     parser.add_argument("--split", default="test", choices=["val", "test"],
                         help="report on val while choosing settings; test (and test_combos) once, for the report")
-    parser.add_argument("--models", default=".cache/models")
-    parser.add_argument("--data", default=".cache/demo_video/data")
     parser.add_argument("--from_stage", default=STAGES[0], choices=[*STAGES, "evaluate"],
                         help="reuse the adapters of earlier stages in --out (evaluate: only evaluate them)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    started = time.perf_counter()
-    out, data, models = Path(args.out), Path(args.data), Path(args.models)
+    args, out, data, models, started = demo_start(parser, argv)
 
     from xllm.demo.materialize import materialize_all
     from xllm.demo.pipeline import trained_model, untrained_model
@@ -155,12 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
                f"{question.split(chr(10), 1)[1]}\n>\n> **xllm:** {answer}  (reference: "
                f"{example['conversations'][-1]['value']})", "",
                "Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())]
-    (out / "report.md").write_text("\n".join(report) + "\n")
     result = {"seed": args.seed, "scores": scores, "chat": [question, answer], "seconds": timings}
-    (out / "report.json").write_text(json.dumps(result, indent=2))
-    print("\n".join(report))
-    print(f"Everything is in {out}/ (report.md, adapters in stage*/adapter, W&B offline runs in wandb/).")
-    return result
+    return write_report(out, report, result)
 
 
 if __name__ == "__main__":
