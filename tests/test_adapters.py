@@ -174,3 +174,24 @@ def test_a_version_2_adapter_still_loads_and_gives_the_outputs_it_gave(tiny):
     torch.testing.assert_close(got, load_file(str(fixture / "reference.safetensors"))["last_logits"])
     assert isinstance(model.chat(QUESTION, {"image": str(tiny / "data" / "images" / "test_00000.png")},
                                  max_new_tokens=4), str)
+
+
+def test_an_adapter_that_needs_an_extra_says_so_before_loading_anything(tiny, tmp_path, monkeypatch):
+    """The extras an adapter records are checked first: a missing one is one line naming it, nothing is loaded."""
+    directory = tmp_path / "adapter"
+    shutil.copytree(ROOT / "tests" / "fixtures" / "adapter_v2", directory)
+    config = json.loads((directory / "config.json").read_text())
+    config["extras"] = ["vision"]
+    config["llm"]["path"] = str(tmp_path / "no_llm_here")  # never reached
+    (directory / "config.json").write_text(json.dumps(config))
+    write_model_card(directory)
+    assert "pip install 'xllm-toolkit[vision]'" in (directory / "README.md").read_text()
+    from xllm import extras
+
+    monkeypatch.setitem(extras.EXTRAS, "vision", ("torchvision", "not_installed_here"))
+    with pytest.raises(extras.MissingExtraError, match=r"adapter .* needs not_installed_here \(the 'vision' extra\)"):
+        XLLM.from_pretrained(directory)
+    config["extras"] = ["telepathy"]
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="extra 'telepathy', which this xllm does not know"):
+        XLLM.from_pretrained(directory)

@@ -3,6 +3,7 @@
 A broken splice, a frozen-LLM bug or a data bug leaves the held-out yes/no accuracy at chance (0.5)."""
 
 import importlib.util
+import json
 import shutil
 
 import pytest
@@ -61,6 +62,9 @@ def test_shortened_demo_learns_above_chance(tmp_path):
     models, image = tmp_path / "models", str(tmp_path / "data" / "images" / "test_00000.png")
     question = [{"from": "user", "value": "<image>\nIs there a circle in the image?"}]
     in_place = XLLM.from_pretrained(tmp_path / "runs" / "stage2" / "adapter").chat(question, {"image": image})
+    # Its encoder is a torchvision CNN: the adapter says it needs the `vision` extra, in its config and card.
+    assert json.loads((tmp_path / "runs" / "stage2" / "adapter" / "config.json").read_text())["extras"] == ["vision"]
+    assert "xllm-toolkit[vision]" in (tmp_path / "runs" / "stage2" / "adapter" / "README.md").read_text()
     alone = shutil.copytree(tmp_path / "runs" / "stage2" / "adapter", tmp_path / "elsewhere" / "adapter")
     shutil.move(models, tmp_path / "moved_models")
     with pytest.raises(FileNotFoundError, match="pass llm=PATH"):

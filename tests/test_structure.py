@@ -1,6 +1,6 @@
 """Layers: each part of the package imports only the parts below it, so the arrows never run back up.
 
-    tensors, frozen                       conventions and freezing (import nothing of xllm)
+    tensors, frozen, extras               conventions, freezing, optional dependencies (import nothing of xllm)
     llm | blocks | encoders               the frozen LLM; trainable blocks; frozen encoders and media decoding
     interfaces                            the contract and the modalities, composed of blocks and encoders
     data | objectives | adapters          conversations -> batches; stage-0 losses; the adapter artifact
@@ -17,7 +17,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "xllm"
 
-BOTTOM = {"tensors", "frozen"}
+BOTTOM = {"tensors", "frozen", "extras"}
 COMPONENTS = BOTTOM | {"llm", "blocks", "encoders"}
 INTERFACES = COMPONENTS | {"interfaces"}
 DATA = INTERFACES | {"data"}
@@ -26,6 +26,7 @@ LIBRARY = MODEL | {"objectives", "training", "evaluation"}
 ALLOWED = {
     "tensors": set(),
     "frozen": set(),
+    "extras": set(),
     "llm": BOTTOM,
     "blocks": BOTTOM | {"blocks"},
     "encoders": BOTTOM | {"encoders"},

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from xllm.adapters.format import CARD_NAME, CONFIG_NAME
+from xllm.extras import DISTRIBUTION
 
 # The card's "Load" example per modality: a question and a file name (other modalities get a generic one).
 EXAMPLES = {
@@ -48,6 +49,9 @@ def write_model_card(directory: str | Path, metrics: Mapping[str, Any] | None = 
     for name, spec in config["interfaces"].items():
         lines.append(f"| {name} | `{spec['class_path']}` | `{spec['init_args'].get('encoder')}` | "
                      f"{spec.get('encoder_hidden_size')} |")
+    if config.get("extras"):
+        names = ",".join(config["extras"])
+        lines += ["", f"Needs the `{names}` extra of xllm: `pip install '{DISTRIBUTION}[{names}]'`."]
     if config.get("trained_on"):
         lines += ["", f"Trained on: {config['trained_on']}."]
     if metrics:

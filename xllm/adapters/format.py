@@ -111,6 +111,7 @@ def config_for(
         spec["encoder_hidden_size"] = encoder_hidden_size(interface)
         config["interfaces"][name] = spec
     config["local_paths"] = local_paths
+    config["extras"] = sorted({e for interface in interfaces.values() for e in interface.needed_extras()})
     return config
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from xllm.adapters.format import apply_overrides, check_paths, encoder_hidden_size, read_config
+from xllm.extras import EXTRAS, require
 from xllm.interfaces.base import ModalityInterface
 from xllm.interfaces.catalog import find_interface_class, known_class_paths
 
@@ -34,6 +35,11 @@ def adapter_config(
             f"adapter {directory}: its config asks for trust_remote_code, and xllm never takes that from a file; "
             "nothing was loaded. If you trust the LLM's code, pass trust_remote_code=True yourself"
         )
+    for extra in config.get("extras", []):
+        if extra not in EXTRAS:
+            raise ValueError(f"adapter {directory} needs the extra {extra!r}, which this xllm does not know; "
+                             "upgrade xllm")
+        require(extra, f"adapter {directory}")
     config = apply_overrides(config, llm=llm, encoders=encoders, interface_overrides=interface_overrides,
                              dtype=dtype)
     check_paths(directory, config)

@@ -26,11 +26,15 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from starlette.concurrency import run_in_threadpool
-
+from xllm.extras import import_optional
 from xllm.model import XLLM
+
+# The web framework is the `serve` extra: checked first, so a missing one is one line naming the extra.
+import_optional("fastapi", "serve", "xllm serve")
+import_optional("uvicorn", "serve", "xllm serve")
+from fastapi import FastAPI, Request  # noqa: E402
+from fastapi.concurrency import run_in_threadpool  # noqa: E402
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse  # noqa: E402
 
 MEDIA_FORMAT = re.compile(r"[a-z0-9]{1,8}")  # a `{"data", "format"}` part's format: a file suffix, nothing more
 

@@ -18,6 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 from transformers import AutoConfig, AutoModel
 
+from xllm.extras import import_optional
 from xllm.frozen import check_model_path, freeze, resolve_dtype
 
 TORCHVISION_CONFIG = "xllm_encoder.json"
@@ -64,9 +65,9 @@ def _load_torchvision(path: Path, dtype: torch.dtype, feature_layer: int = -1) -
     """Build a torchvision architecture by name and load its safetensors weights (no pickle, no download).
 
     `feature_layer=k > 0` keeps the first k blocks of the feature module (an earlier, finer feature map)."""
-    import torchvision
     from safetensors.torch import load_file
 
+    torchvision = import_optional("torchvision", "vision", f"the image encoder at {path} (a torchvision model)")
     spec = json.loads((path / TORCHVISION_CONFIG).read_text())
     if spec.get("library") != "torchvision":
         raise ValueError(f"{path / TORCHVISION_CONFIG}: only library 'torchvision' is supported")

@@ -178,6 +178,11 @@ class ModalityInterface(nn.Module):
     def forward(self, media: MediaBatch) -> ModalityTokens:
         raise NotImplementedError
 
+    def needed_extras(self) -> set[str]:
+        """Extras of the distribution this interface needs beyond the core (`xllm.extras.EXTRAS`), e.g. `vision`
+        for a torchvision encoder; an adapter records them and `from_pretrained` checks them first."""
+        return set()
+
     def frozen_modules(self) -> list[nn.Module]:
         """Sub-modules that never train (kept in eval mode, outside the optimizer and checkpoints)."""
         return []

@@ -74,6 +74,9 @@ class ImageInterface(FrozenEncoderInterface):
     def attach(self, llm_hidden_size: int) -> None:
         self.bridge.attach(llm_hidden_size)
 
+    def needed_extras(self) -> set[str]:
+        return {"vision"} if self.encoder.is_cnn else set()
+
     def frozen_modules(self) -> list[nn.Module]:
         return [self.encoder, *self.bridge.frozen_modules()]
 

@@ -191,6 +191,9 @@ class VideoInterface(FrozenEncoderInterface):
             raise ValueError(f"init_from_image: tensors this video bridge lacks: {unknown}")
         self.bridge.load_state_dict(taken, strict=False)
 
+    def needed_extras(self) -> set[str]:
+        return {"vision"} if self.encoder.is_cnn else set()
+
     def frozen_modules(self) -> list[nn.Module]:
         frozen = [self.encoder, *self.bridge.frozen_modules()]
         return frozen + [self.bridge.qformer] if self.freeze_qformer else frozen
