@@ -35,14 +35,14 @@ from torch import nn
 
 import xllm
 from xllm.blocks.bridge import FLAT_QFORMER_ARGS
-from xllm.interfaces.base import ModalityInterface
+from xllm.interfaces.base import ADAPTER_WEIGHTS, ModalityInterface
 
 FORMAT = "xllm-adapter"
 # 2: local paths relative to the adapter, hidden sizes, xllm version, self-contained Q-Former text.
 # 3: the image and video interfaces' Q-Former settings nested under `qformer` (read back from 2 by `_from_v2`).
 VERSION = 3
 CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "adapter.safetensors"
+WEIGHTS_NAME = ADAPTER_WEIGHTS
 CARD_NAME = "README.md"
 # Interfaces whose Q-Former settings version 2 (and 1) wrote flat among their arguments.
 FLAT_QFORMER_INTERFACES = ("xllm.interfaces.image.ImageInterface", "xllm.interfaces.video.VideoInterface")

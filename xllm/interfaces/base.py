@@ -40,6 +40,24 @@ def placeholder(modality: str) -> str:
     return f"<{modality}>"
 
 
+ADAPTER_WEIGHTS = "adapter.safetensors"  # an adapter directory's trained tensors (the format: xllm.adapters)
+
+
+def adapter_tensors(directory: str | Path, modality: str, part: str = "") -> dict[str, torch.Tensor]:
+    """One interface's trained tensors in an adapter directory, named relative to `part` of it (e.g. `bridge.`).
+
+    An adapter names tensors as inside an `XLLM`, whose interfaces sit at `interfaces.<modality>.`; this is how an
+    interface starts from another adapter's (a video Q-Former from an image adapter's) without the format's code."""
+    from safetensors.torch import load_file
+
+    prefix = f"interfaces.{modality}.{part}"
+    tensors = load_file(str(Path(directory) / ADAPTER_WEIGHTS))
+    taken = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    if not taken:
+        raise ValueError(f"{directory}: no {prefix}* tensors in its {ADAPTER_WEIGHTS}")
+    return taken
+
+
 @dataclass
 class MediaBatch:
     """One modality's items of a batch, in reading order.

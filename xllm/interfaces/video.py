@@ -27,7 +27,6 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoImageProcessor
 
@@ -39,10 +38,9 @@ from xllm.encoders.feature_cache import FEATURES, FeatureCache
 from xllm.encoders.video_frames import SamplingMode, VideoLoader
 from xllm.encoders.vision import FEATURES_VERSION, FrozenVisionEncoder
 from xllm.frozen import freeze
-from xllm.interfaces.base import FrozenEncoderInterface, MediaBatch, ModalityTokens
+from xllm.interfaces.base import FrozenEncoderInterface, MediaBatch, ModalityTokens, adapter_tensors
 
 TemporalKind = Literal["qformer", "concat"]
-IMAGE_BRIDGE = "interfaces.image.bridge."  # where an image adapter keeps the bridge's trained tensors
 
 
 class FramesBridge(QFormerBridge):
@@ -154,7 +152,7 @@ class VideoInterface(FrozenEncoderInterface):
             self.query_frame_positions = (
                 nn.Parameter(torch.randn(num_frames, 1, self.settings.hidden_size) * POSITION_INIT_STD)
                 if frame_positions else None)
-        self.image_weights = load_file(str(Path(init_from_image) / "adapter.safetensors")) if init_from_image else None
+        self.image_weights = adapter_tensors(init_from_image, "image", "bridge.") if init_from_image else None
         self.freeze_qformer = freeze_qformer
         if freeze_qformer:
             freeze(self.bridge.qformer)
@@ -177,11 +175,8 @@ class VideoInterface(FrozenEncoderInterface):
             self.image_weights = None
 
     def _start_from_image(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy an image adapter's bridge into this one: every tensor the two share, shapes checked."""
-        own = self.bridge.state_dict()
-        taken = {k[len(IMAGE_BRIDGE):]: v for k, v in tensors.items() if k.startswith(IMAGE_BRIDGE)}
-        if not taken:
-            raise ValueError(f"init_from_image: the adapter has no image bridge tensors ({IMAGE_BRIDGE}*)")
+        """Copy an image adapter's bridge tensors into this bridge: every tensor the two share, shapes checked."""
+        own, taken = self.bridge.state_dict(), tensors
         wrong = [f"{k}: image {tuple(v.shape)} vs video {tuple(own[k].shape)}" for k, v in taken.items()
                  if k in own and own[k].shape != v.shape]
         if wrong:
