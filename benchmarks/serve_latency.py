@@ -3,7 +3,9 @@
     xllm serve --adapter runs/demo/stage2/adapter --port 8000 &
     python benchmarks/serve_latency.py --url http://127.0.0.1:8000/v1 --image photo.png --clients 8
 
-Each client streams one answer to "Describe the image briefly."; tokens are the server's usage counts.
+Each client streams one answer to "Describe the image briefly."; tokens are the server's usage counts. Printed
+side by side for 1 and N clients: time to first token (median, worst), time per output token after the first
+(median), tokens/s per client and in all (the figures lmms-eval's throughput logging reports).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import openai
 
 
 def one(client: openai.OpenAI, image: str, max_tokens: int) -> tuple[float, float, int]:
-    """(seconds to the first content, seconds in all, completion tokens) of one streamed answer."""
+    """(seconds to the first content, seconds in all, completion tokens) of one streamed answer (greedy)."""
     start, first, tokens = time.perf_counter(), None, 0
     stream = client.chat.completions.create(
         model="xllm", max_tokens=max_tokens, stream=True, messages=[{"role": "user", "content": [
@@ -49,12 +51,15 @@ def main() -> None:
             results = list(pool.map(lambda _: one(client, image, args.max_tokens), range(clients)))
         wall = time.perf_counter() - start
         tokens = sum(r[2] for r in results)
-        rows.append((clients, statistics.median(r[0] for r in results), max(r[0] for r in results),
+        per_token = statistics.median((r[1] - r[0]) / max(1, r[2] - 1) for r in results)
+        rows.append((clients, statistics.median(r[0] for r in results), max(r[0] for r in results), per_token,
                      statistics.median(r[2] / r[1] for r in results), tokens / wall))
-    print("| clients | TTFT median (s) | TTFT worst (s) | tokens/s per client | tokens/s in all |")
-    print("|---:|---:|---:|---:|---:|")
-    for clients, ttft, worst, per_client, total in rows:
-        print(f"| {clients} | {ttft:.2f} | {worst:.2f} | {per_client:.1f} | {total:.1f} |")
+    print("| clients | TTFT median (s) | TTFT worst (s) | time per output token (s) | tokens/s per client "
+          "| tokens/s in all |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for clients, ttft, worst, per_token, per_client, total in rows:
+        print(f"| {clients} | {ttft:.2f} | {worst:.2f} | {per_token:.3f} | {per_client:.1f} | {total:.1f} |")
+    print(f"\n{args.clients} clients / 1 client, tokens/s in all: {rows[1][5] / rows[0][5]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import pytest
 import uvicorn
 
 from tests.conftest import make_model, text_side
+from xllm.apps.batching import Generation
 from xllm.apps.serve import ChatCompletions, create_app
 
 
@@ -24,6 +25,9 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+server_of: dict = {}  # client -> the ChatCompletions behind it (what the tests inspect)
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +46,7 @@ def server(tiny):
             break
         time.sleep(0.05)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+    server_of[client] = completions
     yield model, client, images, port
     uvicorn_server.should_exit = True
     thread.join(timeout=10)
@@ -119,8 +124,71 @@ def test_eight_concurrent_clients_each_get_their_own_answer(server):
         return client.chat.completions.create(model="tiny", messages=[ask(question, path)],
                                               max_tokens=5).choices[0].message.content
 
+    batches = server_of[client].batches.batches
+    before = len(batches)
     with ThreadPoolExecutor(8) as pool:
         assert list(pool.map(one, range(8))) == expected
+    assert max(batches[before:]) > 1, batches[before:]  # they were generated together, not one by one
+
+
+def test_each_request_of_a_batch_keeps_its_own_length_stop_and_temperature(server):
+    model, client, images, _ = server
+    completions = server_of[client]
+    image = str(images / "test_00002.png")
+    turns = [{"from": "user", "value": "<image>\nDescribe the picture."}]
+    full = model.chat(turns, {"image": image}, max_new_tokens=12)
+    short = model.chat(turns, {"image": image}, max_new_tokens=3)
+    stop = full.split()[2] if len(full.split()) > 2 else full[-2:]
+    rows = [Generation(turns, completions.model.processor().load_media([{"image": [image]}])[0], **settings)
+            for settings in ({"max_new_tokens": 12}, {"max_new_tokens": 3}, {"max_new_tokens": 12, "stop": [stop]},
+                             {"max_new_tokens": 12, "temperature": 1.5})]
+    completions.batches.run(rows)
+    assert [r.wait() for r in rows[:2]] == [full, short]
+    assert rows[1].finish == "length" and rows[1].tokens == 3
+    assert rows[2].finish == "stop" and rows[2].wait() == full[:full.find(stop)].strip()
+    assert rows[3].tokens <= 12 and rows[3].finish in ("stop", "length")  # sampled beside greedy rows
+
+
+def test_a_full_queue_is_a_503_in_openai_shape_never_a_hang(tiny):
+    model = make_model(tiny).eval()
+    completions = ChatCompletions(model, "tiny", max_batch=1, max_queue=1)
+    release = threading.Event()
+    completions.batches.run = lambda batch: release.wait(30)  # the worker stays busy with its first request
+    media = completions.model.processor().load_media([{}])[0]
+    completions.batches.submit(Generation([{"from": "user", "value": "hi"}], media))
+    for _ in range(100):  # the worker has taken it: the queue is empty again
+        if completions.batches.waiting.empty():
+            break
+        time.sleep(0.01)
+    completions.batches.submit(Generation([{"from": "user", "value": "hi"}], media))  # fills the queue
+    from fastapi.testclient import TestClient
+
+    response = TestClient(create_app(completions)).post("/v1/chat/completions", json={
+        "model": "tiny", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 2})
+    release.set()
+    assert response.status_code == 503
+    assert response.json()["error"]["type"] == "server_error" and "retry later" in response.json()["error"]["message"]
+
+
+def test_a_video_adapter_is_served_and_reads_video_url_parts(tiny, tmp_path):
+    from tests.test_video import clip, video_model
+
+    model = video_model(tiny).eval()
+    path = clip(tiny, tmp_path, "clip.mkv", [0, 1, 2, 3])
+    expected = model.chat([{"from": "user", "value": "<video>\nWhat happens?"}], {"video": path}, max_new_tokens=5)
+    from fastapi.testclient import TestClient
+
+    client = TestClient(create_app(ChatCompletions(model, "tiny-video")))
+    url = "data:video/x-matroska;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+    video = {"type": "video_url", "video_url": {"url": url}}
+    answered = client.post("/v1/chat/completions", json={"model": "tiny-video", "max_tokens": 5, "messages": [
+        {"role": "user", "content": [video, {"type": "text", "text": "What happens?"}]}]})
+    assert answered.status_code == 200, answered.text
+    assert answered.json()["choices"][0]["message"]["content"] == expected
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    refused = client.post("/v1/chat/completions", json={"model": "tiny-video", "messages": [
+        {"role": "user", "content": [image]}]})
+    assert refused.status_code == 400 and "video_url" in refused.json()["error"]["message"]
 
 
 def chromium() -> str:

@@ -1,11 +1,12 @@
 """`xllm serve --adapter DIR`: the OpenAI chat-completions protocol over a trained model, and a small web page.
 
 `POST /v1/chat/completions` takes OpenAI's `messages` with content parts: `text`, and whatever part types the
-adapter's interfaces declare (`image_url`, `video_url` as a `data:` URL or a path inside a folder the server was
-allowed to read, `input_audio` as base64 data and a format; see `ModalityInterface.content_parts`), `max_tokens`, `temperature`
-and `stream` (server-sent events); `GET /v1/models` lists the one model; `GET /` is a page to upload an image,
-ask, and watch the answer stream. Requests are queued: one generation runs at a time, so concurrent clients
-never share state. Errors use OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`).
+adapter's interfaces declare (`ModalityInterface.content_parts`: `image_url` and `video_url` as a `data:` URL or a
+path inside a folder the server may read, `input_audio` as base64 data and a format), `max_tokens`,
+`temperature`, `stop` and `stream` (server-sent events); `GET /v1/models` lists the one model; `GET /` is a page
+to upload an image, ask, and watch the answer stream. Requests that arrive together generate together
+(`xllm.apps.batching`), each with its own settings; a full queue is a 503. Errors use OpenAI's shape
+(`{"error": {"message", "type", "param", "code"}}`).
 
 Binds to 127.0.0.1 unless told otherwise. Behind a load balancer, run one `xllm serve` per GPU/replica: each is
 stateless between requests (the conversation travels in `messages`), so no controller is needed.
@@ -19,13 +20,13 @@ import binascii
 import json
 import re
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from xllm.apps.batching import BatchGenerator, Generation, QueueFull
 from xllm.extras import import_optional
 from xllm.model import XLLM
 
@@ -36,6 +37,9 @@ from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.concurrency import run_in_threadpool  # noqa: E402
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse  # noqa: E402
 
+# A data: URL's MIME type -> the file suffix decoders recognise, where it is not the subtype itself.
+MIME_SUFFIXES = {"video/x-matroska": "mkv", "video/quicktime": "mov", "video/x-msvideo": "avi", "audio/mpeg": "mp3",
+                 "audio/x-wav": "wav", "audio/wave": "wav", "audio/x-flac": "flac", "audio/x-m4a": "m4a"}
 MEDIA_FORMAT = re.compile(r"[a-z0-9]{1,8}")  # a `{"data", "format"}` part's format: a file suffix, nothing more
 
 
@@ -60,12 +64,15 @@ class ChatCompletions:
         name: the model id clients send and see.
         media_dirs: folders whose files a request may name by path (none: only `data:` URLs).
         max_media: most media items in one request.
+        max_batch: most requests generated together (see `xllm.apps.batching`).
+        max_queue: most requests waiting; more get a 503.
     """
 
-    def __init__(self, model: XLLM, name: str, media_dirs: Sequence[str | Path] = (), max_media: int = 8) -> None:
+    def __init__(self, model: XLLM, name: str, media_dirs: Sequence[str | Path] = (), max_media: int = 8,
+                 max_batch: int = 8, max_queue: int = 64) -> None:
         self.model, self.name, self.max_media = model, name, max_media
         self.media_dirs = [Path(d).resolve() for d in media_dirs]
-        self.lock = threading.Lock()  # the queue: one generation at a time on the one model
+        self.batches = BatchGenerator(model, max_batch=max_batch, max_queue=max_queue)
         # content-part type -> the modality that reads it, as the adapter's interfaces declare them
         self.part_modalities = {part: m for m, i in model.interfaces.items() for part in i.content_parts}
 
@@ -75,7 +82,8 @@ class ChatCompletions:
             header, _, payload = url.partition(",")
             if ";base64" not in header:
                 raise RequestError("a data: URL must be base64-encoded", param)
-            suffix = "." + header[5:].split(";")[0].split("/")[-1] if "/" in header else ""
+            mime = header[5:].split(";")[0]
+            suffix = "." + MIME_SUFFIXES.get(mime, mime.split("/")[-1]) if "/" in mime else ""
             path = folder / f"media_{index}{suffix}"
             try:
                 path.write_bytes(base64.b64decode(payload, validate=True))
@@ -140,8 +148,11 @@ class ChatCompletions:
         temperature = body.get("temperature") or 0.0
         if not isinstance(temperature, (int, float)) or temperature < 0:
             raise RequestError("temperature must be a number ≥ 0", "temperature")
-        sampling = {"do_sample": True, "temperature": float(temperature)} if temperature > 0 else {}
-        return turns, media, {"max_new_tokens": max_tokens, **sampling}
+        stop = body.get("stop") or []
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(t, str) and t for t in stop):
+            raise RequestError("stop must be a string or a list of at most 4 non-empty strings", "stop")
+        return turns, media, {"max_new_tokens": max_tokens, "temperature": float(temperature), "stop": stop}
 
     def prompt_tokens(self, turns: list[dict], media: dict[str, list[str]]) -> int:
         """Text tokens of the prompt plus each media item's token count (its interface's maximum)."""
@@ -149,22 +160,25 @@ class ChatCompletions:
         text = sum(1 for i in ids if i >= 0)
         return text + sum(self.model.interfaces[m].max_tokens * len(paths) for m, paths in media.items())
 
-    def usage(self, turns: list[dict], media: dict[str, list[str]], reply: str) -> dict[str, int]:
-        prompt = self.prompt_tokens(turns, media)
-        completion = len(self.model.tokenizer(reply, add_special_tokens=False)["input_ids"])
+    def usage(self, turns: list[dict], media: dict[str, list[str]], generation: Generation) -> dict[str, int]:
+        prompt, completion = self.prompt_tokens(turns, media), generation.tokens
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
+    def start(self, turns, media, settings) -> Generation:
+        """Queue a request's generation (its media decoded here, in the request's thread: a bad file is its own
+        400); `QueueFull` when the server already holds `max_queue` requests."""
+        loaded = self.model.processor().load_media([media])[0]
+        return self.batches.submit(Generation(turns, loaded, **settings))
+
     # --- answers -------------------------------------------------------------------------------------
-    def complete(self, turns, media, settings) -> dict[str, Any]:
-        with self.lock:
-            reply = "".join(self.model.stream(turns, media, **settings)).strip()
-            usage = self.usage(turns, media, reply)
-        finish = "length" if usage["completion_tokens"] >= settings["max_new_tokens"] else "stop"
+    def complete(self, generation: Generation, turns, media) -> dict[str, Any]:
+        reply = generation.wait()
+        usage, finish = self.usage(turns, media, generation), generation.finish
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": self.name, "usage": usage,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": finish}]}
 
-    def chunks(self, turns, media, settings, folder: tempfile.TemporaryDirectory) -> Iterator[str]:
+    def chunks(self, generation: Generation, turns, media) -> Iterator[str]:
         """Server-sent events: a role chunk, one chunk per streamed piece, a finish chunk with usage, [DONE]."""
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
@@ -173,23 +187,15 @@ class ChatCompletions:
                      "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
             return f"data: {json.dumps(chunk)}\n\n"
 
+        yield event({"role": "assistant", "content": ""})
         try:
-            with self.lock:
-                yield event({"role": "assistant", "content": ""})
-                pieces = []
-                try:
-                    for piece in self.model.stream(turns, media, **settings):
-                        pieces.append(piece)
-                        yield event({"content": piece})
-                except ValueError as err:  # undecodable media, found when the batch is built
-                    yield f"data: {json.dumps({'error': {'message': str(err), 'type': 'invalid_request_error'}})}\n\n"
-                    return
-                usage = self.usage(turns, media, "".join(pieces).strip())
-            finish = "length" if usage["completion_tokens"] >= settings["max_new_tokens"] else "stop"
-            yield event({}, finish, usage=usage)
-            yield "data: [DONE]\n\n"
-        finally:
-            folder.cleanup()
+            for piece in generation.pieces():
+                yield event({"content": piece})
+        except Exception as err:  # the batch failed after the stream began: say so in the stream
+            yield f"data: {json.dumps({'error': {'message': str(err), 'type': 'server_error'}})}\n\n"
+            return
+        yield event({}, generation.finish, usage=self.usage(turns, media, generation))
+        yield "data: [DONE]\n\n"
 
 
 def create_app(completions: ChatCompletions, max_request_bytes: int = 20 * 2**20) -> FastAPI:
@@ -218,24 +224,20 @@ def create_app(completions: ChatCompletions, max_request_bytes: int = 20 * 2**20
             body = json.loads(raw)
         except json.JSONDecodeError as err:
             return error_response(f"the body is not JSON: {err}")
-        folder = tempfile.TemporaryDirectory(prefix="xllm-serve-")
         try:
-            turns, media, settings = completions.parse(body, Path(folder.name))
-            if body.get("stream"):
-                # Decode the media before the stream starts, so a bad file is a 400, not an event mid-stream.
-                await run_in_threadpool(completions.model.processor().load_media, [media])
-                return StreamingResponse(completions.chunks(turns, media, settings, folder),
-                                         media_type="text/event-stream")
-            try:
-                return await run_in_threadpool(completions.complete, turns, media, settings)
-            finally:
-                folder.cleanup()
+            with tempfile.TemporaryDirectory(prefix="xllm-serve-") as folder:
+                turns, media, settings = completions.parse(body, Path(folder))
+                # Media are decoded before queueing: a bad file is a 400, not an event mid-stream.
+                generation = await run_in_threadpool(completions.start, turns, media, settings)
         except RequestError as err:
-            folder.cleanup()
             return error_response(str(err), param=err.param)
+        except QueueFull as err:
+            return error_response(str(err), 503, kind="server_error")
         except ValueError as err:  # an undecodable image or clip: the model names the file
-            folder.cleanup()
-            return error_response(str(err).replace(folder.name + "/", ""))
+            return error_response(str(err).replace(folder + "/", ""))
+        if body.get("stream"):
+            return StreamingResponse(completions.chunks(generation, turns, media), media_type="text/event-stream")
+        return await run_in_threadpool(completions.complete, generation, turns, media)
 
     return app
 
@@ -249,6 +251,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--media_dir", action="append", default=[], help="a folder requests may name files in")
     parser.add_argument("--max_media", type=int, default=8, help="most media items per request")
     parser.add_argument("--max_request_mb", type=float, default=20.0)
+    parser.add_argument("--max_batch", type=int, default=8, help="most requests generated together")
+    parser.add_argument("--max_queue", type=int, default=64, help="most requests waiting; more get a 503")
     parser.add_argument("--llm", default=None, help="load the LLM from here instead of the adapter's path")
     parser.add_argument("--encoder", action="append", default=[], metavar="MODALITY=PATH")
     parser.add_argument("--device", default=None)
@@ -260,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     model = XLLM.from_pretrained(args.adapter, llm=args.llm, encoders=encoders or None, device=args.device,
                                  dtype=args.dtype)
     completions = ChatCompletions(model, args.name or Path(args.adapter).resolve().name, args.media_dir,
-                                  args.max_media)
+                                  args.max_media, args.max_batch, args.max_queue)
     uvicorn.run(create_app(completions, int(args.max_request_mb * 2**20)), host=args.host, port=args.port)
 
 

@@ -1,0 +1,191 @@
+"""Requests that arrive together generate together: dynamic batching for `xllm serve`.
+
+One worker thread owns the model. It takes the first waiting request, gathers whatever else arrives within a short
+window (up to `max_batch`), and runs one left-padded `generate` over all of them; each row keeps its own
+`max_tokens`, temperature and stop strings, streams its own text, and finishes on its own (the others go on).
+Requests that arrive while a batch runs wait for the next one (dynamic, not continuous, batching: transformers'
+continuous batching takes token ids only, and media tokens are input embeddings). The queue is bounded: a full
+queue is refused at once (`QueueFull`, answered 503), never a hang.
+
+Why by hand: the generation loop is transformers' own; what is written here is only the per-row bookkeeping it
+calls each step (a `StoppingCriteria` that decodes each row's new token, and a `LogitsProcessor` for per-row
+temperature).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+from xllm.model import XLLM
+
+
+class QueueFull(RuntimeError):
+    """The server has as much queued work as it accepts; the client should retry later."""
+
+
+@dataclass
+class Generation:
+    """One request's generation: what to generate, and the text as it is produced (read with `pieces()`).
+
+    turns: the conversation; media: modality -> loaded items (decoded by the request's thread, so a bad file is
+    that request's 400, not the batch's); stop: strings that end the reply (not included)."""
+
+    turns: list[dict[str, str]]
+    media: dict[str, list[Any]]
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    stop: list[str] = field(default_factory=list)
+    text: str = ""
+    tokens: int = 0
+    finish: str | None = None  # "stop" (end of turn or a stop string) or "length"
+    error: BaseException | None = None
+    _ids: list[int] = field(default_factory=list)
+    _sent: int = 0
+    _queue: queue.Queue = field(default_factory=queue.Queue)
+
+    def pieces(self) -> Iterator[str]:
+        """The reply's text piece by piece as it is generated; raises the generation's error, if any."""
+        while True:
+            piece = self._queue.get()
+            if piece is None:
+                break
+            yield piece
+        if self.error is not None:
+            raise self.error
+
+    def wait(self) -> str:
+        """The whole reply (stripped, as `XLLM.chat` returns it)."""
+        for _ in self.pieces():
+            pass
+        return self.text.strip()
+
+    def _emit(self, final: bool) -> None:
+        # Hold back what could still become a stop string or an incomplete character.
+        hold = 0 if final else max((len(s) - 1 for s in self.stop), default=0)
+        end = len(self.text) - hold
+        if not final and self.text.endswith("\ufffd"):
+            end = min(end, len(self.text) - 1)
+        if end > self._sent:
+            self._queue.put(self.text[self._sent:end])
+            self._sent = end
+        if final:
+            self._queue.put(None)
+
+
+class RowBookkeeping(StoppingCriteria):
+    """Called by `generate` after each step: decodes each row's new token into its `Generation`, and says which
+    rows are done (end of turn, a stop string, or their own `max_new_tokens`)."""
+
+    def __init__(self, rows: list[Generation], tokenizer: Any) -> None:
+        self.rows, self.tokenizer = rows, tokenizer
+        self.eos = set(tokenizer.convert_tokens_to_ids([tokenizer.eos_token])) if tokenizer.eos_token else set()
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.BoolTensor:
+        done = torch.zeros(len(self.rows), dtype=torch.bool, device=input_ids.device)
+        for row, generation in enumerate(self.rows):
+            if generation.finish is not None:
+                done[row] = True
+                continue
+            token = int(input_ids[row, -1])
+            if token in self.eos:
+                generation.finish = "stop"
+            else:
+                generation._ids.append(token)
+                generation.tokens += 1
+                generation.text = self.tokenizer.decode(generation._ids, skip_special_tokens=True)
+                cut = min((i for i in (generation.text.find(s) for s in generation.stop) if i >= 0), default=-1)
+                if cut >= 0:
+                    generation.text, generation.finish = generation.text[:cut], "stop"
+                elif generation.tokens >= generation.max_new_tokens:
+                    generation.finish = "length"
+            generation._emit(final=generation.finish is not None)
+            done[row] = generation.finish is not None
+        return done
+
+
+class RowTemperature(LogitsProcessor):
+    """Per-row sampling in one batch: greedy rows keep only their best token, the others are divided by their
+    temperature (then transformers' own sampling warpers apply, as for a single request)."""
+
+    def __init__(self, temperatures: list[float]) -> None:
+        self.temperatures = temperatures
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        out = scores.clone()
+        for row, temperature in enumerate(self.temperatures):
+            if temperature > 0:
+                out[row] = scores[row] / temperature
+            else:
+                best = scores[row].argmax()
+                out[row] = torch.full_like(scores[row], float("-inf"))
+                out[row, best] = scores[row, best]
+        return out
+
+
+class BatchGenerator:
+    """The one worker that runs every generation of a model, in batches.
+
+    Args:
+        model: the loaded model.
+        max_batch: most requests generated together.
+        max_queue: most requests waiting; more are refused with `QueueFull`.
+        window_s: how long the first request of a batch waits for others to join it.
+    """
+
+    def __init__(self, model: XLLM, max_batch: int = 8, max_queue: int = 64, window_s: float = 0.02) -> None:
+        self.model, self.max_batch, self.window_s = model, max_batch, window_s
+        self.waiting: queue.Queue[Generation] = queue.Queue(maxsize=max_queue)
+        self.batches: list[int] = []  # the size of each batch run (for tests and logs)
+        threading.Thread(target=self._loop, daemon=True, name="xllm-batches").start()
+
+    def submit(self, generation: Generation) -> Generation:
+        try:
+            self.waiting.put_nowait(generation)
+        except queue.Full:
+            raise QueueFull(f"the server has {self.waiting.maxsize} requests waiting; retry later") from None
+        return generation
+
+    def _gather(self) -> list[Generation]:
+        batch = [self.waiting.get()]
+        deadline = time.monotonic() + self.window_s
+        while len(batch) < self.max_batch:
+            try:
+                batch.append(self.waiting.get(timeout=max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                break
+        return batch
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._gather()
+            try:
+                self.run(batch)
+            except BaseException as err:  # reported to every request of the batch; the worker goes on
+                for generation in batch:
+                    if generation.finish is None:
+                        generation.error, generation.finish = err, "error"
+                        generation._queue.put(None)
+
+    @torch.no_grad()
+    def run(self, batch: list[Generation]) -> None:
+        """Generate every request of `batch` together (called by the worker; callable directly in tests)."""
+        self.batches.append(len(batch))
+        prompts = self.model.processor()([g.turns for g in batch], [g.media for g in batch])
+        sampling = any(g.temperature > 0 for g in batch)
+        bookkeeping = RowBookkeeping(batch, self.model.tokenizer)
+        settings: dict[str, Any] = {"do_sample": sampling, "stopping_criteria": StoppingCriteriaList([bookkeeping])}
+        if sampling:
+            settings["logits_processor"] = LogitsProcessorList([RowTemperature([g.temperature for g in batch])])
+        self.model.generate_ids(prompts, max(g.max_new_tokens for g in batch), **settings)
+        for generation in batch:  # rows that ran to the batch's length without their own end
+            if generation.finish is None:
+                generation.finish = "length"
+                generation._emit(final=True)
