@@ -34,7 +34,8 @@ def installed() -> dict[str, list[str]]:
 
 
 def distributions(module: str) -> set[str]:
-    return {normal(d) for d in installed().get(module, [])}
+    """The distributions that provide `module` here; for one not installed (an extra's), its own name."""
+    return {normal(d) for d in installed().get(module, [])} or {normal(module)}
 
 
 def imports(path: Path) -> list[tuple[int, str]]:

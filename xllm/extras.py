@@ -17,6 +17,7 @@ DISTRIBUTION = "xllm-toolkit"
 EXTRAS: dict[str, tuple[str, ...]] = {
     "vision": ("torchvision",),
     "serve": ("fastapi", "uvicorn"),
+    "lmms-eval": ("lmms_eval",),
 }
 
 

@@ -1,0 +1,97 @@
+"""lmms-eval evaluates an xllm adapter through the plugin (entry point `lmms_eval.models`, no edit of lmms-eval):
+its CLI, offline, on the `xllm_shapes_mme` task, gives the MME acc / acc+ / score that `evaluate.py` gives on the
+same records.
+
+lmms-eval 0.7.3's own pins would downgrade av and wandb in the pinned set, so `make test` installs it with
+--no-deps into `.cache/lmms-eval-site` (requirements-lmms-eval.txt) and names that folder in
+XLLM_LMMS_EVAL_SITE; without it this test is skipped and says so."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_model
+from xllm.evaluation.run import evaluate
+from xllm.model import XLLM
+
+ROOT = Path(__file__).resolve().parents[1]
+LIMIT = 16  # the first two images' yes/no pairs in their four categories (an even count keeps pairs whole)
+
+
+def lmms_site() -> str:
+    site = os.environ.get("XLLM_LMMS_EVAL_SITE", "")
+    if not site or not (Path(site) / "lmms_eval").is_dir():
+        pytest.skip("lmms-eval is not installed beside the venv: `make test` installs it into .cache/lmms-eval-site")
+    return str(Path(site).resolve())
+
+
+@pytest.mark.slow
+def test_lmms_eval_scores_an_adapter_as_evaluate_py_does(tiny, tmp_path):
+    site = lmms_site()
+    adapter = make_model(tiny).eval().save_pretrained(tmp_path / "adapter", stage=2)
+    work = tmp_path / "repo"  # lmms-eval runs where `make demo` would have written the data
+    shutil.copytree(tiny / "data" / "images", work / ".cache" / "demo" / "data" / "images")
+    records = (tiny / "data" / "test_yesno.jsonl").read_text().splitlines()[:LIMIT]
+    (work / ".cache" / "demo" / "data" / "test_yesno.jsonl").write_text("\n".join(records) + "\n")
+
+    env = {**os.environ, "PYTHONPATH": site, "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf_datasets")}
+    run = subprocess.run(
+        [sys.executable, "-m", "lmms_eval", "eval", "--model", "xllm", "--model_args", f"adapter={adapter}",
+         "--tasks", "xllm_shapes_mme", "--include_path", str(ROOT / "xllm/evaluation/lmms_tasks"),
+         "--batch_size", "8", "--limit", str(LIMIT), "--output_path", str(tmp_path / "lmms_out"), "--log_samples"],
+        cwd=work, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, (run.stdout[-3000:], run.stderr[-5000:])
+    (results_file,) = [p for p in (tmp_path / "lmms_out").rglob("*results.json")]  # lmms-eval exits 0 on errors
+    got = json.loads(results_file.read_text())["results"]["xllm_shapes_mme"]
+    (samples_file,) = [p for p in (tmp_path / "lmms_out").rglob("*samples_xllm_shapes_mme.jsonl")]
+    samples = [json.loads(line) for line in samples_file.read_text().splitlines()]
+
+    # Its replies are xllm's own (greedy, the task's 16 tokens), question by question.
+    model = XLLM.from_pretrained(adapter)
+    rows = [json.loads(line) for line in records]
+    expected = model.reply([r["conversations"][:1] for r in rows],
+                           [{"image": str(work / ".cache/demo/data" / r["image"])} for r in rows], max_new_tokens=16)
+    assert [s["filtered_resps"] for s in sorted(samples, key=lambda s: s["doc_id"])] == expected
+
+    table = evaluate(adapter=str(adapter), data=str(work / ".cache/demo/data/test_yesno.jsonl"),
+                     output=str(tmp_path / "eval.json"), metric="yes_no")["metrics"]
+    assert got["mme_acc,none"] == pytest.approx(table["all"]["acc"])
+    assert got["mme_acc_plus,none"] == pytest.approx(table["all"]["acc_plus"])
+    # MME's score is the sum over categories of acc x 100 + acc+ x 100
+    assert got["mme_score,none"] == pytest.approx(sum(v["score"] for k, v in table.items() if k != "all"))
+
+
+def test_the_task_scores_replies_as_xllm_scores_them(tmp_path):
+    """The task's aggregation (run where lmms-eval is importable) against `mme_table` on the same mixed replies."""
+    site = lmms_site()
+    from xllm.evaluation.mme import mme_table
+
+    replies = ["Yes", "No", "yes, it is", "Nope", "No.", "no", "maybe", "Yes"]
+    rows = [{"id": str(i), "category": ["count", "colour"][i // 4], "image_id": f"img{i // 2}",
+             "reference": ["Yes", "No"][i % 2], "prediction": reply} for i, reply in enumerate(replies)]
+    table = mme_table(rows)
+    script = f"""
+import json, sys
+sys.path.insert(0, {str(ROOT / "xllm/evaluation/lmms_tasks/xllm_shapes_mme")!r})
+import utils
+rows = json.loads({json.dumps(json.dumps(rows))})
+scored = [utils.process_results({{"conversations": [{{"value": "?"}}, {{"value": r["reference"]}}],
+                                  "image_id": r["image_id"], "category": r["category"]}}, [r["prediction"]])["mme_acc"]
+          for r in rows]
+print(json.dumps([utils.aggregate_acc(scored), utils.aggregate_acc_plus(scored), utils.aggregate_score(scored)]))
+"""
+    run = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": site}, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    acc, acc_plus, score = json.loads(run.stdout.strip().splitlines()[-1])
+    assert (acc, acc_plus) == (pytest.approx(table["all"]["acc"]), pytest.approx(table["all"]["acc_plus"]))
+    assert score == pytest.approx(table["count"]["score"] + table["colour"]["score"])
+    assert 0 < acc < 1 and 0 < acc_plus < 1
