@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from xllm.adapters.compose import compose_configs
 from xllm.adapters.format import load_weights
 from xllm.adapters.load import adapter_config, build_interfaces
 from xllm.adapters.save import write_checkpoint
@@ -152,7 +153,42 @@ class XLLM(nn.Module):
         """
         config = adapter_config(directory, llm=llm, encoders=encoders, dtype=dtype,
                                 trust_remote_code=trust_remote_code, interface_overrides=interface_overrides)
-        interfaces = build_interfaces(directory, config, interface_classes)
+        model = cls._assemble(config, build_interfaces(directory, config, interface_classes), trust_remote_code,
+                              str(directory))
+        load_weights(model, directory, strict=True)
+        model.eval()
+        return model.to(device) if device is not None else model
+
+    @classmethod
+    def from_adapters(
+        cls,
+        adapters: Mapping[str, str | Path],
+        llm: str | None = None,
+        encoders: Mapping[str, str] | None = None,
+        device: str | torch.device | None = None,
+        dtype: str | None = None,
+        trust_remote_code: bool = False,
+        interface_overrides: Mapping[str, Mapping[str, Any]] | None = None,
+        interface_classes: Sequence[type] = (),
+    ) -> XLLM:
+        """One model with the interfaces of several adapters, each trained on its own: `{"image": DIR, "video": DIR,
+        "audio": DIR}`, each modality's interface and tensors from its adapter. They must share the frozen LLM and
+        the chat template (see `xllm.adapters.compose`); `save_pretrained` then writes one adapter. Other arguments
+        as `from_pretrained`'s."""
+        config = compose_configs(adapters, llm=llm, encoders=encoders, dtype=dtype,
+                                 trust_remote_code=trust_remote_code, interface_overrides=interface_overrides)
+        interfaces = {m: build_interfaces(adapters[m], {"interfaces": {m: spec}}, interface_classes)[m]
+                      for m, spec in config["interfaces"].items()}
+        model = cls._assemble(config, interfaces, trust_remote_code, ", ".join(map(str, adapters.values())))
+        for modality, directory in adapters.items():
+            load_weights(model, directory, strict=True, prefix=f"interfaces.{modality}.")
+        model.eval()
+        return model.to(device) if device is not None else model
+
+    @classmethod
+    def _assemble(cls, config: Mapping[str, Any], interfaces: dict[str, ModalityInterface], trust_remote_code: bool,
+                  source: str) -> XLLM:
+        """The model an adapter config describes, before its trained tensors are loaded."""
         model = cls.from_paths(
             config["llm"]["path"], interfaces, llm_dtype=config["llm"].get("dtype", "float32"),
             trust_remote_code=trust_remote_code, template=config["template"], system_prompt=config.get("system_prompt"),
@@ -160,14 +196,12 @@ class XLLM(nn.Module):
         trained, now = config["llm"].get("hidden_size"), llm_hidden_size(model.llm)
         if trained is not None and trained != now:
             raise ValueError(
-                f"adapter {directory} was trained for an LLM of hidden size {trained}, but {config['llm']['path']} has "
+                f"adapter {source} was trained for an LLM of hidden size {trained}, but {config['llm']['path']} has "
                 f"hidden size {now}: pass the LLM it was trained with (llm=...)"
             )
         if config.get("lora"):
             model.enable_lora(LoraSettings(**config["lora"]))
-        load_weights(model, directory, strict=True)
-        model.eval()
-        return model.to(device) if device is not None else model
+        return model
 
     def save_pretrained(self, directory: str | Path, stage: int | None = None, trained_on: str | None = None) -> Path:
         """Write an adapter directory: the trainable tensors (interfaces, projections, LoRA), config, model card."""

@@ -226,17 +226,20 @@ def _listed(keys: list[str], limit: int = 8) -> str:
     return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def load_weights(module: nn.Module, directory: str | Path, strict: bool = True) -> list[str]:
+def load_weights(module: nn.Module, directory: str | Path, strict: bool = True, prefix: str = "") -> list[str]:
     """Load `adapter.safetensors` into the parameters of `module`; returns the keys loaded.
 
     Every file tensor must match a parameter, shape and all. With `strict`, every trainable parameter of
     `module` must also be in the file (an adapter is complete); without it (stage 1 starting from a stage-0
-    checkpoint), trainable parameters the file lacks keep their initialisation."""
+    checkpoint), trainable parameters the file lacks keep their initialisation. With `prefix` (`interfaces.image.`,
+    when adapters are composed) only the file's and the module's tensors under it take part."""
     path = Path(directory) / WEIGHTS_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in checkpoint directory {directory}")
-    tensors = load_file(str(path))
-    own = dict(module.named_parameters())
+    tensors = {k: v for k, v in load_file(str(path)).items() if k.startswith(prefix)}
+    if prefix and not tensors:
+        raise KeyError(f"{path}: no {prefix}* tensors")
+    own = {k: p for k, p in module.named_parameters() if k.startswith(prefix)}
     unexpected = sorted(set(tensors) - set(own))
     missing = sorted(k for k, p in own.items() if p.requires_grad and k not in tensors) if strict else []
     if unexpected or missing:

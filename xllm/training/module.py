@@ -13,12 +13,13 @@ from typing import Any, Literal
 
 from torch import nn
 
+from xllm.adapters.compose import compose_configs
 from xllm.adapters.format import load_weights
 from xllm.data.collator import ConversationCollator
 from xllm.data.dataset import ConversationDataset, build_tokenized_dataset
 from xllm.data.records import BadSamples
 from xllm.interfaces.base import ModalityInterface
-from xllm.llm import LoraSettings
+from xllm.llm import LoraSettings, llm_hidden_size
 from xllm.model import XLLM
 from xllm.tensors import IGNORE_INDEX
 from xllm.training.base import TrainingModule
@@ -37,6 +38,9 @@ class XLLMModule(TrainingModule):
         trust_remote_code: allow hub remote code (ChatGLM-6B/2/3); off unless you set it.
         lora: LoRA settings for stage 2 (null: no LoRA).
         max_length: longest sequence, text plus modality tokens.
+        init_adapters: modality -> a trained adapter whose interface (and its tensors) starts this model's, to compose
+            adapters trained on their own (`{image: DIR, video: DIR, audio: DIR}`); they must share this model's
+            frozen LLM and chat template (see `xllm.adapters.compose`).
         **training: `TrainingModule`'s settings (init_adapter, adapter_dir, lr, weight_decay, betas, warmup_steps,
             lr_schedule).
     """
@@ -52,6 +56,7 @@ class XLLMModule(TrainingModule):
         trust_remote_code: bool = False,
         lora: LoraSettings | None = None,
         max_length: int = 2048,
+        init_adapters: dict[str, str] | None = None,
         **training: Any,
     ) -> None:
         super().__init__(interfaces, **training)
@@ -70,6 +75,18 @@ class XLLMModule(TrainingModule):
         if self.init_adapter is not None:
             # After LoRA is in place, so a stage-2 adapter (with LoRA tensors) can be resumed too.
             load_weights(self.model, self.init_adapter, strict=False)
+        if init_adapters:
+            composed = compose_configs(init_adapters)
+            if composed["template"] != template or composed["llm"]["hidden_size"] != llm_hidden_size(self.model.llm):
+                raise ValueError(
+                    f"init_adapters {dict(init_adapters)} were trained with template {composed['template']!r} for an "
+                    f"LLM of hidden size {composed['llm']['hidden_size']}; this run has template {template!r} and "
+                    f"{llm} (hidden size {llm_hidden_size(self.model.llm)})")
+            for modality, directory in init_adapters.items():
+                if modality not in self.model.interfaces:
+                    raise ValueError(f"init_adapters names {modality!r}, but this run's interfaces are "
+                                     f"{sorted(self.model.interfaces)}")
+                load_weights(self.model, directory, strict=True, prefix=f"interfaces.{modality}.")
         llm_params = list(self.model.llm.parameters())
         # litgpt's rule: trained parameters cost 6 FLOPs per token they touch, frozen LLM weights 4 (gradients
         # still flow through them to the spliced inputs). Interface parameters are counted per media token.

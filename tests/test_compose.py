@@ -1,0 +1,95 @@
+"""One model from adapters trained on their own (issue 26, step 1): `XLLM.from_adapters` and `init_adapters:`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import make_image_interface, make_model
+from tests.test_video import clip, video_interface, video_model
+from xllm.llm import LoraSettings
+from xllm.model import XLLM
+from xllm.training import XLLMModule
+
+IMAGE_Q = [{"from": "user", "value": "<image>\nIs there a red circle?"}]
+VIDEO_Q = [{"from": "user", "value": "<video>\nWhat happens?"}]
+BOTH_Q = [{"from": "user", "value": "<image>\n<video>\nIs the picture a frame of the clip?"}]
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("compose")
+    image = make_model(tiny).eval().save_pretrained(folder / "image", stage=2)
+    video = video_model(tiny).eval().save_pretrained(folder / "video", stage=2)
+    media = {"image": str(tiny / "data" / "images" / "test_00000.png"),
+             "video": clip(tiny, folder, "clip.mkv", [0, 1, 2, 3])}
+    return folder, image, video, media
+
+
+def test_composed_interfaces_answer_as_their_own_adapters_and_reload_as_one(adapters, tmp_path):
+    _, image, video, media = adapters
+    joint = XLLM.from_adapters({"image": image, "video": video})
+    assert sorted(joint.interfaces) == ["image", "video"]
+    assert joint.chat(IMAGE_Q, {"image": media["image"]}, max_new_tokens=6) == \
+        XLLM.from_pretrained(image).chat(IMAGE_Q, {"image": media["image"]}, max_new_tokens=6)
+    assert joint.chat(VIDEO_Q, {"video": media["video"]}, max_new_tokens=6) == \
+        XLLM.from_pretrained(video).chat(VIDEO_Q, {"video": media["video"]}, max_new_tokens=6)
+    own = dict(joint.named_parameters())
+    for modality, directory in (("image", image), ("video", video)):
+        assert all(torch.equal(own[k], v) for k, v in load_file(str(directory / "adapter.safetensors")).items())
+
+    # Both media in one conversation: each item's tokens at its own placeholder (4 + 4 media tokens).
+    batch = joint.processor()([BOTH_Q], [media], prompt=True)
+    with torch.no_grad():
+        out = joint(batch["input_ids"], batch["attention_mask"], batch["media"])
+    assert out.media_tokens == 8
+    both = joint.chat(BOTH_Q, media, max_new_tokens=6)
+
+    saved = joint.save_pretrained(tmp_path / "joint", stage=2)
+    assert sorted(json.loads((saved / "config.json").read_text())["interfaces"]) == ["image", "video"]
+    script = f"""
+import json
+from xllm import XLLM
+model = XLLM.from_pretrained({str(saved)!r})
+print(json.dumps([model.chat({IMAGE_Q!r}, {{"image": {media["image"]!r}}}, max_new_tokens=6),
+                  model.chat({BOTH_Q!r}, {media!r}, max_new_tokens=6)]))
+"""
+    fresh = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert json.loads(fresh.stdout.strip().splitlines()[-1]) == [
+        joint.chat(IMAGE_Q, {"image": media["image"]}, max_new_tokens=6), both]
+
+
+def test_adapters_that_do_not_share_the_llm_or_template_are_refused_naming_both(adapters, tiny):
+    folder, image, video, _ = adapters
+    glm_image = make_model(tiny, llm="glm", template="glm4").save_pretrained(folder / "glm_image", stage=2)
+    with pytest.raises(ValueError, match=rf"adapters {glm_image} \(image\) and {video} \(video\) differ in llm.path"):
+        XLLM.from_adapters({"image": glm_image, "video": video})
+    other_template = XLLM.from_paths(str(tiny / "llama"), {"video": video_interface(tiny)}, template="glm4")
+    glm4_video = other_template.save_pretrained(folder / "glm4_video", stage=2)
+    with pytest.raises(ValueError, match=r"differ in template: 'vicuna_v1' vs 'glm4'"):
+        XLLM.from_adapters({"image": image, "video": glm4_video})
+    with pytest.raises(ValueError, match=r"has no 'audio' interface \(it has \['image'\]\)"):
+        XLLM.from_adapters({"audio": image})
+    lora = make_model(tiny)
+    lora.enable_lora(LoraSettings(r=2, alpha=4))
+    with pytest.raises(ValueError, match="holds LoRA matrices"):
+        XLLM.from_adapters({"image": lora.save_pretrained(folder / "lora_image", stage=2), "video": video})
+
+
+def test_training_starts_from_composed_adapters(adapters, tiny):
+    _, image, video, _ = adapters
+    interfaces = {"image": make_image_interface(tiny), "video": video_interface(tiny)}
+    module = XLLMModule(llm=str(tiny / "llama"), interfaces=interfaces, stage=2, template="vicuna_v1",
+                        init_adapters={"image": str(image), "video": str(video)})
+    own = dict(module.model.named_parameters())
+    for directory in (image, video):
+        assert all(torch.equal(own[k], v) for k, v in load_file(str(directory / "adapter.safetensors")).items())
+    with pytest.raises(ValueError, match="trained with template 'vicuna_v1'"):
+        XLLMModule(llm=str(tiny / "llama"), interfaces={"image": make_image_interface(tiny)}, stage=2,
+                   template="glm4", init_adapters={"image": str(image)})
