@@ -66,13 +66,14 @@ class ChatCompletions:
         max_media: most media items in one request.
         max_batch: most requests generated together (see `xllm.apps.batching`).
         max_queue: most requests waiting; more get a 503.
+        batch_wait_s: how long a batch's first request waits for others to join it.
     """
 
     def __init__(self, model: XLLM, name: str, media_dirs: Sequence[str | Path] = (), max_media: int = 8,
-                 max_batch: int = 8, max_queue: int = 64) -> None:
+                 max_batch: int = 8, max_queue: int = 64, batch_wait_s: float = 0.1) -> None:
         self.model, self.name, self.max_media = model, name, max_media
         self.media_dirs = [Path(d).resolve() for d in media_dirs]
-        self.batches = BatchGenerator(model, max_batch=max_batch, max_queue=max_queue)
+        self.batches = BatchGenerator(model, max_batch=max_batch, max_queue=max_queue, window_s=batch_wait_s)
         # content-part type -> the modality that reads it, as the adapter's interfaces declare them
         self.part_modalities = {part: m for m, i in model.interfaces.items() for part in i.content_parts}
 
@@ -253,6 +254,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max_request_mb", type=float, default=20.0)
     parser.add_argument("--max_batch", type=int, default=8, help="most requests generated together")
     parser.add_argument("--max_queue", type=int, default=64, help="most requests waiting; more get a 503")
+    parser.add_argument("--batch_wait_ms", type=float, default=100.0,
+                        help="how long a batch's first request waits for others to join it")
     parser.add_argument("--llm", default=None, help="load the LLM from here instead of the adapter's path")
     parser.add_argument("--encoder", action="append", default=[], metavar="MODALITY=PATH")
     parser.add_argument("--device", default=None)
@@ -264,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     model = XLLM.from_pretrained(args.adapter, llm=args.llm, encoders=encoders or None, device=args.device,
                                  dtype=args.dtype)
     completions = ChatCompletions(model, args.name or Path(args.adapter).resolve().name, args.media_dir,
-                                  args.max_media, args.max_batch, args.max_queue)
+                                  args.max_media, args.max_batch, args.max_queue, args.batch_wait_ms / 1000)
     uvicorn.run(create_app(completions, int(args.max_request_mb * 2**20)), host=args.host, port=args.port)
 
 
