@@ -93,3 +93,43 @@ def test_training_starts_from_composed_adapters(adapters, tiny):
     with pytest.raises(ValueError, match="trained with template 'vicuna_v1'"):
         XLLMModule(llm=str(tiny / "llama"), interfaces={"image": make_image_interface(tiny)}, stage=2,
                    template="glm4", init_adapters={"image": str(image)})
+
+
+def test_one_conversation_holds_an_image_a_clip_and_speech_in_chat_serve_and_the_library(adapters, tiny):
+    """A composed model reads all three in one conversation: `model.chat`, an `xllm chat` session, and one
+    `xllm serve` request with image_url, video_url and input_audio parts through the official client."""
+    import base64
+
+    import openai
+    from fastapi.testclient import TestClient
+
+    from tests.test_speech import speech_interface
+    from xllm.apps.chat import ChatSession
+    from xllm.apps.serve import ChatCompletions, create_app
+
+    folder, image, video, media = adapters
+    speech = XLLM.from_paths(str(tiny / "llama"), {"audio": speech_interface(tiny)}, template="vicuna_v1")
+    audio_adapter = speech.save_pretrained(folder / "audio", stage=1)
+    joint = XLLM.from_adapters({"image": image, "video": video, "audio": audio_adapter})
+    wav = str(sorted((tiny / "data" / "audio").glob("*.wav"))[0])
+    everything = {**media, "audio": wav}
+    turns = [{"from": "user", "value": "<image>\n<video>\n<audio>\nWhat do they share?"}]
+    expected = joint.chat(turns, everything, max_new_tokens=5)
+
+    session = ChatSession(joint, max_new_tokens=5)
+    for modality, path in (("image", media["image"]), ("video", media["video"]), ("audio", wav)):
+        session.attach(modality, path)
+    assert "".join(session.ask("What do they share?")).strip() == expected
+
+    def data_url(path: str, mime: str) -> str:
+        return f"data:{mime};base64," + base64.b64encode(open(path, "rb").read()).decode()
+
+    client = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", max_retries=0,
+                           http_client=TestClient(create_app(ChatCompletions(joint, "joint"))))
+    reply = client.chat.completions.create(model="joint", max_tokens=5, messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(media["image"], "image/png")}},
+        {"type": "video_url", "video_url": {"url": data_url(media["video"], "video/x-matroska")}},
+        {"type": "input_audio", "input_audio": {"data": base64.b64encode(open(wav, "rb").read()).decode(),
+                                                "format": "wav"}},
+        {"type": "text", "text": "What do they share?"}]}])
+    assert reply.choices[0].message.content == expected
