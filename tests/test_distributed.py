@@ -120,3 +120,31 @@ def test_stage0_and_stage2_train_under_two_process_ddp_with_one_cache_fill_and_o
     keys = set(load_file(str(runs / "tiny_stage2" / "adapter" / "adapter.safetensors")))
     assert any("lora_" in k for k in keys) and all(k.startswith("interfaces.image.") or "lora_" in k for k in keys)
     assert "3 optimizer steps" in (runs / "tiny_stage2" / "adapter" / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_stage2_under_ddp_with_a_modality_missing_from_a_rank_batch(tiny, tmp_path):
+    """Image and speech interfaces, a data file where most batches hold no audio: under 2-process DDP a rank whose
+    batch lacks a modality, and a C-Former whose CIF weights the LLM's loss never reaches, still give every trained
+    parameter a (zero) gradient, so the run trains and writes its adapter (without the zero term DDP stops at the
+    second step: "parameters that were not used in producing the loss"; seen once)."""
+    runs = tmp_path / "runs"
+    configs = localized_configs(tiny, runs, tmp_path)
+    images = (tiny / "data" / "train_chat.jsonl").read_text().splitlines()[:20]
+    audio = (tiny / "data" / "train_asr.jsonl").read_text().splitlines()[:2]
+    mixed = tiny / "data" / "mixed_for_ddp.jsonl"  # beside the media its paths are relative to
+    mixed.write_text("\n".join(images + audio) + "\n")
+    common = yaml.safe_load((configs / "common.yaml").read_text())
+    interfaces = {"image": common["model"]["init_args"]["interfaces"]["image"],
+                  "audio": {"class_path": "xllm.interfaces.SpeechInterface",
+                            "init_args": {"encoder": str(tiny / "whisper"), "hidden_size": 16, "num_layers": 1,
+                                          "num_heads": 2, "intermediate_size": 32, "max_tokens": 64}}}
+    ddp = tmp_path / "ddp_mixed.yaml"
+    ddp.write_text(yaml.safe_dump({
+        "trainer": {"devices": 2, "strategy": "ddp", "max_steps": 4, "logger": False, "num_sanity_val_steps": 0},
+        "model": {"init_args": {"interfaces": interfaces, "init_adapter": None, "lora": None}},
+        "data": {"train_file": str(mixed), "val_file": None, "batch_size": 2}}))
+    stage2 = fit_command(configs, 2, tmp_path, "--config", str(ddp))
+    assert "adapter written to" in stage2.stdout + stage2.stderr
+    keys = set(load_file(str(runs / "tiny_stage2" / "adapter" / "adapter.safetensors")))
+    assert any(k.startswith("interfaces.audio.") for k in keys) and any(k.startswith("interfaces.image.") for k in keys)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from torch import nn
 
 from xllm.adapters.compose import compose_configs
@@ -116,6 +117,17 @@ class XLLMModule(TrainingModule):
     def collator(self) -> ConversationCollator:
         return self.model.processor().collator
 
+    def every_parameter_term(self) -> torch.Tensor:
+        """Zero, through every trained parameter of the interfaces.
+
+        DDP requires a gradient for every trained parameter at every step, on every rank. A rank whose batch holds
+        no clip leaves the video interface without one, and some parameters never get one from the LLM's loss (a
+        C-Former's CIF weights, detached outside stage 0): either stops the run. With this term each such parameter
+        gets an exact zero, and the mean over ranks is the other ranks' gradient, as DDP means it. (A parameter
+        that gets zero on every rank still moves by AdamW's momentum and decay: mix modalities in each batch.)"""
+        zero = torch.zeros((), device=self.device)
+        return sum((p.sum() for p in self.model.interfaces.parameters() if p.requires_grad), zero) * 0.0
+
     def save_result(self, directory: Path) -> None:
         self.model.save_pretrained(directory, stage=self.stage, trained_on=self.trained_on())
 
@@ -124,6 +136,8 @@ class XLLMModule(TrainingModule):
             return None
         self.log_skipped(batch, split)
         out = self.model(batch["input_ids"], batch["attention_mask"], batch["media"], batch["labels"])
+        if split == "train" and self.trainer.world_size > 1:
+            out.loss = out.loss + self.every_parameter_term()
         size = batch["input_ids"].shape[0]
         self.log(f"{split}/loss", out.loss, prog_bar=True, batch_size=size,
                  on_step=split == "train", on_epoch=split != "train", sync_dist=split != "train")
