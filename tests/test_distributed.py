@@ -132,7 +132,7 @@ def test_stage2_under_ddp_with_a_modality_missing_from_a_rank_batch(tiny, tmp_pa
     configs = localized_configs(tiny, runs, tmp_path)
     images = (tiny / "data" / "train_chat.jsonl").read_text().splitlines()[:20]
     audio = (tiny / "data" / "train_asr.jsonl").read_text().splitlines()[:2]
-    mixed = tiny / "data" / "mixed_for_ddp.jsonl"  # beside the media its paths are relative to
+    mixed = tmp_path / "mixed.jsonl"
     mixed.write_text("\n".join(images + audio) + "\n")
     common = yaml.safe_load((configs / "common.yaml").read_text())
     interfaces = {"image": common["model"]["init_args"]["interfaces"]["image"],
@@ -143,7 +143,7 @@ def test_stage2_under_ddp_with_a_modality_missing_from_a_rank_batch(tiny, tmp_pa
     ddp.write_text(yaml.safe_dump({
         "trainer": {"devices": 2, "strategy": "ddp", "max_steps": 4, "logger": False, "num_sanity_val_steps": 0},
         "model": {"init_args": {"interfaces": interfaces, "init_adapter": None, "lora": None}},
-        "data": {"train_file": str(mixed), "val_file": None, "batch_size": 2}}))
+        "data": {"train_file": str(mixed), "media_root": str(tiny / "data"), "val_file": None, "batch_size": 2}}))
     stage2 = fit_command(configs, 2, tmp_path, "--config", str(ddp))
     assert "adapter written to" in stage2.stdout + stage2.stderr
     keys = set(load_file(str(runs / "tiny_stage2" / "adapter" / "adapter.safetensors")))
