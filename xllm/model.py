@@ -160,26 +160,17 @@ class XLLM(nn.Module):
         return model.to(device) if device is not None else model
 
     @classmethod
-    def from_adapters(
-        cls,
-        adapters: Mapping[str, str | Path],
-        llm: str | None = None,
-        encoders: Mapping[str, str] | None = None,
-        device: str | torch.device | None = None,
-        dtype: str | None = None,
-        trust_remote_code: bool = False,
-        interface_overrides: Mapping[str, Mapping[str, Any]] | None = None,
-        interface_classes: Sequence[type] = (),
-    ) -> XLLM:
+    def from_adapters(cls, adapters: Mapping[str, str | Path], device: str | torch.device | None = None,
+                      interface_classes: Sequence[type] = (), **overrides: Any) -> XLLM:
         """One model with the interfaces of several adapters, each trained on its own: `{"image": DIR, "video": DIR,
         "audio": DIR}`, each modality's interface and tensors from its adapter. They must share the frozen LLM and
-        the chat template (see `xllm.adapters.compose`); `save_pretrained` then writes one adapter. Other arguments
-        as `from_pretrained`'s."""
-        config = compose_configs(adapters, llm=llm, encoders=encoders, dtype=dtype,
-                                 trust_remote_code=trust_remote_code, interface_overrides=interface_overrides)
+        the chat template (see `xllm.adapters.compose`); `save_pretrained` then writes one adapter. `overrides`:
+        `llm`, `encoders`, `dtype`, `trust_remote_code`, `interface_overrides`, as `from_pretrained` takes them."""
+        config = compose_configs(adapters, **overrides)
         interfaces = {m: build_interfaces(adapters[m], {"interfaces": {m: spec}}, interface_classes)[m]
                       for m, spec in config["interfaces"].items()}
-        model = cls._assemble(config, interfaces, trust_remote_code, ", ".join(map(str, adapters.values())))
+        model = cls._assemble(config, interfaces, overrides.get("trust_remote_code", False),
+                              ", ".join(map(str, adapters.values())))
         for modality, directory in adapters.items():
             load_weights(model, directory, strict=True, prefix=f"interfaces.{modality}.")
         model.eval()

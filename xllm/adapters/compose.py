@@ -30,6 +30,9 @@ def compose_configs(adapters: Mapping[str, str | Path], **overrides: Any) -> dic
     (`llm`, `encoders`, `dtype`, `trust_remote_code`, `interface_overrides`)."""
     if not adapters:
         raise ValueError("from_adapters needs at least one {modality: adapter directory}")
+    unknown = sorted(set(overrides) - {"llm", "encoders", "dtype", "trust_remote_code", "interface_overrides"})
+    if unknown:
+        raise TypeError(f"unknown overrides {unknown}: llm, encoders, dtype, trust_remote_code, interface_overrides")
     configs = {}
     for modality, directory in adapters.items():
         encoders = {m: p for m, p in (overrides.get("encoders") or {}).items() if m == modality} or None
