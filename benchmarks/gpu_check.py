@@ -30,7 +30,7 @@ from xllm.llm import LoraSettings, count_parameters
 from xllm.model import XLLM
 from xllm.training import XLLMDataModule, XLLMModule
 
-TINY = dict(num_query_tokens=4, qformer_hidden_size=32, qformer_layers=2, qformer_heads=2, qformer_intermediate_size=64)
+TINY = dict(num_query_tokens=4, hidden_size=32, layers=2, heads=2, intermediate_size=64)  # QFormerSettings
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16 spec; both are GH100 chips
 
 
@@ -46,7 +46,7 @@ def tiny_pipeline(root: Path, device: str) -> dict:
         module = XLLMModule(
             llm=str(tiny / "llama"), llm_dtype=dtype, template="vicuna_v1", stage=stage, lora=lora,
             init_adapter=init, adapter_dir=str(root / f"adapter{stage}"), lr=1e-3, max_length=256,
-            interfaces={"image": ImageInterface(str(tiny / "vit"), encoder_dtype=dtype, **TINY)},
+            interfaces={"image": ImageInterface(str(tiny / "vit"), encoder_dtype=dtype, qformer=TINY)},
         )
         frozen = {n: p.detach().clone() for n, p in module.model.named_parameters() if not p.requires_grad}
         trainer = pl.Trainer(accelerator="gpu" if gpu else "cpu", devices=1, precision="bf16-mixed" if gpu else "32-true", max_epochs=2, logger=False,
