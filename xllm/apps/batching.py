@@ -84,9 +84,8 @@ class RowBookkeeping(StoppingCriteria):
     """Called by `generate` after each step: decodes each row's new token into its `Generation`, and says which
     rows are done (end of turn, a stop string, or their own `max_new_tokens`)."""
 
-    def __init__(self, rows: list[Generation], tokenizer: Any) -> None:
-        self.rows, self.tokenizer = rows, tokenizer
-        self.eos = set(tokenizer.convert_tokens_to_ids([tokenizer.eos_token])) if tokenizer.eos_token else set()
+    def __init__(self, rows: list[Generation], tokenizer: Any, eos_ids: set[int]) -> None:
+        self.rows, self.tokenizer, self.eos = rows, tokenizer, eos_ids
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.BoolTensor:
         done = torch.zeros(len(self.rows), dtype=torch.bool, device=input_ids.device)
@@ -180,7 +179,12 @@ class BatchGenerator:
         self.batches.append(len(batch))
         prompts = self.model.processor()([g.turns for g in batch], [g.media for g in batch])
         sampling = any(g.temperature > 0 for g in batch)
-        bookkeeping = RowBookkeeping(batch, self.model.tokenizer)
+        # The ids generate stops a row at: the generation config's (it may list several) and the tokenizer's.
+        configured = getattr(self.model.llm.generation_config, "eos_token_id", None)
+        eos_ids = set(configured if isinstance(configured, (list, tuple)) else [configured] if configured is not None
+                      else [])
+        eos_ids |= {self.model.tokenizer.eos_token_id} if self.model.tokenizer.eos_token_id is not None else set()
+        bookkeeping = RowBookkeeping(batch, self.model.tokenizer, eos_ids)
         settings: dict[str, Any] = {"do_sample": sampling, "stopping_criteria": StoppingCriteriaList([bookkeeping])}
         if sampling:
             settings["logits_processor"] = LogitsProcessorList([RowTemperature([g.temperature for g in batch])])
