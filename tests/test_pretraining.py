@@ -4,13 +4,13 @@ import json
 import math
 from collections import Counter
 
+import datasets
 import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-import datasets
 from tests.conftest import make_image_interface, text_side
 from xllm.blocks.qformer import itg_attention_mask
 from xllm.data.pairs import PairCollator, PairDataset, build_pair_dataset

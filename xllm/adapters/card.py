@@ -10,6 +10,7 @@ from typing import Any
 
 from xllm.adapters.format import CARD_NAME, CONFIG_NAME
 from xllm.extras import DISTRIBUTION
+from xllm.interfaces.base import placeholder
 
 # The card's "Load" example per modality: a question and a file name (other modalities get a generic one).
 EXAMPLES = {
@@ -21,8 +22,8 @@ EXAMPLES = {
 
 def load_example(modalities: list[str]) -> list[str]:
     """Python lines that load the adapter and ask about one item of each of its modalities."""
-    placeholders = "".join(f"<{m}>\\n" for m in modalities)
-    question = " ".join(EXAMPLES.get(m, ("Describe it.", ""))[0] for m in modalities[:1])
+    placeholders = "".join(placeholder(m) + "\\n" for m in modalities)
+    question = EXAMPLES.get(modalities[0], ("Describe it.", ""))[0]
     media = ", ".join(f'"{m}": "{EXAMPLES.get(m, ("", f"my.{m}"))[1]}"' for m in modalities)
     return ["from xllm import XLLM", "",
             "model = XLLM.from_pretrained(\"path/to/this/folder\")  # llm=..., encoders={...} if models moved",

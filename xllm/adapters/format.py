@@ -16,8 +16,9 @@ rebuilds a ready model from a stage-1/2 directory.
 Local paths are stored relative to the adapter directory, so a project tree that moves (or is cloned
 elsewhere) still loads; an adapter copied on its own says which override to pass for each model it cannot find.
 Frozen models are referenced, never copied, so an adapter stays a few MB. Tensors are read with safetensors (no
-pickle), and nothing a file says runs code: interface classes come from xllm's own list or from classes the
-caller passes, and remote code for the LLM is only ever the caller's choice.
+pickle), and nothing a file says runs code: interface classes come from xllm's own list, from installed packages'
+entry points or from classes the caller passes (`xllm.interfaces.catalog`), and remote code for the LLM is only
+ever the caller's choice.
 """
 
 from __future__ import annotations

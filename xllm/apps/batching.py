@@ -143,6 +143,10 @@ class BatchGenerator:
         self.model, self.max_batch, self.window_s = model, max_batch, window_s
         self.waiting: queue.Queue[Generation] = queue.Queue(maxsize=max_queue)
         self.batches: list[int] = []  # the size of each batch run (for tests and logs)
+        # The ids generate stops a row at: the generation config's (it may list several) and the tokenizer's.
+        configured = getattr(model.llm.generation_config, "eos_token_id", None)
+        ids = configured if isinstance(configured, (list, tuple)) else [configured]
+        self.eos_ids = {i for i in (*ids, model.tokenizer.eos_token_id) if i is not None}
         threading.Thread(target=self._loop, daemon=True, name="xllm-batches").start()
 
     def submit(self, generation: Generation) -> Generation:
@@ -179,12 +183,7 @@ class BatchGenerator:
         self.batches.append(len(batch))
         prompts = self.model.processor()([g.turns for g in batch], [g.media for g in batch])
         sampling = any(g.temperature > 0 for g in batch)
-        # The ids generate stops a row at: the generation config's (it may list several) and the tokenizer's.
-        configured = getattr(self.model.llm.generation_config, "eos_token_id", None)
-        eos_ids = set(configured if isinstance(configured, (list, tuple)) else [configured] if configured is not None
-                      else [])
-        eos_ids |= {self.model.tokenizer.eos_token_id} if self.model.tokenizer.eos_token_id is not None else set()
-        bookkeeping = RowBookkeeping(batch, self.model.tokenizer, eos_ids)
+        bookkeeping = RowBookkeeping(batch, self.model.tokenizer, self.eos_ids)
         settings: dict[str, Any] = {"do_sample": sampling, "stopping_criteria": StoppingCriteriaList([bookkeeping])}
         if sampling:
             settings["logits_processor"] = LogitsProcessorList([RowTemperature([g.temperature for g in batch])])

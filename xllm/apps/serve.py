@@ -57,7 +57,7 @@ def error_response(message: str, status: int = 400, param: str | None = None, ki
 
 
 class ChatCompletions:
-    """Turns OpenAI requests into `XLLM.chat` / `XLLM.stream` calls, one at a time.
+    """Turns OpenAI requests into generations that `BatchGenerator` runs in batches, and answers them.
 
     Args:
         model: the loaded model.

@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import datasets
 import torch
 
-import datasets
 from xllm.data.processor import ConversationProcessor
 from xllm.data.records import BadSampleError, BadSamples, read_records
 

@@ -19,9 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import datasets
 import torch
 
-import datasets
 from xllm.data.collator import pad_ids
 from xllm.data.dataset import MediaLoader, load_item_media
 from xllm.data.records import BadSampleError, BadSamples, read_records

@@ -136,14 +136,19 @@ def normalize_record(
 
     text = "".join(t["value"] for t in turns)
     media: dict[str, list[str]] = {}
+    # Fields the format does not use (an MME `category`, an `image_id`...) stay with the record for its reader.
+    fields: dict[str, Any] = {}
     for key, value in raw.items():
         modality = key if key in modalities else key.removesuffix("s")
         if modality not in modalities:
+            if key in ("id", "conversations"):
+                continue
             # A media key of a modality this model lacks: its placeholders give it away.
-            if key not in ("id", "conversations") and (placeholder(key) in text or placeholder(modality) in text):
+            if placeholder(key) in text or placeholder(modality) in text:
                 raise BadSampleError(
                     source, record_id, f"has '{key}' but the model has no {modality} interface", "unknown_modality"
                 )
+            fields[key] = value
             continue
         paths = [value] if isinstance(value, str) else value
         if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
@@ -166,9 +171,6 @@ def normalize_record(
             if not os.path.isfile(full):
                 raise BadSampleError(source, record_id, f"{modality} file not found: {full}", "missing_media")
             resolved[modality].append(full)
-    # Fields the format does not use (an MME `category`, an `image_id`...) stay with the record for its reader.
-    media_keys = {k for k in raw if k in modalities or k.removesuffix("s") in modalities}
-    fields = {k: v for k, v in raw.items() if k not in ("id", "conversations") and k not in media_keys}
     return {"id": record_id or source, "source": source, "conversations": turns, "media": resolved, "fields": fields}
 
 
