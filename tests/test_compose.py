@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import make_image_interface, make_model
+from tests.conftest import make_image_interface, make_model, text_side
 from tests.test_video import clip, video_interface, video_model
 from xllm.llm import LoraSettings
 from xllm.model import XLLM
@@ -133,3 +133,34 @@ def test_one_conversation_holds_an_image_a_clip_and_speech_in_chat_serve_and_the
                                                 "format": "wav"}},
         {"type": "text", "text": "What do they share?"}]}])
     assert reply.choices[0].message.content == expected
+
+
+def test_a_spoken_question_gives_the_picture_q_former_the_model_own_transcript(adapters, tiny):
+    """`<image>\\n<audio>` and no text: the image Q-Former reads the model's transcript of the audio (the processor's
+    `spoken_instructions`); a turn with text, or its own `instruction`, keeps it; `transcribe_prompt = None` turns
+    it off."""
+    from tests.test_speech import speech_interface
+
+    folder, _, _, media = adapters
+    image = make_model(tiny, qformer=text_side(tiny)).save_pretrained(folder / "aware_image", stage=2)
+    speech = XLLM.from_paths(str(tiny / "llama"), {"audio": speech_interface(tiny)}, template="vicuna_v1")
+    joint = XLLM.from_adapters({"image": image, "audio": speech.save_pretrained(folder / "spoken", stage=1)})
+    wav = str(sorted((tiny / "data" / "audio").glob("*.wav"))[0])
+    both = {"image": media["image"], "audio": wav}
+    heard = joint.transcribe("audio", [wav])[0]
+    assert heard.strip()
+    tokenize = joint.interfaces["image"].instruction_tokenizer()
+
+    def read_by_q_former(turns) -> list[int]:
+        ids = joint.processor()([turns], [both])["media"]["image"]
+        return ids.instruction_ids[0][ids.instruction_mask[0].bool()].tolist()
+
+    assert read_by_q_former([{"from": "user", "value": "<image>\n<audio>"}]) == tokenize(heard.strip())
+    assert read_by_q_former([{"from": "user", "value": "<image>\n<audio>\nIs it red?"}]) == tokenize("Is it red?")
+    assert read_by_q_former([{"from": "user", "value": "<image>\n<audio>", "instruction": "is it red"}]) == \
+        tokenize("is it red")
+    spoken = [{"from": "user", "value": "<image>\n<audio>"}]
+    assert joint.chat(spoken, both, max_new_tokens=5) == joint.chat(
+        [{**spoken[0], "instruction": heard.strip()}], both, max_new_tokens=5)
+    joint.transcribe_prompt = None
+    assert read_by_q_former(spoken) == tokenize("")

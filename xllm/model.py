@@ -229,7 +229,19 @@ class XLLM(nn.Module):
     def processor(self, max_length: int = 2048) -> MultimodalProcessor:
         """This model's processor: conversations + media -> the batch `forward` and `generate` read."""
         return MultimodalProcessor(self.tokenizer, self.template, dict(self.interfaces), self.sentinels,
-                                   self.system_prompt, max_length)
+                                   self.system_prompt, max_length,
+                                   transcribe=self.transcribe if self.transcribe_prompt else None)
+
+    # The request a speech interface was trained to answer with its words (the speech demo's stage 1). A spoken
+    # question about a picture is transcribed with it, and the picture's Q-Former reads the transcript; set it to
+    # the prompt your speech adapter learned, or to None to leave such turns without an instruction.
+    transcribe_prompt: str | None = "Transcribe the audio."
+
+    def transcribe(self, modality: str, items: Sequence[Any], max_new_tokens: int = 32) -> list[str]:
+        """The words of spoken items (paths or loaded), greedy, through this model: `transcribe_prompt` asked of
+        each."""
+        conversation = [{"from": "user", "value": f"<{modality}>\n{self.transcribe_prompt}"}]
+        return self.reply([conversation] * len(items), [{modality: [item]} for item in items], max_new_tokens)
 
     # --- compute -----------------------------------------------------------------------------------
     def encode_media(self, media: Mapping[str, MediaBatch]) -> dict[int, ModalityTokens]:

@@ -70,14 +70,19 @@ class ConversationProcessor:
                 labels.extend(piece_ids if supervised else [IGNORE_INDEX] * len(piece_ids))
         return ids, labels
 
+    def split_turn(self, value: str) -> tuple[list[str], str]:
+        """A turn's text as (the modality of each placeholder in reading order, its words without them)."""
+        if not self._split:
+            return [], " ".join(value.split())
+        return [p[1:-1] for p in self._split.findall(value)], " ".join(self._split.sub(" ", value).split())
+
     def media_instructions(self, conversations: list[dict[str, str]]) -> dict[str, list[str]]:
-        """modality -> for each item in reading order, the text of the turn that holds it (placeholders removed)."""
+        """modality -> for each item in reading order, the text of the turn that holds it (placeholders removed), or
+        the turn's `instruction` when it has one."""
         out: dict[str, list[str]] = {m: [] for m in self.sentinels}
         for turn in conversations:
-            if not self._split:
-                break
-            found = [p[1:-1] for p in self._split.findall(turn["value"])]
-            text = " ".join(self._split.sub(" ", turn["value"]).split())
+            found, words = self.split_turn(turn["value"])
+            text = turn.get("instruction", words)
             for modality in found:
                 out[modality].append(text)
         return out
@@ -149,6 +154,7 @@ class ConversationProcessor:
 
 
 MediaInput = Mapping[str, "str | Item | Sequence[str | Item]"]
+Transcriber = Callable[[str, list[Item]], list[str]]  # (modality, loaded spoken items) -> their words
 
 
 def _as_list(value: Any) -> list:
@@ -171,11 +177,14 @@ class MultimodalProcessor:
         sentinels: modality -> the negative id that stands for one item in `input_ids`.
         system_prompt: optional system message for every conversation.
         max_length: longest expanded sequence (text + media tokens).
+        transcribe: `(modality, loaded items) -> their words`, for spoken questions (see `spoken_instructions`).
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, template: str, interfaces: Mapping[str, ModalityInterface],
-                 sentinels: Mapping[str, int], system_prompt: str | None = None, max_length: int = 2048) -> None:
+                 sentinels: Mapping[str, int], system_prompt: str | None = None, max_length: int = 2048,
+                 transcribe: Transcriber | None = None) -> None:
         self.interfaces = dict(interfaces)
+        self.transcribe = transcribe
         tokenizers = {m: i.instruction_tokenizer() for m, i in self.interfaces.items()}
         self.text = ConversationProcessor(
             tokenizer=tokenizer, template=template, sentinels=dict(sentinels),
@@ -220,12 +229,42 @@ class MultimodalProcessor:
         if len(media) != len(conversations):
             raise ValueError(f"{len(conversations)} conversations but {len(media)} media entries")
         loaded = self.load_media(media)
+        conversations = [normalize_turns(list(turns), f"conversation {i}") for i, turns in enumerate(conversations)]
+        for index, (turns, item_media) in enumerate(zip(conversations, loaded)):
+            check_placeholders(turns, {m: len(item_media.get(m, [])) for m in self.interfaces},
+                               f"conversation {index}", what="item")
+        self.spoken_instructions(conversations, loaded)
         items = []
         for index, (turns, item_media) in enumerate(zip(conversations, loaded)):
             source = f"conversation {index}"
-            turns = normalize_turns(list(turns), source)
-            check_placeholders(turns, {m: len(item_media.get(m, [])) for m in self.interfaces}, source, what="item")
             record = {"id": str(index), "source": source, "conversations": turns, "media": {}}
             encoded = self.text.encode_prompt(turns) if prompt else self.text.encode(record)
             items.append({"id": str(index), **encoded, "media": item_media})
         return self.collator(items)
+
+    def spoken_instructions(self, conversations: list[list[dict[str, str]]], media: list[dict[str, list[Item]]]) -> None:
+        """Give a spoken question's words to the instruction-aware interfaces of its turn, in place.
+
+        A Q-Former reads its turn's text, and a user turn that holds a picture and a spoken question (`<image>\n
+        <audio>`) has none: its `instruction` becomes the words of its spoken items (`transcribe`, the model's own
+        transcript), so the Q-Former reads the question the LLM hears. Turns with text or an `instruction` of their
+        own keep them. (Chosen on the joint demo's val split: docs/demo_joint.md.)"""
+        aware = set(self.text.instruction_tokenizers)
+        spoken = {m for m, i in self.interfaces.items() if i.spoken}
+        if self.transcribe is None or not aware or not spoken:
+            return
+        wanted: dict[str, list[tuple[dict[str, str], Item]]] = {m: [] for m in spoken}
+        for turns, item_media in zip(conversations, media):
+            seen = {m: 0 for m in spoken}
+            for turn in turns:
+                found, words = self.text.split_turn(turn["value"])
+                held = {m: [item_media[m][seen[m] + k] for k in range(found.count(m))] for m in spoken}
+                for m in spoken:
+                    seen[m] += found.count(m)
+                if turn["from"] == "user" and "instruction" not in turn and not words and aware & set(found):
+                    for m in spoken:
+                        wanted[m] += [(turn, item) for item in held[m]]
+        for modality, pairs in wanted.items():
+            if pairs:
+                for (turn, _), text in zip(pairs, self.transcribe(modality, [item for _, item in pairs])):
+                    turn["instruction"] = " ".join(filter(None, [turn.get("instruction", ""), text.strip()]))

@@ -82,7 +82,8 @@ def raw_records(path: Path) -> list[tuple[str, Any]]:
 
 def normalize_turns(conversations: list[Any], source: str = "conversation", record_id: str | None = None) -> list[dict[str, str]]:
     """`[{"from": "user"|"assistant"|"system", "value": str}]` from xllm/LLaVA turns (`from`/`value`, `human`/`gpt`)
-    or OpenAI-style messages (`role`/`content`)."""
+    or OpenAI-style messages (`role`/`content`). A turn may carry `instruction`: the text its instruction-aware
+    interfaces (Q-Formers) read instead of the turn's own, e.g. the words of a spoken question."""
     turns = []
     for index, turn in enumerate(conversations):
         role = turn.get("from", turn.get("role")) if isinstance(turn, dict) else None
@@ -93,7 +94,14 @@ def normalize_turns(conversations: list[Any], source: str = "conversation", reco
                 f"turn {index} must be {{'from': one of {sorted(ROLE_NAMES)}, 'value': str}}, got {turn!r}",
                 "malformed_record",
             )
-        turns.append({"from": ROLE_NAMES[role], "value": value})
+        normalized = {"from": ROLE_NAMES[role], "value": value}
+        instruction = turn.get("instruction")
+        if instruction is not None:
+            if not isinstance(instruction, str):
+                raise BadSampleError(source, record_id, f"turn {index}: 'instruction' must be a string, got "
+                                     f"{instruction!r}", "malformed_record")
+            normalized["instruction"] = instruction
+        turns.append(normalized)
     return turns
 
 

@@ -138,6 +138,9 @@ class ModalityInterface(nn.Module):
     # OpenAI chat content-part types this interface reads (`xllm serve`): a part is `{"type": T, T: {"url": ...}}`
     # (a data: URL or an allowed path) or `{"type": T, T: {"data": base64, "format": "wav"}}`
     content_parts: tuple[str, ...] = ()
+    # whether items are spoken language, whose words the model can write out (`XLLM.transcribe`): a turn that holds
+    # such an item and no text gives its instruction-aware interfaces those words (a spoken question)
+    spoken: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

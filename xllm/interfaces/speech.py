@@ -55,6 +55,7 @@ class SpeechInterface(FrozenEncoderInterface):
     """
 
     modality = "audio"
+    spoken = True
     path_args = ("encoder", "bert_init", "feature_cache")
     content_parts = ("input_audio",)
 
