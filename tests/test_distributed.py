@@ -124,16 +124,17 @@ def test_stage0_and_stage2_train_under_two_process_ddp_with_one_cache_fill_and_o
 
 @pytest.mark.slow
 def test_stage2_under_ddp_with_a_modality_missing_from_a_rank_batch(tiny, tmp_path):
-    """Image and speech interfaces, a data file where most batches hold no audio: under 2-process DDP a rank whose
-    batch lacks a modality, and a C-Former whose CIF weights the LLM's loss never reaches, still give every trained
-    parameter a (zero) gradient, so the run trains and writes its adapter (without the zero term DDP stops at the
-    second step: "parameters that were not used in producing the loss"; seen once)."""
+    """Image and speech interfaces, two weighted data sources (`train_sources`) such that most batches hold no audio:
+    under 2-process DDP a rank whose batch lacks a modality, and a C-Former whose CIF weights the LLM's loss never
+    reaches, still give every trained parameter a (zero) gradient, so the run trains and writes its adapter (without
+    the zero term DDP stops at the second step: "parameters that were not used in producing the loss"; seen once)."""
     runs = tmp_path / "runs"
     configs = localized_configs(tiny, runs, tmp_path)
-    images = (tiny / "data" / "train_chat.jsonl").read_text().splitlines()[:20]
-    audio = (tiny / "data" / "train_asr.jsonl").read_text().splitlines()[:2]
-    mixed = tmp_path / "mixed.jsonl"
-    mixed.write_text("\n".join(images + audio) + "\n")
+    sources = []
+    for name, file, lines, weight in (("images", "train_chat.jsonl", 20, 1.0), ("audio", "train_asr.jsonl", 2, 0.15)):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("\n".join((tiny / "data" / file).read_text().splitlines()[:lines]) + "\n")
+        sources.append({"file": str(path), "weight": weight, "media_root": str(tiny / "data")})
     common = yaml.safe_load((configs / "common.yaml").read_text())
     interfaces = {"image": common["model"]["init_args"]["interfaces"]["image"],
                   "audio": {"class_path": "xllm.interfaces.SpeechInterface",
@@ -143,7 +144,7 @@ def test_stage2_under_ddp_with_a_modality_missing_from_a_rank_batch(tiny, tmp_pa
     ddp.write_text(yaml.safe_dump({
         "trainer": {"devices": 2, "strategy": "ddp", "max_steps": 4, "logger": False, "num_sanity_val_steps": 0},
         "model": {"init_args": {"interfaces": interfaces, "init_adapter": None, "lora": None}},
-        "data": {"train_file": str(mixed), "media_root": str(tiny / "data"), "val_file": None, "batch_size": 2}}))
+        "data": {"train_file": None, "train_sources": sources, "epoch_size": 16, "val_file": None, "batch_size": 2}}))
     stage2 = fit_command(configs, 2, tmp_path, "--config", str(ddp))
     assert "adapter written to" in stage2.stdout + stage2.stderr
     keys = set(load_file(str(runs / "tiny_stage2" / "adapter" / "adapter.safetensors")))

@@ -157,7 +157,12 @@ class TrainingModule(pl.LightningModule):
 
     def trained_on(self) -> str:
         """For the model card: the training file and how far training went."""
-        data = getattr(self.trainer.datamodule, "train_file", None) or "data given to the trainer"
+        datamodule = self.trainer.datamodule
+        sources = getattr(datamodule, "train_sources", None)
+        if sources:
+            return ", ".join(f"`{s.file}` (weight {s.weight:g})" for s in sources) + \
+                f"; {self.trainer.global_step} optimizer steps"
+        data = getattr(datamodule, "train_file", None) or "data given to the trainer"
         return f"`{data}`, {self.trainer.global_step} optimizer steps"
 
     def resolved_adapter_dir(self) -> Path:

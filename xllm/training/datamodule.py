@@ -11,9 +11,10 @@ import os
 from typing import Any
 
 import pytorch_lightning as pl
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import ConcatDataset, Dataset, DistributedSampler, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from xllm.data.mixture import DataSource, MixtureSampler
 from xllm.data.records import BadSamples, OnBadSample
 
 
@@ -21,7 +22,10 @@ class XLLMDataModule(pl.LightningDataModule):
     """LLaVA-style JSON/JSONL conversations with media.
 
     Args:
-        train_file: training data (JSON list or JSONL).
+        train_file: training data (JSON list or JSONL); or give `train_sources`.
+        train_sources: several training files, each drawn with its own weight (`DataSource`: file, weight,
+            media_root), e.g. typed image questions, transcripts and spoken questions for a joint model.
+        epoch_size: with `train_sources`, records drawn per epoch over all ranks (default: every record's count).
         val_file: optional validation data.
         media_root: folder media paths resolve against (default: each data file's folder).
         batch_size: sequences per batch per device.
@@ -33,7 +37,9 @@ class XLLMDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        train_file: str,
+        train_file: str | None = None,
+        train_sources: list[DataSource] | None = None,
+        epoch_size: int | None = None,
         val_file: str | None = None,
         media_root: str | None = None,
         batch_size: int = 8,
@@ -42,6 +48,11 @@ class XLLMDataModule(pl.LightningDataModule):
         allow_media_outside_root: bool = False,
     ) -> None:
         super().__init__()
+        if (train_file is None) == (not train_sources):
+            raise ValueError("give the training data as train_file or as train_sources (a list of {file, weight}), "
+                             "one of the two")
+        self.train_sources = [DataSource(**s) if isinstance(s, dict) else s for s in train_sources or []]
+        self.epoch_size = epoch_size
         self.allow_media_outside_root = allow_media_outside_root
         self.train_file, self.val_file, self.media_root = train_file, val_file, media_root
         self.batch_size, self.num_workers, self.on_bad_sample = batch_size, num_workers, on_bad_sample
@@ -66,6 +77,15 @@ class XLLMDataModule(pl.LightningDataModule):
             strategy.barrier("rank 0 fills the feature cache")
 
     def build_datasets(self, model: Any) -> None:
+        if self.train_sources and "train" not in self.datasets:
+            parts = []
+            for number, source in enumerate(self.train_sources):
+                bad_samples = BadSamples(self.on_bad_sample)
+                parts.append(model.build_dataset(source.file, source.media_root or self.media_root, bad_samples,
+                                                 self.allow_media_outside_root))
+                self.bad_samples[f"train/{number}"] = bad_samples
+                self._report(f"train source {number} (weight {source.weight:g})", source.file, parts[-1], bad_samples)
+            self.datasets["train"] = ConcatDataset(parts)
         for split, path in (("train", self.train_file), ("val", self.val_file)):
             if path is None or split in self.datasets:
                 continue
@@ -88,7 +108,7 @@ class XLLMDataModule(pl.LightningDataModule):
                 logger.log_hyperparams({f"data/{split}_samples": samples, f"data/{split}_skipped": bad_samples.total,
                                         f"data/{split}_truncated": truncated})
 
-    def _loader(self, split: str, shuffle: bool, sampler: DistributedSampler | None = None) -> StatefulDataLoader:
+    def _loader(self, split: str, shuffle: bool, sampler: Sampler | None = None) -> StatefulDataLoader:
         # A DataLoader whose position (shuffle order and batches served) Lightning saves in its checkpoints, so a
         # run killed mid-epoch resumes with the very next batch instead of a new shuffle of the whole epoch.
         return StatefulDataLoader(
@@ -102,10 +122,16 @@ class XLLMDataModule(pl.LightningDataModule):
         # (Rebuilt by Lightning around its own sampler, the saved position was a copy's, and `--ckpt_path last`
         # stopped with "Please call `iter(combined_loader)` first": a RandomSampler's state in a distributed one.)
         sampler = None
-        if self.trainer is not None and self.trainer.world_size > 1:
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        if self.train_sources:  # a mix: every rank its stride of one weighted order per epoch
+            sampler = MixtureSampler([len(d) for d in self.datasets["train"].datasets],
+                                     [s.weight for s in self.train_sources], self.epoch_size, seed,
+                                     self.trainer.global_rank if world_size > 1 else 0, world_size)
+        elif world_size > 1:
             sampler = DistributedSampler(self.datasets["train"], num_replicas=self.trainer.world_size,
                                          rank=self.trainer.global_rank, shuffle=True,
-                                         seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
+                                         seed=seed)
         self.train_loader = self._loader("train", shuffle=True, sampler=sampler)
         if self.train_loader_state is not None:
             self.train_loader.load_state_dict(self.train_loader_state)
