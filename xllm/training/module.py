@@ -16,6 +16,7 @@ from torch import nn
 
 from xllm.adapters.compose import compose_configs
 from xllm.adapters.format import load_weights
+from xllm.adapters.load import build_interface
 from xllm.data.collator import ConversationCollator
 from xllm.data.dataset import ConversationDataset, build_tokenized_dataset
 from xllm.data.records import BadSamples
@@ -41,7 +42,10 @@ class XLLMModule(TrainingModule):
         max_length: longest sequence, text plus modality tokens.
         init_adapters: modality -> a trained adapter whose interface (and its tensors) starts this model's, to compose
             adapters trained on their own (`{image: DIR, video: DIR, audio: DIR}`); they must share this model's
-            frozen LLM and chat template (see `xllm.adapters.compose`).
+            frozen LLM and chat template (see `xllm.adapters.compose`). A modality left out of `interfaces` is
+            built as its adapter describes it.
+        interface_overrides: modality -> init args replacing those an `init_adapters` adapter stores, e.g.
+            `{image: {feature_cache: .cache/features/mobilenet-v2}}` (an adapter keeps no training-time cache).
         **training: `TrainingModule`'s settings (init_adapter, adapter_dir, lr, weight_decay, betas, warmup_steps,
             lr_schedule).
     """
@@ -49,7 +53,7 @@ class XLLMModule(TrainingModule):
     def __init__(
         self,
         llm: str,
-        interfaces: dict[str, ModalityInterface],
+        interfaces: dict[str, ModalityInterface] | None = None,
         stage: Literal[1, 2] = 1,
         template: str = "tokenizer",
         system_prompt: str | None = None,
@@ -58,8 +62,16 @@ class XLLMModule(TrainingModule):
         lora: LoraSettings | None = None,
         max_length: int = 2048,
         init_adapters: dict[str, str] | None = None,
+        interface_overrides: dict[str, dict[str, Any]] | None = None,
         **training: Any,
     ) -> None:
+        interfaces = dict(interfaces or {})
+        composed = compose_configs(init_adapters, interface_overrides=interface_overrides) if init_adapters else None
+        for modality, spec in (composed or {}).get("interfaces", {}).items():
+            if modality not in interfaces:
+                interfaces[modality] = build_interface(modality, spec)
+        if not interfaces:
+            raise ValueError("no interfaces: give `interfaces`, or `init_adapters` to build them from trained adapters")
         super().__init__(interfaces, **training)
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2 (stage 0 is xllm.training.InterfacePretrainingModule), got {stage}")
@@ -76,8 +88,7 @@ class XLLMModule(TrainingModule):
         if self.init_adapter is not None:
             # After LoRA is in place, so a stage-2 adapter (with LoRA tensors) can be resumed too.
             load_weights(self.model, self.init_adapter, strict=False)
-        if init_adapters:
-            composed = compose_configs(init_adapters)
+        if composed is not None:
             if composed["template"] != template or composed["llm"]["hidden_size"] != llm_hidden_size(self.model.llm):
                 raise ValueError(
                     f"init_adapters {dict(init_adapters)} were trained with template {composed['template']!r} for an "
