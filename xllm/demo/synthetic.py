@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (40, 70, 230), "yellow": (240, 210, 20)}
@@ -116,11 +116,11 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 def build_split(
     out: Path, split: str, images: int, seed: int, image_size: int = 224, exclude: frozenset = frozenset(),
 ) -> set[frozenset[Item]]:
-    """Writes `images/{split}_*.png` and `{split}_captions.jsonl`, `{split}_chat.jsonl`, `{split}_yesno.jsonl`, with
-    no scene of `exclude`; returns the split's scenes."""
+    """Writes `images/{split}_*.png` and `{split}_captions.jsonl`, `{split}_chat.jsonl`, `{split}_yesno.jsonl`,
+    `{split}_scenes.jsonl` (each image's items), with no scene of `exclude`; returns the split's scenes."""
     rng = random.Random(seed)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    captions, chats, questions, scenes = [], [], [], set()
+    captions, chats, questions, truths, scenes = [], [], [], [], set()
     for index in range(images):
         items = sample_scene(rng)
         while scene_key(items) in exclude:
@@ -129,6 +129,7 @@ def build_split(
         name = f"images/{split}_{index:05d}.png"
         draw_scene(items, rng, image_size).save(out / name)
         image_id = f"{split}-{index}"
+        truths.append({"id": image_id, "image": name, "items": [asdict(item) for item in items]})
         text = caption(items)
         captions.append({"id": image_id, "image": name, "conversations": [
             {"from": "human", "value": "<image>\nDescribe the image briefly."}, {"from": "gpt", "value": text}]})
@@ -143,7 +144,7 @@ def build_split(
             {"from": "human", "value": f"<image>\n{first[1]}"}, {"from": "gpt", "value": first[2]},
             {"from": "human", "value": second[1]}, {"from": "gpt", "value": second[2]},
             {"from": "human", "value": "Describe the image briefly."}, {"from": "gpt", "value": text}]})
-    for stem, rows in (("captions", captions), ("chat", chats), ("yesno", questions)):
+    for stem, rows in (("captions", captions), ("chat", chats), ("yesno", questions), ("scenes", truths)):
         write_jsonl(out / f"{split}_{stem}.jsonl", rows)
     return scenes
 
@@ -157,7 +158,7 @@ def build_shapes_task(
     split drawn freely holds most)."""
     out = Path(out)
     stamp, blank = out / "COMPLETE", out / BLANK
-    wanted = json.dumps({"train": train, "val": val, "test": test, "seed": seed, "version": 3, "size": image_size})
+    wanted = json.dumps({"train": train, "val": val, "test": test, "seed": seed, "version": 4, "size": image_size})
     if stamp.exists() and stamp.read_text() == wanted:
         if not blank.exists():  # a task built before the blank image was part of it
             draw_scene([], random.Random(0), image_size).save(blank)

@@ -160,7 +160,7 @@ def corpus_for_tokenizer(data: Path) -> list[str]:
     for path in sorted(data.glob("train_*.jsonl")):
         for line in path.read_text().splitlines():
             texts += [turn["value"].replace("<image>", "").replace("<audio>", "")
-                      for turn in json.loads(line)["conversations"]]
+                      for turn in json.loads(line).get("conversations", [])]  # scene lists have none
     return texts
 
 

@@ -22,15 +22,16 @@ FEATURES = "features"
 
 
 class FeatureCache:
-    """Files are keyed by the media file's absolute path, size and mtime and by `tag` (the encoder and its
-    preprocessing), so a changed file or encoder is never served stale features."""
+    """Files are keyed by the media file's real path (symlinks resolved: one file reached two ways is encoded once),
+    size and mtime and by `tag` (the encoder and its preprocessing), so a changed file or encoder is never served
+    stale features."""
 
     def __init__(self, folder: str | Path, tag: str) -> None:
         self.folder, self.tag = Path(folder), tag
 
     def file_for(self, path: str) -> Path:
         stat = os.stat(path)
-        key = hashlib.sha1(f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}|{self.tag}".encode()).hexdigest()
+        key = hashlib.sha1(f"{os.path.realpath(path)}|{stat.st_size}|{stat.st_mtime_ns}|{self.tag}".encode()).hexdigest()
         return self.folder / f"{key}.safetensors"
 
     @torch.no_grad()

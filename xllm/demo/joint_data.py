@@ -1,0 +1,255 @@
+"""The joint demo's data: the image and video demos' yes/no questions, spoken by eSpeak voices, as xllm JSONL + wav.
+
+Held-out means unseen three ways. The val and test splits ask about **scenes and clips drawn here**, none of which
+occurs in any split of the image or video task; their questions are spoken by **voice settings** no training clip
+uses (the speech demo's held-out variants, rates and pitches); and they are **sentences never spoken in training**:
+for each category the questions naming some shapes are held out (`HELD_OUT_SHAPES`; every count question is: the
+count category has three sentences in all), and training speaks only the others. Typed questions are not held out
+that way: the image and video adapters were trained on all of them.
+
+Files (in `out`):
+- `train_spoken_asr.jsonl`: `<audio>` + "Transcribe the audio." -> the spoken question's words (the speech side
+  learns the questions' vocabulary);
+- `train_spoken_image.jsonl` / `train_spoken_video.jsonl`: `<image>\\n<audio>` -> Yes/No, over the image / video
+  task's training scenes; the user turn's `instruction` is the question's words (what the Q-Former reads; at test
+  time the model's own transcript takes its place);
+- `{val,test}_{image,video}_{typed,spoken}.jsonl`: MME-style pairs (one Yes and one No per scene and category).
+
+    python -m xllm.demo.joint_data --image_data .cache/demo/data --video_data .cache/demo_video/data
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+from pathlib import Path
+
+from xllm.demo import synthetic as images
+from xllm.demo import synthetic_video as videos
+from xllm.demo.espeak import Espeak
+from xllm.demo.speech_data import TRANSCRIBE, resample, voices, write_wav
+
+# Per category, the shapes whose questions are never spoken in training (val and test ask only these); every other
+# shape of the category is. Different shapes per category, so every shape word is heard in training.
+HELD_OUT_SHAPES = {
+    "existence": {"triangle"}, "colour": {"circle"}, "position": {"square"}, "count": {"*"},
+    "direction": {"circle", "cross"}, "colour_change": {"square", "circle"}, "order": {"diamond"},
+    "start_end": {"triangle", "diamond"}, "static": {"cross", "square"},
+}
+ALL_SHAPES = set(images.SHAPES) | set(videos.SHAPES)
+
+
+def spoken_words(question: str) -> str:
+    """What a listener writes down: `Is the circle red?` -> `is the circle red` (the speech demo's transcripts)."""
+    return " ".join(re.sub(r"[^a-z ]", " ", question.lower()).split())
+
+
+def held_out(category: str, question: str) -> bool:
+    """Whether `question` is one of the sentences training never speaks."""
+    shapes = HELD_OUT_SHAPES[category]
+    return "*" in shapes or bool(set(spoken_words(question).split()) & shapes)
+
+
+def image_pairs(items: list[images.Item], rng: random.Random) -> list[tuple[str, str, str]]:
+    """(category, question, answer): per category one Yes and one No among the held-out sentences that apply to
+    the scene (a category none of whose held-out sentences is true, or false, of it is not asked)."""
+    present = {(i.colour, i.shape) for i in items}
+    candidates = {
+        "existence": [(f"Is there a {c} {s} in the image?", (c, s) in present)
+                      for c in images.COLOURS for s in images.SHAPES],
+        "count": [(f"Are there {word} shapes in the image?", n == len(items)) for n, word in images.COUNT_WORDS.items()],
+        "colour": [(f"Is the {i.shape} {c}?", c == i.colour) for i in items for c in images.COLOURS],
+        "position": [(f"Is the {i.shape} at the {images.position_name(r, c)}?", (r, c) == (i.row, i.column))
+                     for i in items for r in range(3) for c in range(3)],
+    }
+    out = []
+    for category in images.CATEGORIES:
+        usable = [(q, truth) for q, truth in candidates[category] if held_out(category, q)]
+        yes, no = [q for q, t in usable if t], [q for q, t in usable if not t]
+        if yes and no:
+            out += [(category, rng.choice(yes), "Yes"), (category, rng.choice(no), "No")]
+    return out
+
+
+def video_pairs(clip: videos.Clip, rng: random.Random) -> list[tuple[str, str, str]] | None:
+    """The video task's questions of `clip` when every category's pair is held out (else None: draw another)."""
+    asked = [q for q in videos.yes_no_questions(clip, rng) if q[0] != "static"]
+    shown = sorted({(clip.mover.shape, clip.mover.colour), (clip.event.shape, clip.event.colour),
+                    *[(f.shape, f.colour) for f in clip.flashes]})
+    static = [(s, c) for s, c in shown if s in HELD_OUT_SHAPES["static"]]
+    if not static or not all(held_out(category, question) for category, question, _ in asked):
+        return None
+    shape, colour = rng.choice(static)
+    other = rng.choice([c for c in videos.COLOURS if c != colour])
+    return asked + [("static", f"Is there a {colour} {shape}?", "Yes"), ("static", f"Is there a {other} {shape}?", "No")]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def image_task_scenes(image_data: Path) -> set:
+    return {images.scene_key([images.Item(**item) for item in row["items"]])
+            for split in ("train", "val", "test") for row in read_jsonl(image_data / f"{split}_scenes.jsonl")}
+
+
+def video_task_scenes(video_data: Path) -> set:
+    def clip(row: dict) -> videos.Clip:
+        return videos.Clip(videos.Mover(**row["mover"]), videos.Changer(**row["changer"]), videos.Event(**row["event"]),
+                           tuple(videos.Flash(**f) for f in row["flashes"]))
+
+    return {clip(row).key() for split in ("train", "val", "test", "test_combos")
+            for row in read_jsonl(video_data / f"{split}_scenes.jsonl")}
+
+
+class Speaker:
+    """Writes each question as a wav in a voice drawn from a pool (eSpeak at 22.05 kHz, resampled to 16 kHz)."""
+
+    def __init__(self, out: Path, rng: random.Random) -> None:
+        self.out, self.rng, self.espeak = out, rng, Espeak()
+        (out / "audio").mkdir(parents=True, exist_ok=True)
+
+    def say(self, text: str, name: str, held_out_voice: bool) -> tuple[str, str]:
+        voice = self.rng.choice(voices(held_out=held_out_voice))
+        wave, rate = self.espeak.say(spoken_words(text), voice)
+        path = f"audio/{name}.wav"
+        write_wav(self.out / path, resample(wave, rate, 16000), 16000)
+        return path, str(voice)
+
+
+def question_records(split: str, media_key: str, media: str, blank: str, asked: list[tuple[str, str, str]],
+                     media_id: str, speaker: Speaker) -> tuple[list[dict], list[dict]]:
+    """Typed and spoken records of one scene's questions (same ids, categories and answers)."""
+    typed, spoken = [], []
+    for category, question, answer in asked:
+        record_id = f"{media_id}-{category}-{answer.lower()}"
+        audio, voice = speaker.say(question, f"{split}_{record_id}", held_out_voice=True)
+        common = {"id": record_id, media_key: media, "category": category, "image_id": media_id,
+                  "question": spoken_words(question), "blank": blank}
+        typed.append({**common, "conversations": [{"from": "human", "value": f"<{media_key}>\n{question}"},
+                                                  {"from": "gpt", "value": answer}]})
+        spoken.append({**common, "audio": audio, "voice": voice, "conversations": [
+            {"from": "human", "value": f"<{media_key}>\n<audio>"}, {"from": "gpt", "value": answer}]})
+    return typed, spoken
+
+
+def held_out_images(out: Path, split: str, count: int, seed: int, exclude: set, speaker: Speaker) -> set:
+    rng = random.Random(seed)
+    typed, spoken, scenes = [], [], set()
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    while len(scenes) < count:
+        items = images.sample_scene(rng)
+        key = images.scene_key(items)
+        asked = image_pairs(items, rng)
+        if key in exclude or key in scenes or not asked:
+            continue
+        scenes.add(key)
+        name = f"images/{split}_{len(scenes) - 1:05d}.png"
+        images.draw_scene(items, rng).save(out / name)
+        rows = question_records(split, "image", name, images.BLANK, asked, f"{split}-image-{len(scenes) - 1}", speaker)
+        typed += rows[0]
+        spoken += rows[1]
+    images.draw_scene([], random.Random(0)).save(out / images.BLANK)
+    images.write_jsonl(out / f"{split}_image_typed.jsonl", typed)
+    images.write_jsonl(out / f"{split}_image_spoken.jsonl", spoken)
+    return scenes
+
+
+def held_out_clips(out: Path, split: str, count: int, seed: int, exclude: set, speaker: Speaker) -> set:
+    import numpy as np
+
+    from xllm.demo.video_files import write_video
+
+    rng = random.Random(seed)
+    typed, spoken, scenes = [], [], set()
+    (out / "videos").mkdir(parents=True, exist_ok=True)
+    while len(scenes) < count:
+        clip = videos.sample_clip(rng)
+        asked = video_pairs(clip, rng)
+        if asked is None or clip.key() in exclude or clip.key() in scenes:
+            continue
+        scenes.add(clip.key())
+        name = f"videos/{split}_{len(scenes) - 1:05d}.mp4"
+        write_video(str(out / name), videos.draw_clip(clip, rng, 160), fps=videos.FPS)
+        rows = question_records(split, "video", name, videos.BLANK, asked, f"{split}-video-{len(scenes) - 1}", speaker)
+        typed += rows[0]
+        spoken += rows[1]
+    write_video(str(out / videos.BLANK), [np.full((160, 160, 3), 235, np.uint8)] * videos.FRAMES, fps=videos.FPS)
+    images.write_jsonl(out / f"{split}_video_typed.jsonl", typed)
+    images.write_jsonl(out / f"{split}_video_spoken.jsonl", spoken)
+    return scenes
+
+
+def spoken_training(out: Path, task: str, media_key: str, count: int, rng: random.Random, speaker: Speaker,
+                    ) -> tuple[list[dict], list[dict]]:
+    """ASR and question records for `count` of the task's training questions whose sentences are not held out."""
+    questions = [r for r in read_jsonl(out / task / "train_yesno.jsonl")
+                 if not held_out(r["category"], r["conversations"][0]["value"].split("\n", 1)[1])]
+    asr, asked = [], []
+    for number, record in enumerate(rng.sample(questions, min(count, len(questions)))):
+        question = record["conversations"][0]["value"].split("\n", 1)[1]
+        audio, voice = speaker.say(question, f"train_{media_key}_{number:05d}", held_out_voice=False)
+        words = spoken_words(question)
+        asr.append({"id": f"train-{media_key}-{number}-asr", "audio": audio, "voice": voice, "conversations": [
+            {"from": "human", "value": f"<audio>\n{TRANSCRIBE}"}, {"from": "gpt", "value": words}]})
+        asked.append({"id": f"train-{media_key}-{number}", "audio": audio, "voice": voice,
+                      media_key: f"{task}/{record[media_key]}", "category": record["category"], "conversations": [
+                          {"from": "human", "value": f"<{media_key}>\n<audio>", "instruction": words},
+                          {"from": "gpt", "value": record["conversations"][1]["value"]}]})
+    return asr, asked
+
+
+def build_joint_task(out: str | Path, image_data: str | Path, video_data: str | Path, train_image: int = 900,
+                     train_video: int = 700, val_images: int = 30, test_images: int = 80, val_clips: int = 20,
+                     test_clips: int = 50, seed: int = 0) -> Path:
+    """Write the joint task into `out` (see the module's docstring); cached by a stamp of its settings. The image
+    and video tasks' folders are linked into `out` (`image_task/`, `video_task/`) so one media root holds all."""
+    out = Path(out)
+    settings = {"image_data": str(Path(image_data).resolve()), "video_data": str(Path(video_data).resolve()),
+                "train_image": train_image, "train_video": train_video, "val_images": val_images,
+                "test_images": test_images, "val_clips": val_clips, "test_clips": test_clips, "seed": seed,
+                "version": 1}
+    stamp = out / "COMPLETE"
+    if stamp.is_file() and json.loads(stamp.read_text()) == settings:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    for link, target in (("image_task", settings["image_data"]), ("video_task", settings["video_data"])):
+        if os.path.lexists(out / link):
+            os.remove(out / link)
+        os.symlink(target, out / link)
+    rng = random.Random(seed)
+    speaker = Speaker(out, rng)
+    image_scenes = image_task_scenes(out / "image_task")
+    val = held_out_images(out, "val", val_images, seed * 1000 + 11, image_scenes, speaker)
+    held_out_images(out, "test", test_images, seed * 1000 + 12, image_scenes | val, speaker)
+    clip_scenes = video_task_scenes(out / "video_task")
+    val = held_out_clips(out, "val", val_clips, seed * 1000 + 13, clip_scenes, speaker)
+    held_out_clips(out, "test", test_clips, seed * 1000 + 14, clip_scenes | val, speaker)
+    image_asr, image_asked = spoken_training(out, "image_task", "image", train_image, rng, speaker)
+    video_asr, video_asked = spoken_training(out, "video_task", "video", train_video, rng, speaker)
+    images.write_jsonl(out / "train_spoken_asr.jsonl", image_asr + video_asr)
+    images.write_jsonl(out / "train_spoken_image.jsonl", image_asked)
+    images.write_jsonl(out / "train_spoken_video.jsonl", video_asked)
+    spoken_in_training = {r["conversations"][1]["value"] for r in image_asr + video_asr}
+    for split in ("val", "test"):
+        for kind in ("image", "video"):
+            unseen = {r["question"] for r in read_jsonl(out / f"{split}_{kind}_spoken.jsonl")}
+            assert not unseen & spoken_in_training, f"{split} {kind}: a held-out sentence was spoken in training"
+    stamp.write_text(json.dumps(settings))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=".cache/demo_joint/data")
+    parser.add_argument("--image_data", default=".cache/demo/data")
+    parser.add_argument("--video_data", default=".cache/demo_video/data")
+    args = parser.parse_args()
+    print(build_joint_task(args.out, args.image_data, args.video_data))
+
+
+if __name__ == "__main__":
+    main()
