@@ -43,7 +43,7 @@ from xllm.llm import (
     lora_to_dict,
 )
 from xllm.splice import splice_modality_tokens
-from xllm.tensors import IGNORE_INDEX
+from xllm.tensors import IGNORE_INDEX, full_tensor
 
 SENTINEL_BASE = -200  # LLaVA's IMAGE_TOKEN_INDEX; one id per modality counts down from here
 
@@ -218,8 +218,9 @@ class XLLM(nn.Module):
         return self
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Only the parameters that train: what an adapter file and a checkpoint hold."""
-        return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
+        """Only the parameters that train: what an adapter file and a checkpoint hold (whole: under FSDP2 every rank
+        must call this, as each tensor is gathered)."""
+        return {name: full_tensor(p.detach()) for name, p in self.named_parameters() if p.requires_grad}
 
     @property
     def device(self) -> torch.device:
@@ -297,6 +298,8 @@ class XLLM(nn.Module):
             out = self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels, use_cache=False)
             loss, logits = out.loss, out.logits
             kept = logits[predicts] if per_row else None
+        if self.every_interface_in_loss and self.training:
+            loss = loss + self.every_parameter_zero()
         output = XLLMOutput(loss, logits, tokens, media_tokens)
         if per_row:
             losses = F.cross_entropy(kept.float(), labels[:, 1:][predicts[:, :-1]], reduction="none")
@@ -304,6 +307,19 @@ class XLLM(nn.Module):
             output.row_loss_sums = losses.new_zeros(labels.shape[0]).index_add_(0, rows, losses)
             output.row_label_counts = predicts.sum(dim=1)
         return output
+
+    # Data-parallel training (DDP, FSDP2) needs a gradient for every trained parameter on every rank at every step:
+    # a rank whose batch holds no clip leaves the video interface without one, and a C-Former's CIF weights never
+    # get one from the LLM's loss; DDP then stops ("parameters that were not used"), and FSDP2 ranks would disagree
+    # on which gradients to reduce. Training sets this when world_size > 1.
+    every_interface_in_loss: bool = False
+
+    def every_parameter_zero(self) -> torch.Tensor:
+        """Zero, through every trained interface parameter (computed inside `forward`, where a sharded model's
+        parameters are whole): each gets an exact zero gradient, and the mean over ranks is the other ranks'. (A
+        parameter that gets zero on every rank still moves by AdamW's momentum and decay: mix modalities per batch.)"""
+        trained = [p.sum() for p in self.interfaces.parameters() if p.requires_grad]
+        return torch.stack(trained).sum() * 0.0 if trained else torch.zeros((), device=self.device)
 
     def _keeps_logits(self) -> bool:
         """Whether the LLM's forward takes `logits_to_keep` (transformers' own models do; hub remote code may not)."""

@@ -19,3 +19,13 @@ def pad_stack(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tens
     for row, tensor in enumerate(tensors):
         out[row, : tensor.shape[0]] = tensor
     return out, lengths
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is a parameter FSDP2 has sharded across ranks (a DTensor)."""
+    return type(tensor).__name__ == "DTensor"
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded tensor gathered whole — a collective: every rank must call it, in the same order — or itself."""
+    return tensor.full_tensor() if is_sharded(tensor) else tensor

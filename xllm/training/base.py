@@ -24,6 +24,7 @@ from xllm.data.records import BadSamples
 from xllm.frozen import keep_frozen_in_eval
 from xllm.interfaces.base import MediaBatch, ModalityInterface
 from xllm.llm import count_parameters
+from xllm.tensors import is_sharded
 
 # Parameters that never get weight decay: biases, norms, and learned token/position tables.
 NO_DECAY_MARKERS = ("bias", "LayerNorm", "layernorm", "ln_", "norm.", "query_tokens", "position")
@@ -150,10 +151,16 @@ class TrainingModule(pl.LightningModule):
                 torch.cuda.set_rng_state_all(rng["cuda"])
 
     def on_fit_end(self) -> None:
-        if self.trainer.is_global_zero:
+        # Sharded, every rank takes part in gathering the trained tensors whole; rank 0 writes them.
+        if self.trainer.is_global_zero or self.is_sharded:
             directory = self.resolved_adapter_dir()
             self.save_result(directory)
             self.print(f"adapter written to {directory}")
+
+    @property
+    def is_sharded(self) -> bool:
+        """Whether FSDP2 has sharded this module's trained parameters (`xllm.training.sharding`)."""
+        return any(is_sharded(p) for p in self.parameters() if p.requires_grad)
 
     def trained_on(self) -> str:
         """For the model card: the training file and how far training went."""
@@ -212,16 +219,20 @@ class TrainingModule(pl.LightningModule):
 
     # --- optimisation ------------------------------------------------------------------------------
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """AdamW groups over trainable parameters only, with no decay on biases/norms/query tokens/positions."""
-        decay, no_decay = [], []
+        """AdamW groups over trainable parameters only, with no decay on biases/norms/query tokens/positions, and
+        each parameter at `lr × lr_scale(name)`."""
+        groups: dict[tuple[bool, float], list[torch.nn.Parameter]] = {}
         for name, parameter in self.named_parameters():
             if not parameter.requires_grad:
                 continue
-            if parameter.ndim < 2 or any(marker in name for marker in NO_DECAY_MARKERS):
-                no_decay.append(parameter)
-            else:
-                decay.append(parameter)
-        return [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            decays = not (parameter.ndim < 2 or any(marker in name for marker in NO_DECAY_MARKERS))
+            groups.setdefault((decays, self.lr_scale(name)), []).append(parameter)
+        return [{"params": params, "weight_decay": self.weight_decay if decays else 0.0, "lr": self.lr * scale}
+                for (decays, scale), params in sorted(groups.items(), key=lambda item: (not item[0][0], -item[0][1]))]
+
+    def lr_scale(self, name: str) -> float:
+        """The learning-rate factor of the parameter called `name` (1: `lr`)."""
+        return 1.0
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = torch.optim.AdamW(self.parameter_groups(), lr=self.lr, betas=self.betas)

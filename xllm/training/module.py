@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
+from pytorch_lightning.strategies import ModelParallelStrategy
 from torch import nn
 
 from xllm.adapters.compose import compose_configs
@@ -25,6 +25,7 @@ from xllm.llm import LoraSettings, llm_hidden_size
 from xllm.model import XLLM
 from xllm.tensors import IGNORE_INDEX
 from xllm.training.base import TrainingModule
+from xllm.training.sharding import gather_for_saving, shard_model
 
 
 class XLLMModule(TrainingModule):
@@ -44,6 +45,8 @@ class XLLMModule(TrainingModule):
             adapters trained on their own (`{image: DIR, video: DIR, audio: DIR}`); they must share this model's
             frozen LLM and chat template (see `xllm.adapters.compose`). A modality left out of `interfaces` is
             built as its adapter describes it.
+        interface_lr_scale: modality -> factor on `lr` for that interface, e.g. `{image: 0.1, video: 0.1}` to tune
+            a speech interface at full rate beside pictures' interfaces that should barely move (joint demo).
         interface_overrides: modality -> init args replacing those an `init_adapters` adapter stores, e.g.
             `{image: {feature_cache: .cache/features/mobilenet-v2}}` (an adapter keeps no training-time cache).
         **training: `TrainingModule`'s settings (init_adapter, adapter_dir, lr, weight_decay, betas, warmup_steps,
@@ -63,6 +66,7 @@ class XLLMModule(TrainingModule):
         max_length: int = 2048,
         init_adapters: dict[str, str] | None = None,
         interface_overrides: dict[str, dict[str, Any]] | None = None,
+        interface_lr_scale: dict[str, float] | None = None,
         **training: Any,
     ) -> None:
         interfaces = dict(interfaces or {})
@@ -79,6 +83,10 @@ class XLLMModule(TrainingModule):
             raise ValueError("lora is for stage 2 (instruction tuning); stage 1 keeps the LLM untouched")
         self.save_hyperparameters(ignore=["interfaces"])
         self.stage, self.max_length = stage, max_length
+        self.interface_lr_scale = dict(interface_lr_scale or {})
+        unknown = sorted(set(self.interface_lr_scale) - set(interfaces))
+        if unknown:
+            raise ValueError(f"interface_lr_scale names {unknown}, but this run's interfaces are {sorted(interfaces)}")
         self.model = XLLM.from_paths(
             llm, interfaces, llm_dtype=llm_dtype, trust_remote_code=trust_remote_code,
             template=template, system_prompt=system_prompt,
@@ -128,30 +136,38 @@ class XLLMModule(TrainingModule):
     def collator(self) -> ConversationCollator:
         return self.model.processor().collator
 
-    def every_parameter_term(self) -> torch.Tensor:
-        """Zero, through every trained parameter of the interfaces.
+    def lr_scale(self, name: str) -> float:
+        parts = name.split(".")  # model.interfaces.<modality>.<...>
+        if parts[:2] == ["model", "interfaces"] and len(parts) > 2:
+            return self.interface_lr_scale.get(parts[2], 1.0)
+        return 1.0
 
-        DDP requires a gradient for every trained parameter at every step, on every rank. A rank whose batch holds
-        no clip leaves the video interface without one, and some parameters never get one from the LLM's loss (a
-        C-Former's CIF weights, detached outside stage 0): either stops the run. With this term each such parameter
-        gets an exact zero, and the mean over ranks is the other ranks' gradient, as DDP means it. (A parameter
-        that gets zero on every rank still moves by AdamW's momentum and decay: mix modalities in each batch.)"""
-        zero = torch.zeros((), device=self.device)
-        return sum((p.sum() for p in self.model.interfaces.parameters() if p.requires_grad), zero) * 0.0
+    def setup(self, stage: str) -> None:
+        # Every rank must give every trained parameter a gradient at every step (see `XLLM.every_interface_in_loss`).
+        self.model.every_interface_in_loss = self.trainer.world_size > 1
 
     def save_result(self, directory: Path) -> None:
-        self.model.save_pretrained(directory, stage=self.stage, trained_on=self.trained_on())
+        if self.is_sharded:  # every rank comes here: the interfaces and LoRA are gathered whole, rank 0 writes
+            gather_for_saving(self.model)
+        if self.trainer.is_global_zero:
+            self.model.save_pretrained(directory, stage=self.stage, trained_on=self.trained_on())
+
+    def configure_model(self) -> None:
+        """Under `ShardedStrategy` (FSDP2), shard the model before the optimizer is built (see `sharding.py`)."""
+        strategy = self.trainer.strategy
+        if isinstance(strategy, ModelParallelStrategy) and not self.is_sharded:
+            shard_model(self.model, strategy.device_mesh["data_parallel"], getattr(strategy, "frozen_dtype", None))
 
     def step(self, batch: dict[str, Any] | None, split: str) -> dict[str, Any] | None:
         if batch is None:  # every item of this batch was skipped as bad input
             return None
         self.log_skipped(batch, split)
         out = self.model(batch["input_ids"], batch["attention_mask"], batch["media"], batch["labels"])
-        if split == "train" and self.trainer.world_size > 1:
-            out.loss = out.loss + self.every_parameter_term()
         size = batch["input_ids"].shape[0]
-        self.log(f"{split}/loss", out.loss, prog_bar=True, batch_size=size,
-                 on_step=split == "train", on_epoch=split != "train", sync_dist=split != "train")
+        # Over several ranks the logged training loss is their mean (the loss of the global batch when every rank's
+        # batch has as many answer tokens), not rank 0's alone.
+        self.log(f"{split}/loss", out.loss, prog_bar=True, batch_size=size, on_step=split == "train",
+                 on_epoch=split != "train", sync_dist=split != "train" or self.trainer.world_size > 1)
         if split == "train":
             self.log("train/target_tokens", float((batch["labels"] != IGNORE_INDEX).sum()), on_step=True, batch_size=1)
         llm_frozen, llm_trained, interface_trained = self._flop_counts

@@ -1,0 +1,122 @@
+"""Sharded training (FSDP2 through `xllm.training.sharding.ShardedStrategy`) on 2 CPU processes over gloo: stage 2
+with LoRA gives a one-process run's losses and adapter on the same global batch, each rank holds half the frozen LLM
+and gradients for half the trained parameters only, and a run killed with SIGKILL resumes on its loss curve from a
+checkpoint that holds no frozen tensor."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from tests.test_resume import losses
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESET = ROOT / "configs" / "sharding" / "fsdp2.yaml"  # what a user merges in: `--config configs/sharding/fsdp2.yaml`
+
+
+def config(tiny: Path, out: Path, devices: int, batch_size: int, steps: int = 3, checkpoints: bool = False) -> Path:
+    """Stage 2 with LoRA on the tiny Llama, no dropout (ranks draw other random numbers), one data source (the mix's
+    order depends on the seed only, so 2 ranks × 2 rows see the rows one process sees in a batch of 4)."""
+    trainer = {"accelerator": "cpu", "max_steps": steps, "log_every_n_steps": 1, "num_sanity_val_steps": 0,
+               "enable_checkpointing": checkpoints, "logger": {
+                   "class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": str(out), "name": "csv"}},
+               "callbacks": [{"class_path": "xllm.training.memory.RankMemory",
+                              "init_args": {"folder": str(out / "memory")}}]}
+    if checkpoints:
+        trainer["callbacks"].append({"class_path": "pytorch_lightning.callbacks.ModelCheckpoint", "init_args": {
+            "dirpath": str(out / "checkpoints"), "every_n_train_steps": 1, "save_top_k": -1}})
+    trainer["devices"] = devices
+    qformer = {"num_query_tokens": 4, "hidden_size": 32, "layers": 2, "heads": 2, "intermediate_size": 64,
+               "bert_init": str(tiny / "bert"), "text": True, "instruction_aware": True, "dropout": 0.0}
+    path = out / "config.yaml"
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({
+        "seed_everything": 0, "trainer": trainer,
+        "model": {"class_path": "xllm.training.XLLMModule", "init_args": {
+            "llm": str(tiny / "llama"), "template": "vicuna_v1", "stage": 2, "lr": 1.0e-3, "warmup_steps": 0,
+            "lr_schedule": "constant", "max_length": 160, "adapter_dir": str(out / "adapter"),
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+            "interfaces": {"image": {"class_path": "xllm.interfaces.ImageInterface",
+                                     "init_args": {"encoder": str(tiny / "vit"), "qformer": qformer}}}}},
+        "data": {"train_sources": [{"file": str(tiny / "data" / "train_yesno.jsonl")}], "batch_size": batch_size}}))
+    return path
+
+
+def command(path: Path, *extra: str) -> list[str]:
+    """`train.py fit` with the config, sharded (the preset) when it asks for 2 devices."""
+    sharded = yaml.safe_load(path.read_text())["trainer"]["devices"] > 1
+    return [sys.executable, str(ROOT / "train.py"), "fit", "--config", str(path),
+            *(["--config", str(PRESET)] if sharded else []), *extra]
+
+
+def fit(path: Path, cwd: Path, *extra: str) -> None:
+    result = subprocess.run(command(path, *extra), cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_sharded_stage2_with_lora_trains_as_one_process_and_each_rank_holds_half(tiny, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    fit(config(tiny, one, devices=1, batch_size=4), tmp_path)
+    fit(config(tiny, two, devices=2, batch_size=2), tmp_path)
+
+    expected, sharded = losses(one), losses(two)
+    assert sorted(sharded) == [0, 1, 2]
+    assert all(abs(sharded[step] - expected[step]) < 1e-5 for step in expected), (expected, sharded)
+    whole, halves = load_file(str(one / "adapter" / "adapter.safetensors")), \
+        load_file(str(two / "adapter" / "adapter.safetensors"))
+    assert set(halves) == set(whole) and any("lora_" in k for k in whole)
+    assert all((halves[k] - whole[k]).abs().max() < 1e-5 for k in whole)
+    assert sorted(p.name for p in (two / "adapter").iterdir()) == sorted(p.name for p in (one / "adapter").iterdir())
+
+    single = json.loads((one / "memory" / "rank0.json").read_text())
+    for rank in (0, 1):
+        mine = json.loads((two / "memory" / f"rank{rank}.json").read_text())
+        assert 0.45 < mine["frozen_param_bytes"] / single["frozen_param_bytes"] < 0.55
+        assert 0.45 < mine["trained_elements"] / single["trained_elements"] < 0.55
+        assert mine["grad_elements"] <= mine["trained_elements"]  # gradients for trained parameters only
+        assert mine["grad_elements"] > 0.4 * single["trained_elements"]
+
+
+@pytest.mark.slow
+def test_a_sharded_run_killed_with_sigkill_resumes_on_its_loss_curve(tiny, tmp_path):
+    import torch
+    from torch.distributed.checkpoint import FileSystemReader
+
+    steps = 8
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    fit(config(tiny, whole, devices=2, batch_size=2, steps=steps), tmp_path)
+    path = config(tiny, killed, devices=2, batch_size=2, steps=steps, checkpoints=True)
+    run = subprocess.Popen(command(path), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+
+    def written() -> list[Path]:  # checkpoint folders whose metadata (written last) is there, by step
+        return sorted((p for p in (killed / "checkpoints").glob("*step=*") if (p / "meta.pt").exists()),
+                      key=lambda p: int(p.name.split("step=")[1].split(".")[0]))
+
+    deadline = time.monotonic() + 300
+    while len(written()) < 3 and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(run.pid, signal.SIGKILL)  # the launcher and both rank processes
+    run.wait()
+    # The newest folder may have been cut mid-write: resume from the one before it, which the next one followed.
+    saved = written()[-2]
+    step = torch.load(saved / "meta.pt", weights_only=True)["global_step"]
+    assert 2 <= step < steps - 1, f"resuming from step {step}: the test needs a kill well inside the run"
+    keys = " ".join(FileSystemReader(str(saved)).read_metadata().state_dict_metadata)
+    assert "lora_" in keys and "interfaces.image" in keys and "optimizer_0" in keys
+    assert "embed_tokens" not in keys and "base_layer" not in keys and "encoder.model" not in keys  # nothing frozen
+    fit(path, tmp_path, "--ckpt_path", str(saved))
+    expected, resumed = losses(whole), losses(killed)
+    assert set(range(step, steps)) <= set(resumed)
+    for index in range(step, steps):
+        assert resumed[index] == pytest.approx(expected[index], abs=1e-5), (index, resumed, expected)
