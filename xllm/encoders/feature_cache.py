@@ -21,6 +21,12 @@ from tqdm.auto import tqdm
 FEATURES = "features"
 
 
+def encoder_identity(encoder: str) -> str:
+    """An encoder as a cache tag names it: a local folder by its real path (the demo's config and an adapter's
+    relative path name one folder two ways and must share entries), a hub id as it is."""
+    return os.path.realpath(encoder) if os.path.exists(encoder) else encoder
+
+
 class FeatureCache:
     """Files are keyed by the media file's real path (symlinks resolved: one file reached two ways is encoded once),
     size and mtime and by `tag` (the encoder and its preprocessing), so a changed file or encoder is never served

@@ -14,7 +14,7 @@ from transformers import AutoImageProcessor
 from xllm.blocks.bridge import QFormerBridge, QFormerSettings, build_qformer, write_text_side
 from xllm.blocks.positions import PositionKind
 from xllm.blocks.projection import ProjectionKind
-from xllm.encoders.feature_cache import FEATURES, FeatureCache
+from xllm.encoders.feature_cache import FEATURES, FeatureCache, encoder_identity
 from xllm.encoders.vision import FEATURES_VERSION, FrozenVisionEncoder, ImageLoader
 from xllm.interfaces.base import FrozenEncoderInterface, MediaBatch, ModalityTokens
 
@@ -60,7 +60,7 @@ class ImageInterface(FrozenEncoderInterface):
         block, tokenizer = build_qformer(self.encoder.hidden_size, self.settings)
         self.bridge = QFormerBridge(block, tokenizer, self.settings.max_text_tokens, feature_positions,
                                     feature_position_kind, projection)
-        tag = json.dumps(["v2", FEATURES_VERSION, encoder, feature_layer, self.processor.to_dict()], sort_keys=True,
+        tag = json.dumps(["v2", FEATURES_VERSION, encoder_identity(encoder), feature_layer, self.processor.to_dict()], sort_keys=True,
                          default=str)
         self.cache = FeatureCache(feature_cache, tag) if feature_cache else None
 

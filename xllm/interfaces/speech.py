@@ -21,7 +21,7 @@ from xllm.blocks.cformer import CFormer
 from xllm.blocks.projection import ProjectionKind
 from xllm.blocks.window_qformer import WindowQFormer
 from xllm.encoders.audio import MEL, AudioLoader
-from xllm.encoders.feature_cache import FEATURES, FeatureCache
+from xllm.encoders.feature_cache import FEATURES, FeatureCache, encoder_identity
 from xllm.encoders.whisper import FrozenSpeechEncoder
 from xllm.interfaces.base import FrozenEncoderInterface, MediaBatch, ModalityTokens
 
@@ -95,7 +95,7 @@ class SpeechInterface(FrozenEncoderInterface):
                 projection=projection)
         else:
             raise ValueError(f"bridge must be 'cformer' or 'window', got {bridge!r}")
-        tag = json.dumps(["v1", encoder, pad_to_window, self.encoder.feature_extractor.to_dict()], sort_keys=True,
+        tag = json.dumps(["v1", encoder_identity(encoder), pad_to_window, self.encoder.feature_extractor.to_dict()], sort_keys=True,
                          default=str)
         self.cache = FeatureCache(feature_cache, tag) if feature_cache else None
 

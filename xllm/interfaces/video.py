@@ -34,7 +34,7 @@ from xllm.blocks.bridge import QFormerBridge, QFormerSettings, build_qformer, wr
 from xllm.blocks.positions import POSITION_INIT_STD, PositionKind, square_side
 from xllm.blocks.projection import ProjectionKind
 from xllm.blocks.qformer import QFormer
-from xllm.encoders.feature_cache import FEATURES, FeatureCache
+from xllm.encoders.feature_cache import FEATURES, FeatureCache, encoder_identity
 from xllm.encoders.video_frames import SamplingMode, VideoLoader
 from xllm.encoders.vision import FEATURES_VERSION, FrozenVisionEncoder
 from xllm.frozen import freeze
@@ -156,7 +156,7 @@ class VideoInterface(FrozenEncoderInterface):
         self.freeze_qformer = freeze_qformer
         if freeze_qformer:
             freeze(self.bridge.qformer)
-        tag = json.dumps(["video-v1", FEATURES_VERSION, encoder, feature_layer, self.processor.to_dict(), num_frames,
+        tag = json.dumps(["video-v1", FEATURES_VERSION, encoder_identity(encoder), feature_layer, self.processor.to_dict(), num_frames,
                           sampling, fps, short_side, frame_tokens], sort_keys=True, default=str)
         self.cache = FeatureCache(feature_cache, tag) if feature_cache else None
 
