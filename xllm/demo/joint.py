@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
                            "speech": error_rates(transcribe(joint, speech_test), references)}
     del joint
 
-    single = {m: XLLM.from_pretrained(p, interface_overrides=caches()) for m, p in adapters.items()}
+    single = {m: XLLM.from_pretrained(p, interface_overrides={m: caches()[m]}) for m, p in adapters.items()}
     for modality, (_, temporal) in sets.items():
         key = "pictures" if modality == "image" else "clips"
         heard = transcribe(single["audio"], spoken[modality])

@@ -3,13 +3,13 @@
 Held-out means unseen three ways. The val and test splits ask about **scenes and clips drawn here**, none of which
 occurs in any split of the image or video task; their questions are spoken by **voice settings** no training clip
 uses (the speech demo's held-out variants, rates and pitches); and they are **sentences never spoken in training**:
-for each category the questions naming some shapes are held out (`HELD_OUT_SHAPES`; every count question is: the
-count category has three sentences in all), and training speaks only the others. Typed questions are not held out
+for each category the questions with some words are held out (`HELD_OUT_WORDS`: a shape, or for counts "two" and
+"three"), and training speaks only the others. Typed questions are not held out
 that way: the image and video adapters were trained on all of them.
 
 Files (in `out`):
 - `train_spoken_asr.jsonl`: `<audio>` + "Transcribe the audio." -> the spoken question's words (the speech side
-  learns the questions' vocabulary);
+  learns the questions' vocabulary), and counting sentences no task asks (`counting_sentences`);
 - `train_spoken_image.jsonl` / `train_spoken_video.jsonl`: `<image>\\n<audio>` -> Yes/No, over the image / video
   task's training scenes; the user turn's `instruction` is the question's words (what the Q-Former reads; at test
   time the model's own transcript takes its place);
@@ -32,10 +32,10 @@ from xllm.demo import synthetic_video as videos
 from xllm.demo.espeak import Espeak
 from xllm.demo.speech_data import TRANSCRIBE, resample, voices, write_wav
 
-# Per category, the shapes whose questions are never spoken in training (val and test ask only these); every other
-# shape of the category is. Different shapes per category, so every shape word is heard in training.
-HELD_OUT_SHAPES = {
-    "existence": {"triangle"}, "colour": {"circle"}, "position": {"square"}, "count": {"*"},
+# Per category, the words whose questions are never spoken in training (val and test ask only these); the category's
+# other questions are. Different words per category, so every word is heard in training, in other sentences.
+HELD_OUT_WORDS = {
+    "existence": {"triangle"}, "colour": {"circle"}, "position": {"square"}, "count": {"two", "three"},
     "direction": {"circle", "cross"}, "colour_change": {"square", "circle"}, "order": {"diamond"},
     "start_end": {"triangle", "diamond"}, "static": {"cross", "square"},
 }
@@ -49,8 +49,7 @@ def spoken_words(question: str) -> str:
 
 def held_out(category: str, question: str) -> bool:
     """Whether `question` is one of the sentences training never speaks."""
-    shapes = HELD_OUT_SHAPES[category]
-    return "*" in shapes or bool(set(spoken_words(question).split()) & shapes)
+    return bool(set(spoken_words(question).split()) & HELD_OUT_WORDS[category])
 
 
 def image_pairs(items: list[images.Item], rng: random.Random) -> list[tuple[str, str, str]]:
@@ -79,7 +78,7 @@ def video_pairs(clip: videos.Clip, rng: random.Random) -> list[tuple[str, str, s
     asked = [q for q in videos.yes_no_questions(clip, rng) if q[0] != "static"]
     shown = sorted({(clip.mover.shape, clip.mover.colour), (clip.event.shape, clip.event.colour),
                     *[(f.shape, f.colour) for f in clip.flashes]})
-    static = [(s, c) for s, c in shown if s in HELD_OUT_SHAPES["static"]]
+    static = [(s, c) for s, c in shown if s in HELD_OUT_WORDS["static"]]
     if not static or not all(held_out(category, question) for category, question, _ in asked):
         return None
     shape, colour = rng.choice(static)
@@ -202,16 +201,31 @@ def spoken_training(out: Path, task: str, media_key: str, count: int, rng: rando
     return asr, asked
 
 
+def counting_sentences(out: Path, count: int, rng: random.Random, speaker: Speaker) -> list[dict]:
+    """Transcripts of "are there two red circles in the image" (numbers two to six, colours, shapes): no task asks
+    them, but they put number words in the question's frame. Chosen on val: with the count category's one trained
+    sentence ("are there one shapes in the image") alone, the held-out "two" and "three" were heard as "one"."""
+    colours, shapes = list(images.COLOURS), sorted(ALL_SHAPES)
+    out_rows = []
+    for number in range(count):
+        words = (f"are there {rng.choice(['two', 'three', 'four', 'five', 'six'])} {rng.choice(colours)} "
+                 f"{rng.choice(shapes)}s in the image")
+        audio, voice = speaker.say(words, f"train_count_{number:05d}", held_out_voice=False)
+        out_rows.append({"id": f"train-count-{number}-asr", "audio": audio, "voice": voice, "conversations": [
+            {"from": "human", "value": f"<audio>\n{TRANSCRIBE}"}, {"from": "gpt", "value": words}]})
+    return out_rows
+
+
 def build_joint_task(out: str | Path, image_data: str | Path, video_data: str | Path, train_image: int = 900,
                      train_video: int = 700, val_images: int = 30, test_images: int = 80, val_clips: int = 20,
-                     test_clips: int = 50, seed: int = 0) -> Path:
+                     test_clips: int = 50, train_counting: int = 300, seed: int = 0) -> Path:
     """Write the joint task into `out` (see the module's docstring); cached by a stamp of its settings. The image
     and video tasks' folders are linked into `out` (`image_task/`, `video_task/`) so one media root holds all."""
     out = Path(out)
     settings = {"image_data": str(Path(image_data).resolve()), "video_data": str(Path(video_data).resolve()),
                 "train_image": train_image, "train_video": train_video, "val_images": val_images,
-                "test_images": test_images, "val_clips": val_clips, "test_clips": test_clips, "seed": seed,
-                "version": 1}
+                "test_images": test_images, "val_clips": val_clips, "test_clips": test_clips,
+                "train_counting": train_counting, "seed": seed, "version": 3}
     stamp = out / "COMPLETE"
     if stamp.is_file() and json.loads(stamp.read_text()) == settings:
         return out
@@ -230,10 +244,11 @@ def build_joint_task(out: str | Path, image_data: str | Path, video_data: str | 
     held_out_clips(out, "test", test_clips, seed * 1000 + 14, clip_scenes | val, speaker)
     image_asr, image_asked = spoken_training(out, "image_task", "image", train_image, rng, speaker)
     video_asr, video_asked = spoken_training(out, "video_task", "video", train_video, rng, speaker)
-    images.write_jsonl(out / "train_spoken_asr.jsonl", image_asr + video_asr)
+    counting = counting_sentences(out, train_counting, rng, speaker)
+    images.write_jsonl(out / "train_spoken_asr.jsonl", image_asr + video_asr + counting)
     images.write_jsonl(out / "train_spoken_image.jsonl", image_asked)
     images.write_jsonl(out / "train_spoken_video.jsonl", video_asked)
-    spoken_in_training = {r["conversations"][1]["value"] for r in image_asr + video_asr}
+    spoken_in_training = {r["conversations"][1]["value"] for r in image_asr + video_asr + counting}
     for split in ("val", "test"):
         for kind in ("image", "video"):
             unseen = {r["question"] for r in read_jsonl(out / f"{split}_{kind}_spoken.jsonl")}
