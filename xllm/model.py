@@ -43,7 +43,7 @@ from xllm.llm import (
     lora_to_dict,
 )
 from xllm.splice import splice_modality_tokens
-from xllm.tensors import IGNORE_INDEX, full_tensor
+from xllm.tensors import IGNORE_INDEX
 
 SENTINEL_BASE = -200  # LLaVA's IMAGE_TOKEN_INDEX; one id per modality counts down from here
 
@@ -218,9 +218,8 @@ class XLLM(nn.Module):
         return self
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Only the parameters that train: what an adapter file and a checkpoint hold (whole: under FSDP2 every rank
-        must call this, as each tensor is gathered)."""
-        return {name: full_tensor(p.detach()) for name, p in self.named_parameters() if p.requires_grad}
+        """Only the parameters that train: what an adapter file and a checkpoint hold."""
+        return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
 
     @property
     def device(self) -> torch.device:

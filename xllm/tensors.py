@@ -25,7 +25,3 @@ def is_sharded(tensor: torch.Tensor) -> bool:
     """Whether `tensor` is a parameter FSDP2 has sharded across ranks (a DTensor)."""
     return type(tensor).__name__ == "DTensor"
 
-
-def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """A sharded tensor gathered whole — a collective: every rank must call it, in the same order — or itself."""
-    return tensor.full_tensor() if is_sharded(tensor) else tensor

@@ -32,6 +32,7 @@ CONFIGS = ROOT / "configs" / "demo_joint"
 SINGLE = {"image": ("demo", "stage2", "make demo"), "video": ("demo_video", "stage2", "make demo-video"),
           "audio": ("demo_speech", "stage1", "make demo-speech")}
 ROWS = ("typed", "spoken", "cascade", "blind", "untrained")
+GROUPS = {"image": "pictures", "video": "clips"}  # the report's two tables
 
 
 def caches() -> dict[str, dict[str, str]]:
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {"pictures": {}, "clips": {}, "instruction_choice": {}}
     spoken, words, typed = {}, {}, {}
     for modality, (_, temporal) in sets.items():
-        key = "pictures" if modality == "image" else "clips"
+        key = GROUPS[modality]
         typed[modality] = load(data / f"{split}_{modality}_typed.jsonl", joint)
         spoken[modality] = load(data / f"{split}_{modality}_spoken.jsonl", joint)
         results[key]["typed"] = scores(joint, typed[modality], temporal)
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     single = {m: XLLM.from_pretrained(p, interface_overrides={m: caches()[m]}) for m, p in adapters.items()}
     for modality, (_, temporal) in sets.items():
-        key = "pictures" if modality == "image" else "clips"
+        key = GROUPS[modality]
         heard = transcribe(single["audio"], spoken[modality])
         results[key]["cascade"] = scores(single[modality], cascade(spoken[modality], modality, heard), temporal)
         results[key]["cascade heard"] = error_rates(heard, [r["fields"]["question"] for r in spoken[modality]])
@@ -227,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     fresh = untrained(adapters)
     for modality, (_, temporal) in sets.items():
-        key = "pictures" if modality == "image" else "clips"
+        key = GROUPS[modality]
         half = len({r["image_id"] for r in spoken[modality]}) // 2
         results[key]["untrained"] = scores(fresh, load(data / f"{split}_{modality}_spoken.jsonl", fresh, half),
                                            temporal)

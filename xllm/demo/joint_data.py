@@ -135,25 +135,38 @@ def question_records(split: str, media_key: str, media: str, blank: str, asked: 
     return typed, spoken
 
 
-def held_out_images(out: Path, split: str, count: int, seed: int, exclude: set, speaker: Speaker) -> set:
+def held_out_split(out: Path, split: str, kind: str, count: int, seed: int, exclude: set, speaker: Speaker,
+                   sample, write, blank: str) -> set:
+    """`count` scenes of `kind` (image or video) that are not in `exclude`, each with held-out question pairs: drawn
+    by `sample(rng) -> (scene, key, asked or None)`, written by `write(scene, rng, path)`; `{split}_{kind}_typed.jsonl`
+    and `{split}_{kind}_spoken.jsonl` list their questions. Returns the split's scene keys."""
     rng = random.Random(seed)
     typed, spoken, scenes = [], [], set()
-    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / f"{kind}s").mkdir(parents=True, exist_ok=True)
     while len(scenes) < count:
-        items = images.sample_scene(rng)
-        key = images.scene_key(items)
-        asked = image_pairs(items, rng)
-        if key in exclude or key in scenes or not asked:
+        scene, key, asked = sample(rng)
+        if not asked or key in exclude or key in scenes:
             continue
         scenes.add(key)
-        name = f"images/{split}_{len(scenes) - 1:05d}.png"
-        images.draw_scene(items, rng).save(out / name)
-        rows = question_records(split, "image", name, images.BLANK, asked, f"{split}-image-{len(scenes) - 1}", speaker)
+        number = len(scenes) - 1
+        name = f"{kind}s/{split}_{number:05d}.{'png' if kind == 'image' else 'mp4'}"
+        write(scene, rng, out / name)
+        rows = question_records(split, kind, name, blank, asked, f"{split}-{kind}-{number}", speaker)
         typed += rows[0]
         spoken += rows[1]
+    images.write_jsonl(out / f"{split}_{kind}_typed.jsonl", typed)
+    images.write_jsonl(out / f"{split}_{kind}_spoken.jsonl", spoken)
+    return scenes
+
+
+def held_out_images(out: Path, split: str, count: int, seed: int, exclude: set, speaker: Speaker) -> set:
+    def sample(rng: random.Random):
+        items = images.sample_scene(rng)
+        return items, images.scene_key(items), image_pairs(items, rng)
+
+    scenes = held_out_split(out, split, "image", count, seed, exclude, speaker, sample,
+                            lambda items, rng, path: images.draw_scene(items, rng).save(path), images.BLANK)
     images.draw_scene([], random.Random(0)).save(out / images.BLANK)
-    images.write_jsonl(out / f"{split}_image_typed.jsonl", typed)
-    images.write_jsonl(out / f"{split}_image_spoken.jsonl", spoken)
     return scenes
 
 
@@ -162,23 +175,14 @@ def held_out_clips(out: Path, split: str, count: int, seed: int, exclude: set, s
 
     from xllm.demo.video_files import write_video
 
-    rng = random.Random(seed)
-    typed, spoken, scenes = [], [], set()
-    (out / "videos").mkdir(parents=True, exist_ok=True)
-    while len(scenes) < count:
+    def sample(rng: random.Random):
         clip = videos.sample_clip(rng)
-        asked = video_pairs(clip, rng)
-        if asked is None or clip.key() in exclude or clip.key() in scenes:
-            continue
-        scenes.add(clip.key())
-        name = f"videos/{split}_{len(scenes) - 1:05d}.mp4"
-        write_video(str(out / name), videos.draw_clip(clip, rng, 160), fps=videos.FPS)
-        rows = question_records(split, "video", name, videos.BLANK, asked, f"{split}-video-{len(scenes) - 1}", speaker)
-        typed += rows[0]
-        spoken += rows[1]
+        return clip, clip.key(), video_pairs(clip, rng)
+
+    scenes = held_out_split(out, split, "video", count, seed, exclude, speaker, sample,
+                            lambda clip, rng, path: write_video(str(path), videos.draw_clip(clip, rng, 160),
+                                                                fps=videos.FPS), videos.BLANK)
     write_video(str(out / videos.BLANK), [np.full((160, 160, 3), 235, np.uint8)] * videos.FRAMES, fps=videos.FPS)
-    images.write_jsonl(out / f"{split}_video_typed.jsonl", typed)
-    images.write_jsonl(out / f"{split}_video_spoken.jsonl", spoken)
     return scenes
 
 

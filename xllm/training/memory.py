@@ -16,10 +16,12 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from xllm.tensors import is_sharded
+
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's part of a tensor (its shard under FSDP2; the tensor itself otherwise)."""
-    return tensor.to_local() if type(tensor).__name__ == "DTensor" else tensor
+    return tensor.to_local() if is_sharded(tensor) else tensor
 
 
 def rank_memory(module: torch.nn.Module) -> dict[str, float]:
