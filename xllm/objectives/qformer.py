@@ -48,6 +48,17 @@ def gather_with_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
     return gathered, dist.get_rank() * tensor.shape[0]
 
 
+def mean_over_ranks(count: torch.Tensor) -> torch.Tensor:
+    """`count`'s mean over ranks (itself in one process). ITG divides its token sum by it rather than by its own
+    count, so the ranks' mean loss is the global batch's mean per token, as one process computes it, however the
+    texts' lengths fall to the ranks."""
+    count = count.detach().float()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(count)
+        count = count / dist.get_world_size()
+    return count.clamp(min=1.0)
+
+
 def itc_similarity(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
     """`[I, T]`: for image i and text t, the max over queries q of <image_embeds[i, q], text_embeds[t]>."""
     return torch.einsum("iqd,td->itq", image_embeds, text_embeds).amax(dim=-1)
@@ -123,7 +134,7 @@ class QFormerObjective(PretrainingObjective):
         self.vision_proj = nn.Linear(hidden, self.embed_dim)
         self.text_proj = nn.Linear(hidden, self.embed_dim)
         self.itm_head = nn.Linear(hidden, 2)
-        self.temperature = nn.Parameter(torch.tensor(0.07))
+        self.temperature = nn.Parameter(torch.full((1,), 0.07))  # 1-D: FSDP2 shards no 0-D parameter
         # BERT-style prediction head; the output matrix is the frozen word-embedding table.
         self.lm_transform = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.LayerNorm(hidden))
         self.lm_bias = nn.Parameter(torch.zeros(bridge.qformer.config.vocab_size))
@@ -231,7 +242,8 @@ class QFormerObjective(PretrainingObjective):
             hidden = self.lm_transform(text_out[:, :-1])
             logits = F.linear(hidden, qformer.embeddings.word_embeddings.weight, self.lm_bias)
             targets = text_ids[:, 1:].masked_fill(text_mask[:, 1:] == 0, IGNORE_INDEX)
-            losses["itg"] = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX)
+            token_losses = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+            losses["itg"] = token_losses / mean_over_ranks((targets != IGNORE_INDEX).sum())
 
         if self.weights["qa_itm"] > 0:
             answers = batch.get("answers")

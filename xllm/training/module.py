@@ -25,7 +25,7 @@ from xllm.llm import LoraSettings, llm_hidden_size
 from xllm.model import XLLM
 from xllm.tensors import IGNORE_INDEX
 from xllm.training.base import TrainingModule
-from xllm.training.sharding import gather_for_saving, shard_model
+from xllm.training.sharding import gather_for_saving, lora_layers, shard_model
 
 
 class XLLMModule(TrainingModule):
@@ -148,7 +148,7 @@ class XLLMModule(TrainingModule):
 
     def save_result(self, directory: Path) -> None:
         if self.is_sharded:  # every rank comes here: the interfaces and LoRA are gathered whole, rank 0 writes
-            gather_for_saving(self.model)
+            gather_for_saving(self.model.interfaces, *lora_layers(self.model.llm))
         if self.trainer.is_global_zero:
             self.model.save_pretrained(directory, stage=self.stage, trained_on=self.trained_on())
 

@@ -17,7 +17,8 @@ The interfaces (their frozen encoders included) stay in the root unit with the L
 every rank runs at every step. A unit of its own would be all-gathered only by the ranks whose batch holds its
 modality, and the other ranks would wait on that collective for ever; in the root, `XLLM.every_interface_in_loss`
 gives each trained parameter a gradient on every rank. Cache the encoders' features (`feature_cache`) to keep big
-encoders out of the step. The optimizer is built after sharding (Lightning calls `configure_model` first), so it
+encoders out of the step. Stage 0 has no LLM and runs its one interface on every rank at every step: there the
+encoder's and the Q-Former's layers are units (`shard_pretraining`). The optimizer is built after sharding (Lightning calls `configure_model` first), so it
 holds the sharded parameters (Lightning#17515).
 
 Checkpoints (for `--ckpt_path`) hold the trainable parameters and the optimizer state only, sharded, in a folder;
@@ -35,11 +36,19 @@ from pytorch_lightning.strategies import ModelParallelStrategy
 from torch import nn
 
 
+def hf_blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of the transformers models inside `model`: the modules each declares unsplittable
+    (`_no_split_modules`: an LLM's decoder layers, a ViT's or Whisper encoder's layers and embeddings)."""
+    names = {name for module in model.modules() for name in getattr(module, "_no_split_modules", None) or []}
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    inner = {id(m) for block in blocks for m in block.modules() if m is not block}
+    return [m for m in blocks if id(m) not in inner]  # the outermost (BLIP-2 lists attention inside its layers)
+
+
 def decoder_layers(llm: nn.Module) -> list[nn.Module]:
-    """The LLM's transformer blocks: the modules transformers declares unsplittable (`_no_split_modules`)."""
+    """The LLM's transformer blocks (`hf_blocks`); an LLM that declares none cannot be sharded by layer."""
     base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
-    names = set(getattr(base, "_no_split_modules", None) or [])
-    layers = [m for m in base.modules() if type(m).__name__ in names]
+    layers = hf_blocks(base)
     if not layers:
         raise ValueError(f"{type(base).__name__} declares no decoder layer class (_no_split_modules): cannot shard it")
     return layers
@@ -50,17 +59,20 @@ def lora_layers(llm: nn.Module) -> list[nn.Module]:
     return [m for name, m in llm.named_modules() if re.search(r"\.lora_[AB]\.[^.]+$", name)]
 
 
-def shard_model(model: nn.Module, mesh: Any, frozen_dtype: torch.dtype | None = None) -> None:
-    """Apply FSDP2 to an `XLLM` in place: LoRA layers, then decoder layers, then the root (see the module docstring).
-
-    frozen_dtype: cast frozen parameters to it first (bf16 on GPUs halves the gathered bytes); trainable ones keep
-    theirs (fp32), and so does the optimizer state."""
-    from torch.distributed.fsdp import fully_shard
-
+def cast_frozen(model: nn.Module, frozen_dtype: torch.dtype | None) -> None:
+    """Frozen parameters to `frozen_dtype` (bf16 on GPUs halves the gathered bytes); trainable ones keep theirs
+    (fp32), and so does the optimizer state."""
     if frozen_dtype is not None:
         for parameter in model.parameters():
             if not parameter.requires_grad:
                 parameter.data = parameter.data.to(frozen_dtype)
+
+
+def shard_model(model: nn.Module, mesh: Any, frozen_dtype: torch.dtype | None = None) -> None:
+    """Apply FSDP2 to an `XLLM` in place: LoRA layers, then decoder layers, then the root (see the module docstring)."""
+    from torch.distributed.fsdp import fully_shard
+
+    cast_frozen(model, frozen_dtype)
     for layer in lora_layers(model.llm):
         fully_shard(layer, mesh=mesh)
     for layer in decoder_layers(model.llm):
@@ -68,13 +80,36 @@ def shard_model(model: nn.Module, mesh: Any, frozen_dtype: torch.dtype | None = 
     fully_shard(model, mesh=mesh)
 
 
-def gather_for_saving(model: nn.Module) -> None:
-    """Make the interfaces' and LoRA's parameters whole again on every rank, once training is over, so that rank 0
-    writes the same adapter a one-process run writes (the interfaces' frozen pieces, such as a Q-Former's text
-    embeddings, included). A collective: every rank calls it. The LLM's layers stay sharded: they are never saved."""
+def shard_pretraining(module: nn.Module, mesh: Any, frozen_dtype: torch.dtype | None = None) -> None:
+    """Apply FSDP2 to stage 0's module (`InterfacePretrainingModule`) in place: the frozen encoder's blocks, then the
+    Q-Former's layers, each a unit; then the module itself, the root: the rest of the interface with the objective's
+    heads, gathered around its `forward`.
+
+    Stage 0 runs its one interface on every rank at every step, so here the encoder can have units of its own
+    (in stages 1-2 it cannot: see the module docstring). Only modules whose `forward` runs can be units: the
+    objective reads the Q-Former through `joint`/`encode_text` and its word table directly, so the Q-Former's
+    layers are units and its embeddings stay in the group."""
+    from torch.distributed.fsdp import fully_shard
+
+    interface = module.interface
+    cast_frozen(module, frozen_dtype)
+    encoder = getattr(interface, "encoder", None)
+    for block in hf_blocks(encoder) if encoder is not None else []:
+        fully_shard(block, mesh=mesh)
+    qformer = getattr(getattr(interface, "bridge", None), "qformer", None)
+    for layer in qformer.model.encoder.layer if qformer is not None else []:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(module, mesh=mesh)
+
+
+def gather_for_saving(*owners: nn.Module) -> None:
+    """Make the parameters of `owners` (the interfaces, LoRA's layers) whole again on every rank, once training is
+    over, so that rank 0 writes the same adapter a one-process run writes (the interfaces' frozen pieces, such as a
+    Q-Former's text embeddings, included). A collective: every rank calls it. The LLM's layers stay sharded: they
+    are never saved."""
     from xllm.tensors import is_sharded
 
-    for owner in [model.interfaces, *lora_layers(model.llm)]:
+    for owner in owners:
         for module in owner.modules():
             for name, parameter in list(module._parameters.items()):
                 if parameter is not None and is_sharded(parameter):

@@ -12,6 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from pytorch_lightning.strategies import ModelParallelStrategy
+import torch
 from torch import nn
 
 from xllm.adapters.format import load_weights
@@ -22,6 +24,7 @@ from xllm.interfaces.base import ModalityInterface
 from xllm.objectives.base import PretrainingObjective
 from xllm.objectives.qformer import QFormerObjective
 from xllm.training.base import TrainingModule
+from xllm.training.sharding import gather_for_saving, shard_pretraining
 
 
 class InterfacePretrainingModule(TrainingModule):
@@ -81,18 +84,36 @@ class InterfacePretrainingModule(TrainingModule):
     def collator(self) -> PairCollator:
         return PairCollator(self.interface.collate)
 
+    def configure_model(self) -> None:
+        """Under `ShardedStrategy` (FSDP2), shard the interface and the objective's heads before the optimizer is
+        built (`xllm.training.sharding.shard_pretraining`)."""
+        strategy = self.trainer.strategy
+        if isinstance(strategy, ModelParallelStrategy) and not self.is_sharded:
+            shard_pretraining(self, strategy.device_mesh["data_parallel"], getattr(strategy, "frozen_dtype", None))
+
     def save_result(self, directory: Path) -> None:
+        if self.is_sharded:  # every rank comes here: the interface is gathered whole, rank 0 writes
+            gather_for_saving(self.interfaces)
+        if not self.trainer.is_global_zero:
+            return
         save_interface_checkpoint(self.interfaces, directory, stage=0, trained_on=self.trained_on())
 
     def step(self, batch: dict[str, Any] | None, split: str) -> dict[str, Any] | None:
         if batch is None:
             return None
         self.log_skipped(batch, split)
-        out = self.objective(self.interface, batch)
+        loss, metrics = self(batch)
         size = len(batch["media"])
-        on_step, sync = split == "train", split != "train"
-        self.log(f"{split}/loss", out.loss, prog_bar=True, batch_size=size, on_step=on_step, on_epoch=not on_step,
+        # Over several ranks the logged training loss is their mean (the global batch's ITC), not rank 0's alone.
+        on_step, sync = split == "train", split != "train" or self.trainer.world_size > 1
+        self.log(f"{split}/loss", loss, prog_bar=True, batch_size=size, on_step=on_step, on_epoch=not on_step,
                  sync_dist=sync)
-        for name, value in out.metrics.items():
+        for name, value in metrics.items():
             self.log(f"{split}/{name}", value, batch_size=size, on_step=on_step, on_epoch=not on_step, sync_dist=sync)
-        return {"loss": out.loss, "sequences": size}
+        return {"loss": loss, "sequences": size}
+
+    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The objective's loss and metrics on a pair batch. A call of this module, not of the objective alone: sharded,
+        this module is FSDP2's root, whose hooks gather the interface and the heads around it."""
+        out = self.objective(self.interface, batch)
+        return out.loss, out.metrics
