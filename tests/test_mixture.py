@@ -53,9 +53,9 @@ def test_ranks_take_disjoint_strides_of_one_epoch_and_a_loader_resumes_mid_epoch
 
 
 def test_bad_mixes_are_refused():
-    with pytest.raises(ValueError, match="one of the two"):
+    with pytest.raises(ValueError, match="one of the three"):
         XLLMDataModule(train_file="a.jsonl", train_sources=[{"file": "b.jsonl"}])
-    with pytest.raises(ValueError, match="one of the two"):
+    with pytest.raises(ValueError, match="one of the three"):
         XLLMDataModule()
     with pytest.raises(ValueError, match="positive weight"):
         MixtureSampler([3, 4], [1.0, 0.0])

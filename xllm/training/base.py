@@ -82,6 +82,13 @@ class TrainingModule(pl.LightningModule):
         """Read, validate and prepare one data file (media features cached here, before training)."""
         raise NotImplementedError
 
+    def build_streaming_dataset(self, shards: str | list[str], media_root: str | None, bad_samples: BadSamples,
+                                allow_outside_root: bool = False, seed: int = 0, rank: int = 0,
+                                world_size: int = 1, batch_size: int = 1) -> Any:
+        """Training data read lazily from JSONL shards (`xllm.data.streaming`), where the stage supports it."""
+        raise ValueError(f"{self.stage_name} reads its data into memory: train_shards (streaming) serves stages 1-2; "
+                         "give train_file")
+
     def collator(self) -> Any:
         raise NotImplementedError
 

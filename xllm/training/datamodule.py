@@ -11,7 +11,7 @@ import os
 from typing import Any
 
 import pytorch_lightning as pl
-from torch.utils.data import ConcatDataset, Dataset, DistributedSampler, Sampler
+from torch.utils.data import ConcatDataset, Dataset, DistributedSampler, IterableDataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from xllm.data.mixture import DataSource, MixtureSampler
@@ -26,6 +26,9 @@ class XLLMDataModule(pl.LightningDataModule):
         train_sources: several training files, each drawn with its own weight (`DataSource`: file, weight,
             media_root), e.g. typed image questions, transcripts and spoken questions for a joint model.
         epoch_size: with `train_sources`, records drawn per epoch over all ranks (default: every record's count).
+        train_shards: JSONL shards (paths or glob patterns) read lazily, for corpora that do not fit in memory
+            (`xllm.data.streaming`): each record once per epoch over every rank and loader worker, the position
+            saved in checkpoints; stages 1-2.
         val_file: optional validation data.
         media_root: folder media paths resolve against (default: each data file's folder).
         batch_size: sequences per batch per device.
@@ -40,6 +43,7 @@ class XLLMDataModule(pl.LightningDataModule):
         train_file: str | None = None,
         train_sources: list[DataSource] | None = None,
         epoch_size: int | None = None,
+        train_shards: str | list[str] | None = None,
         val_file: str | None = None,
         media_root: str | None = None,
         batch_size: int = 8,
@@ -48,9 +52,10 @@ class XLLMDataModule(pl.LightningDataModule):
         allow_media_outside_root: bool = False,
     ) -> None:
         super().__init__()
-        if (train_file is None) == (not train_sources):
-            raise ValueError("give the training data as train_file or as train_sources (a list of {file, weight}), "
-                             "one of the two")
+        if sum((train_file is not None, bool(train_sources), bool(train_shards))) != 1:
+            raise ValueError("give the training data as train_file, as train_sources (a list of {file, weight}) or as "
+                             "train_shards (JSONL shards read lazily), one of the three")
+        self.train_shards = train_shards
         self.train_sources = [DataSource(**s) if isinstance(s, dict) else s for s in train_sources or []]
         self.epoch_size = epoch_size
         self.allow_media_outside_root = allow_media_outside_root
@@ -77,6 +82,17 @@ class XLLMDataModule(pl.LightningDataModule):
             strategy.barrier("rank 0 fills the feature cache")
 
     def build_datasets(self, model: Any) -> None:
+        if self.train_shards and "train" not in self.datasets:
+            trainer = self.trainer
+            bad_samples = BadSamples(self.on_bad_sample)
+            world_size = trainer.world_size if trainer is not None else 1
+            stream = model.build_streaming_dataset(
+                self.train_shards, self.media_root, bad_samples, self.allow_media_outside_root,
+                seed=int(os.environ.get("PL_GLOBAL_SEED", 0)), rank=trainer.global_rank if world_size > 1 else 0,
+                world_size=world_size, batch_size=self.batch_size)
+            self.datasets["train"], self.bad_samples["train"] = stream, bad_samples
+            print(f"train: {stream.records} records in {len(stream.shards)} shard(s), read as a stream "
+                  f"({stream.per_rank} per rank per epoch; bad records are named or counted as they are met)")
         if self.train_sources and "train" not in self.datasets:
             parts = []
             for number, source in enumerate(self.train_sources):
@@ -111,8 +127,10 @@ class XLLMDataModule(pl.LightningDataModule):
     def _loader(self, split: str, shuffle: bool, sampler: Sampler | None = None) -> StatefulDataLoader:
         # A DataLoader whose position (shuffle order and batches served) Lightning saves in its checkpoints, so a
         # run killed mid-epoch resumes with the very next batch instead of a new shuffle of the whole epoch.
+        stream = isinstance(self.datasets[split], IterableDataset)  # orders itself: no sampler, no shuffle
         return StatefulDataLoader(
-            self.datasets[split], batch_size=self.batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+            self.datasets[split], batch_size=self.batch_size, shuffle=shuffle and sampler is None and not stream,
+            sampler=sampler,
             num_workers=self.num_workers, collate_fn=self.collator, persistent_workers=self.num_workers > 0,
         )
 
@@ -124,7 +142,9 @@ class XLLMDataModule(pl.LightningDataModule):
         sampler = None
         world_size = self.trainer.world_size if self.trainer is not None else 1
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        if self.train_sources:  # a mix: every rank its stride of one weighted order per epoch
+        if self.train_shards:  # a stream: it splits itself over ranks and workers (xllm.data.streaming)
+            pass
+        elif self.train_sources:  # a mix: every rank its stride of one weighted order per epoch
             sampler = MixtureSampler([len(d) for d in self.datasets["train"].datasets],
                                      [s.weight for s in self.train_sources], self.epoch_size, seed,
                                      self.trainer.global_rank if world_size > 1 else 0, world_size)

@@ -20,6 +20,7 @@ from xllm.adapters.load import build_interface
 from xllm.data.collator import ConversationCollator
 from xllm.data.dataset import ConversationDataset, build_tokenized_dataset
 from xllm.data.records import BadSamples
+from xllm.data.streaming import StreamingConversations
 from xllm.interfaces.base import ModalityInterface
 from xllm.llm import LoraSettings, llm_hidden_size
 from xllm.model import XLLM
@@ -132,6 +133,18 @@ class XLLMModule(TrainingModule):
             interface.prepare_media([p for media in rows["media"] for p in (media.get(modality) or [])])
         loaders = {m: i.media_loader() for m, i in self.model.interfaces.items()}
         return ConversationDataset(rows, loaders, bad_samples)
+
+    def build_streaming_dataset(self, shards: str | list[str], media_root: str | None, bad_samples: BadSamples,
+                                allow_outside_root: bool = False, seed: int = 0, rank: int = 0,
+                                world_size: int = 1, batch_size: int = 1) -> StreamingConversations:
+        loaders = {m: i.media_loader() for m, i in self.model.interfaces.items()}
+        stream = StreamingConversations(shards, self.model.processor(self.max_length).text, loaders, media_root,
+                                        bad_samples, allow_outside_root, seed, rank, world_size, batch_size)
+        for modality, interface in self.model.interfaces.items():
+            if getattr(interface, "cache", None) is not None:  # one pass over the shards' text fills the cache
+                for paths in stream.media_paths(modality):
+                    interface.prepare_media(paths)
+        return stream
 
     def collator(self) -> ConversationCollator:
         return self.model.processor().collator
