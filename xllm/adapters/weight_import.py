@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from xllm.blocks.bridge import QFormerSettings
 from xllm.frozen import safetensors_files
 from xllm.interfaces.image import ImageInterface
 
@@ -213,3 +214,50 @@ def import_qformer_weights(
             own[target].copy_(tensor.to(own[target].dtype))
     missing = sorted(k for k, p in own.items() if p.requires_grad and k not in renamed)
     return ImportReport(layout, sorted(renamed), missing, ignored)
+
+
+def import_to_checkpoint(
+    checkpoint: str,
+    encoder: str,
+    out: str,
+    qformer: QFormerSettings | None = None,
+    feature_layer: int = -1,
+    layout: Layout | None = None,
+    xllm_queries: Literal["image", "video"] = "image",
+) -> ImportReport:
+    """Import a BLIP-2 / LAVIS / X-LLM Q-Former into a new image interface, written as a stage-0 checkpoint.
+
+    Stage 1 starts from it (`init_adapter: OUT`) and trains the projection into the LLM there, at the LLM's width.
+
+    Args:
+        checkpoint: the trained Q-Former's file or transformers directory (e.g. a local `blip2-opt-2.7b`).
+        encoder: the vision encoder it was trained on (transformers layout), e.g. BLIP-2's EVA-ViT-g saved alone
+            (`docs/gpu_recipe.md`).
+        out: the checkpoint folder to write.
+        qformer: the interface's Q-Former settings, shaped like the checkpoint (default: BLIP-2's).
+        feature_layer: the encoder's hidden state the Q-Former reads. BLIP-2's LayerNorm on the features is
+            imported into the interface, so give the state before the encoder's own final LayerNorm: for
+            EVA-ViT-g in a transformers BLIP-2 directory (39 layers), 39.
+        layout: `blip2`, `lavis` or `xllm` (default: detected from the keys).
+        xllm_queries: for X-LLM checkpoints, its image or its video queries.
+    """
+    from xllm.adapters.save import save_interface_checkpoint
+
+    interface = ImageInterface(encoder, qformer=qformer, feature_layer=feature_layer)
+    report = import_qformer_weights(interface, checkpoint, layout, xllm_queries)
+    save_interface_checkpoint({"image": interface}, out, stage=0,
+                              trained_on=f"imported from {checkpoint} ({report.layout} layout)")
+    print(report.summary())
+    print(f"stage-0 checkpoint written to {out}: start stage 1 from it with `init_adapter: {out}`")
+    return report
+
+
+def main() -> None:
+    """`xllm-import-qformer --checkpoint ... --encoder ... --out ...` (`--help`)."""
+    from jsonargparse import auto_cli
+
+    auto_cli(import_to_checkpoint)
+
+
+if __name__ == "__main__":
+    main()

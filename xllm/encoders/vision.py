@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -42,7 +43,7 @@ class FrozenVisionEncoder(nn.Module):
             freeze(self.model).to(memory_format=torch.channels_last)
             return
         config = AutoConfig.from_pretrained(path)
-        model = AutoModel.from_pretrained(path, dtype=resolve_dtype(dtype))
+        model = load_vision_model(path, config, resolve_dtype(dtype))
         if hasattr(config, "vision_config") and hasattr(model, "vision_model"):
             model = model.vision_model  # keep only the vision tower of a dual model
         self.model = freeze(model)
@@ -59,6 +60,21 @@ class FrozenVisionEncoder(nn.Module):
             return self.model(pixel_values=pixel_values).last_hidden_state
         out = self.model(pixel_values=pixel_values, output_hidden_states=True)
         return out.hidden_states[self.feature_layer]
+
+
+def load_vision_model(path: str, config: Any, dtype: torch.dtype) -> nn.Module:
+    """`AutoModel`'s model for `path`; for a vision tower saved alone whose config `AutoModel` maps to no class
+    (BLIP-2's EVA-ViT-g as `Blip2VisionModel`), the transformers class its config names in `architectures`."""
+    import transformers
+
+    try:
+        return AutoModel.from_pretrained(path, dtype=dtype)
+    except ValueError:
+        names = getattr(config, "architectures", None) or []
+        model_class = getattr(transformers, names[0], None) if names else None
+        if model_class is None or not names[0].endswith("VisionModel"):
+            raise
+        return model_class.from_pretrained(path, dtype=dtype)
 
 
 def _load_torchvision(path: Path, dtype: torch.dtype, feature_layer: int = -1) -> tuple[nn.Module, int]:
