@@ -242,3 +242,20 @@ def test_every_parameter_stage0_trains_gets_a_gradient_as_ddp_requires(tiny, tmp
     module.objective(module.interface, next(iter(data.train_dataloader()))).loss.backward()
     trained = [name for name, p in module.named_parameters() if p.requires_grad]
     assert trained and [name for name, p in module.named_parameters() if p.requires_grad and p.grad is None] == []
+
+
+def test_the_stage1_step_gives_lavis_losses_on_its_weights_features_captions_and_negatives():
+    """BLIP-2's stage-1 losses as LAVIS's own `Blip2Qformer.forward` computed them (a small Q-Former, written by
+    tools/lavis_parity/stage1_reference.py in LAVIS's pinned environment): xllm's objective, with its shared passes
+    (cross-attention keys and values projected once, ITG beside the query pass's keys and values), on the same
+    weights, image features, captions and hard negatives, with BLIP-2's label smoothing and [DEC] start token."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("stage1_check", root / "tools" / "lavis_parity" / "stage1_check.py")
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    *_, losses = check.compare(root / "tests" / "fixtures" / "lavis_parity" / "stage1")
+    for name, (lavis, xllm) in losses.items():
+        assert abs(lavis - xllm) <= 1e-5 * max(1.0, abs(lavis)), (name, lavis, xllm)

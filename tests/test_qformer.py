@@ -117,3 +117,44 @@ def test_instruction_queries_equal_the_full_computation(tiny):
     full, _ = qformer.joint(features, ids, mask)  # every layer computed whole
     assert torch.allclose(qformer(features, None, ids, mask), full, atol=1e-6)
     assert "feed_forward_chunk" not in vars(qformer.model.encoder.layer[-1])  # restored afterwards
+
+
+def test_shared_passes_give_the_plain_calls_outputs_and_gradients():
+    """`SharedPasses`: rows of the step's features read the cross-attention keys and values projected once, and
+    ITG's text beside the recorded queries equals the joint causal pass; the gradients into every parameter add up
+    to the plain calls'."""
+    from xllm.blocks.qformer_sharing import SharedPasses
+
+    torch.manual_seed(0)
+    qformer = tiny_qformer(num_layers=3, cross_attention_frequency=1, text_vocab_size=50).train()
+    features = torch.randn(3, 7, 24)
+    ids = torch.randint(1, 50, (3, 6))
+    mask = torch.ones(3, 6, dtype=torch.long)
+    mask[1, 4:] = 0
+    rows = torch.tensor([0, 2, 2, 1, 0])
+
+    def step(shared: bool) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        qformer.zero_grad(set_to_none=True)
+        if shared:
+            with SharedPasses(qformer, features) as passes:
+                with passes.recording_queries():
+                    queries = qformer(features)
+                joint, _ = qformer.joint(passes.rows(rows), ids[rows], mask[rows])
+                text = passes.text_after_queries(ids, mask)
+        else:
+            queries = qformer(features)
+            joint, _ = qformer.joint(features[rows], ids[rows], mask[rows])
+            _, text = qformer.joint(features, ids, mask, causal_text=True)
+        outputs = [queries, joint, text]
+        sum(o.pow(2).mean() for o in outputs).backward()
+        return [o.detach() for o in outputs], {n: p.grad.clone() for n, p in qformer.named_parameters()
+                                               if p.grad is not None}
+
+    plain_outputs, plain_grads = step(shared=False)
+    shared_outputs, shared_grads = step(shared=True)
+    for plain, shared in zip(plain_outputs, shared_outputs):
+        torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)
+    assert set(shared_grads) == set(plain_grads)
+    for name in plain_grads:
+        torch.testing.assert_close(shared_grads[name], plain_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert "forward" not in vars(qformer.model.encoder.layer[0].crossattention.attention)  # plain layers again

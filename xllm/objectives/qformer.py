@@ -23,12 +23,16 @@ Losses are weighted and switchable (weight 0 turns one off and skips its compute
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from xllm.blocks.bridge import QFormerBridge
+from xllm.blocks.qformer import text_output_skipped
+from xllm.blocks.qformer_sharing import SharedPasses
 from xllm.interfaces.base import ModalityInterface, PretrainableInterface
 from xllm.objectives.base import PretrainingObjective, PretrainOutput
 from xllm.tensors import IGNORE_INDEX
@@ -64,16 +68,20 @@ def itc_similarity(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> tor
     return torch.einsum("iqd,td->itq", image_embeds, text_embeds).amax(dim=-1)
 
 
-def soft_cross_entropy(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy against a target spread evenly over each row's positives (one-hot when unique)."""
+def soft_cross_entropy(logits: torch.Tensor, positives: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy against a target spread evenly over each row's positives (one-hot when unique), smoothed as
+    `F.cross_entropy(label_smoothing=...)` smooths: that share spread evenly over every column."""
     targets = positives.float() / positives.float().sum(dim=1, keepdim=True)
+    targets = (1 - label_smoothing) * targets + label_smoothing / logits.shape[1]
     return -(F.log_softmax(logits, dim=1) * targets).sum(dim=1).mean()
 
 
-def itc_loss(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+def itc_loss(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, positives: torch.Tensor,
+             label_smoothing: float = 0.0) -> torch.Tensor:
     """ITC both ways: our images vs all texts (`sim_i2t [B, N]`) and our texts vs all images (`sim_t2i [B, N]`),
     similarities already divided by the temperature; `positives [B, N]` marks matching pairs."""
-    return (soft_cross_entropy(sim_i2t, positives) + soft_cross_entropy(sim_t2i, positives)) / 2
+    return (soft_cross_entropy(sim_i2t, positives, label_smoothing)
+            + soft_cross_entropy(sim_t2i, positives, label_smoothing)) / 2
 
 
 def sample_hard_negatives(similarity: torch.Tensor, positives: torch.Tensor, generator=None) -> torch.Tensor:
@@ -102,6 +110,9 @@ class QFormerObjective(PretrainingObjective):
         flipped_negatives: a yes/no statement's flipped answer is one more ITM negative.
         instruction_aware: the pair's instruction joins the queries for ITC/ITM image embeddings
             (None: as the interface does).
+        label_smoothing: on ITC's and ITG's targets (BLIP-2: 0.1).
+        decoder_token_id: ITG reads this token in place of the text's first ([CLS]), as BLIP-2 reads its added
+            [DEC] token (None: the text as it is).
     """
 
     def __init__(
@@ -113,8 +124,11 @@ class QFormerObjective(PretrainingObjective):
         embed_dim: int = 256,
         flipped_negatives: bool = True,
         instruction_aware: bool | None = None,
+        label_smoothing: float = 0.0,
+        decoder_token_id: int | None = None,
     ) -> None:
         super().__init__()
+        self.label_smoothing, self.decoder_token_id = label_smoothing, decoder_token_id
         self.weights = {"itc": itc_weight, "itm": itm_weight, "itg": itg_weight, "qa_itm": qa_itm_weight}
         self.embed_dim, self.flipped_negatives, self.instruction_aware = embed_dim, flipped_negatives, instruction_aware
         self.bridge: QFormerBridge | None = None
@@ -194,67 +208,85 @@ class QFormerObjective(PretrainingObjective):
         losses: dict[str, torch.Tensor] = {}
         out = PretrainOutput(loss=torch.zeros((), device=device))
 
-        sim_i2t = sim_t2i = None
-        if self.weights["itc"] > 0 or self.weights["itm"] > 0:
-            use_instruction = self.instruction_aware and instruction_ids is not None
-            image_embeds = self.image_embeddings(
-                features, feature_mask, instruction_ids if use_instruction else None,
-                instruction_mask if use_instruction else None,
-            )
-            text_embeds = self.text_embeddings(text_ids, text_mask)
-            all_text, offset = gather_with_grad(text_embeds)
-            all_image, _ = gather_with_grad(image_embeds)
-            # Positives: our rows vs our own columns with the same text (other ranks' rows are negatives).
-            positives = torch.zeros((size, all_text.shape[0]), dtype=torch.bool, device=device)
-            positives[:, offset:offset + size] = same_text
-            temperature = self.temperature.clamp(0.001, 0.5)
-            sim_i2t = itc_similarity(image_embeds, all_text) / temperature  # our images vs all texts
-            sim_t2i = itc_similarity(all_image, text_embeds).t() / temperature  # our texts vs all images
-            if self.weights["itc"] > 0:
-                losses["itc"] = itc_loss(sim_i2t, sim_t2i, positives)
+        # The passes below share their work on these features: each cross-attention layer projects them once, and
+        # ITG reads the query pass's keys and values (xllm.blocks.qformer_sharing).
+        with SharedPasses(qformer, features) as shared:
+            sim_i2t = sim_t2i = None
+            if self.weights["itc"] > 0 or self.weights["itm"] > 0:
+                use_instruction = self.instruction_aware and instruction_ids is not None
+                with shared.recording_queries() if not use_instruction else nullcontext():
+                    image_embeds = self.image_embeddings(
+                        features, feature_mask, instruction_ids if use_instruction else None,
+                        instruction_mask if use_instruction else None,
+                    )
+                text_embeds = self.text_embeddings(text_ids, text_mask)
+                all_text, offset = gather_with_grad(text_embeds)
+                all_image, _ = gather_with_grad(image_embeds)
+                # Positives: our rows vs our own columns with the same text (other ranks' rows are negatives).
+                positives = torch.zeros((size, all_text.shape[0]), dtype=torch.bool, device=device)
+                positives[:, offset:offset + size] = same_text
+                temperature = self.temperature.clamp(0.001, 0.5)
+                sim_i2t = itc_similarity(image_embeds, all_text) / temperature  # our images vs all texts
+                sim_t2i = itc_similarity(all_image, text_embeds).t() / temperature  # our texts vs all images
+                if self.weights["itc"] > 0:
+                    losses["itc"] = itc_loss(sim_i2t, sim_t2i, positives, self.label_smoothing)
 
-        if self.weights["itm"] > 0:
-            with torch.no_grad():
-                neg_text = sample_hard_negatives(sim_i2t[:, offset:offset + size], same_text, generator)
-                neg_image = sample_hard_negatives(sim_t2i[:, offset:offset + size], same_text, generator)
-            keep_t, keep_i = neg_text >= 0, neg_image >= 0
-            rows = torch.arange(size, device=device)
-            image_rows = torch.cat([rows, rows[keep_t], neg_image[keep_i]])
-            text_rows = torch.cat([rows, neg_text[keep_t], rows[keep_i]])
-            labels = torch.cat([torch.ones(size, dtype=torch.long, device=device),
-                                torch.zeros(int(keep_t.sum() + keep_i.sum()), dtype=torch.long, device=device)])
-            pick = lambda mask, r: None if mask is None else mask[r]  # noqa: E731
-            query_out, _ = qformer.joint(features[image_rows], text_ids[text_rows], text_mask[text_rows],
-                                         feature_mask=pick(feature_mask, image_rows))
-            logits = self.itm_head(query_out).mean(dim=1)
-            has_flipped = batch.get("has_flipped")
-            if self.flipped_negatives and has_flipped is not None and bool(has_flipped.any()):
-                flipped = has_flipped.nonzero().flatten().to(device)
-                flipped_out, _ = qformer.joint(features[flipped], batch["flipped_ids"][flipped],
-                                               batch["flipped_mask"][flipped], feature_mask=pick(feature_mask, flipped))
-                logits = torch.cat([logits, self.itm_head(flipped_out).mean(dim=1)])
-                labels = torch.cat([labels, torch.zeros(len(flipped), dtype=torch.long, device=device)])
-            losses["itm"] = F.cross_entropy(logits, labels)
-            out.metrics["itm_accuracy"] = (logits.argmax(dim=1) == labels).float().mean()
+            if self.weights["itm"] > 0:
+                with torch.no_grad():
+                    neg_text = sample_hard_negatives(sim_i2t[:, offset:offset + size], same_text, generator)
+                    neg_image = sample_hard_negatives(sim_t2i[:, offset:offset + size], same_text, generator)
+                keep_t, keep_i = neg_text >= 0, neg_image >= 0
+                rows = torch.arange(size, device=device)
+                image_rows = torch.cat([rows, rows[keep_t], neg_image[keep_i]])
+                text_rows = torch.cat([rows, neg_text[keep_t], rows[keep_i]])
+                labels = torch.cat([torch.ones(size, dtype=torch.long, device=device),
+                                    torch.zeros(int(keep_t.sum() + keep_i.sum()), dtype=torch.long, device=device)])
+                pick = lambda mask, r: None if mask is None else mask[r]  # noqa: E731
+                last = qformer.model.encoder.layer[-1]  # ITM reads the queries' outputs: the last text FFN is idle
+                with text_output_skipped(last):
+                    query_out, _ = qformer.joint(shared.rows(image_rows), text_ids[text_rows], text_mask[text_rows],
+                                                 feature_mask=pick(feature_mask, image_rows))
+                logits = self.itm_head(query_out).mean(dim=1)
+                has_flipped = batch.get("has_flipped")
+                if self.flipped_negatives and has_flipped is not None and bool(has_flipped.any()):
+                    flipped = has_flipped.nonzero().flatten().to(device)
+                    with text_output_skipped(last):
+                        flipped_out, _ = qformer.joint(shared.rows(flipped), batch["flipped_ids"][flipped],
+                                                       batch["flipped_mask"][flipped],
+                                                       feature_mask=pick(feature_mask, flipped))
+                    logits = torch.cat([logits, self.itm_head(flipped_out).mean(dim=1)])
+                    labels = torch.cat([labels, torch.zeros(len(flipped), dtype=torch.long, device=device)])
+                losses["itm"] = F.cross_entropy(logits, labels)
+                out.metrics["itm_accuracy"] = (logits.argmax(dim=1) == labels).float().mean()
 
-        if self.weights["itg"] > 0:
-            _, text_out = qformer.joint(features, text_ids, text_mask, causal_text=True, feature_mask=feature_mask)
-            hidden = self.lm_transform(text_out[:, :-1])
-            logits = F.linear(hidden, qformer.embeddings.word_embeddings.weight, self.lm_bias)
-            targets = text_ids[:, 1:].masked_fill(text_mask[:, 1:] == 0, IGNORE_INDEX)
-            token_losses = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum")
-            losses["itg"] = token_losses / mean_over_ranks((targets != IGNORE_INDEX).sum())
+            if self.weights["itg"] > 0:
+                decoder_ids = text_ids
+                if self.decoder_token_id is not None:
+                    decoder_ids = text_ids.clone()
+                    decoder_ids[:, 0] = self.decoder_token_id
+                if shared.has_queries:  # the query pass's keys and values serve ITG
+                    text_out = shared.text_after_queries(decoder_ids, text_mask)
+                else:
+                    _, text_out = qformer.joint(features, decoder_ids, text_mask, causal_text=True,
+                                                feature_mask=feature_mask)
+                hidden = self.lm_transform(text_out[:, :-1])
+                logits = F.linear(hidden, qformer.embeddings.word_embeddings.weight, self.lm_bias)
+                targets = text_ids[:, 1:].masked_fill(text_mask[:, 1:] == 0, IGNORE_INDEX)
+                token_losses = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
+                                               reduction="sum", label_smoothing=self.label_smoothing)
+                losses["itg"] = token_losses / mean_over_ranks((targets != IGNORE_INDEX).sum())
 
-        if self.weights["qa_itm"] > 0:
-            answers = batch.get("answers")
-            if answers is None or instruction_ids is None:
-                raise ValueError("qa_itm needs the pairs' instructions and yes/no answers")
-            rows = (answers >= 0).nonzero().flatten().to(device)
-            if len(rows):
-                logits = self.question_logits(features[rows], None if feature_mask is None else feature_mask[rows],
-                                              instruction_ids[rows], instruction_mask[rows])
-                losses["qa_itm"] = F.cross_entropy(logits, answers[rows])
-                out.metrics["qa_itm_accuracy"] = (logits.argmax(dim=1) == answers[rows]).float().mean()
+            if self.weights["qa_itm"] > 0:
+                answers = batch.get("answers")
+                if answers is None or instruction_ids is None:
+                    raise ValueError("qa_itm needs the pairs' instructions and yes/no answers")
+                rows = (answers >= 0).nonzero().flatten().to(device)
+                if len(rows):
+                    logits = self.question_logits(shared.rows(rows),
+                                                  None if feature_mask is None else feature_mask[rows],
+                                                  instruction_ids[rows], instruction_mask[rows])
+                    losses["qa_itm"] = F.cross_entropy(logits, answers[rows])
+                    out.metrics["qa_itm_accuracy"] = (logits.argmax(dim=1) == answers[rows]).float().mean()
 
         for name, value in losses.items():
             out.metrics[name] = value
