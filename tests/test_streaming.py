@@ -12,6 +12,7 @@ import pytest
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from tests.test_cli import fit_command, localized_configs
+from tests.test_distributed import ddp_config
 from tests.test_resume import logged_trainer, losses
 from xllm.data.processor import ConversationProcessor
 from xllm.data.records import BadSampleError, BadSamples
@@ -120,16 +121,20 @@ def test_a_bad_line_is_named_by_shard_and_line_or_counted_and_skipped(processor,
 
 
 @pytest.mark.slow
-def test_stage2_trains_on_streamed_shards_and_resumes_mid_epoch_on_its_loss_curve(tiny, tmp_path):
-    """`data.train_shards` through `train.py fit` with 2 loader workers: the run reads the tiny images through the
-    feature cache, and one resumed from its step-2 checkpoint takes the uninterrupted run's steps 2 and 3."""
+def test_stage2_on_two_ddp_ranks_of_two_workers_streams_through_the_feature_cache_and_resumes_mid_epoch(tiny, tmp_path):
+    """`data.train_shards` through `train.py fit` on 2 DDP processes with 2 loader workers each: one pass over the
+    shards fills the feature cache before training, and a run resumed from its step-2 checkpoint takes the
+    uninterrupted run's steps 2 and 3 (each rank its own slice: the saved position is rank 0's, and every rank has
+    served as many batches)."""
     rows = (tiny / "data" / "train_chat.jsonl").read_text().splitlines()
     shards = tmp_path / "shards"
     shards.mkdir()
     for index in range(3):
         (shards / f"chat-{index}.jsonl").write_text("\n".join(rows[index::3]) + "\n")
     configs = localized_configs(tiny, tmp_path / "runs", tmp_path)
-    stream = ["--data.train_file", "null", "--data.train_shards", str(shards / "chat-*.jsonl"),
+    cache = tmp_path / "features"
+    ddp = ddp_config(configs, tmp_path, cache)
+    stream = ["--config", str(ddp), "--data.train_file", "null", "--data.train_shards", str(shards / "chat-*.jsonl"),
               "--data.media_root", str(tiny / "data"), "--data.num_workers", "2", "--model.init_args.init_adapter",
               "null", "--data.batch_size", "2"]
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
@@ -137,8 +142,12 @@ def test_stage2_trains_on_streamed_shards_and_resumes_mid_epoch_on_its_loss_curv
         out.mkdir()
     run = fit_command(configs, 2, tmp_path, *stream,
                       "--config", str(logged_trainer(whole, 4, filename="{step}", save_top_k=-1)))
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "read as a stream" in run.stdout + run.stderr
+    printed = run.stdout + run.stderr
+    assert run.returncode == 0, printed[-3000:]
+    assert "read as a stream" in printed and "per rank per epoch" in printed
+    val = (tiny / "data" / "val_chat.jsonl").read_text().splitlines()  # the stage file's val_file, read as usual
+    images = {json.loads(line).get("image") for line in rows + val} - {None}
+    assert len(list(cache.glob("*.safetensors"))) == len(images)  # every streamed image's features, once
     fit_command(configs, 2, tmp_path, *stream,
                 "--config", str(logged_trainer(resumed, 4, filename="{step}", save_top_k=-1)),
                 "--ckpt_path", str(whole / "checkpoints" / "step=2.ckpt"))
