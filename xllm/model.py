@@ -5,10 +5,9 @@ interface once on all items of its modality in the batch (a `MediaBatch`), then 
 replaces each sentinel by exactly that item's tokens (`ModalityTokens`: counts may differ per item), in reading
 order. Nothing here knows which modalities exist: a new interface plugs in through `ModalityInterface`.
 
-One inference path: `chat(messages, media)` for one conversation, `reply` for many, both built on the model's
-processor (`processor()`: conversations + media paths -> the same batch training uses) and `generate`;
-evaluation and MME scoring use the processor + `generate` / `generate_ids` (which also hands back each step's
-logits) or `forward(..., per_row=True)`.
+One inference path: `chat(messages, media)` for one conversation, `reply` for many, both on the model's processor
+(`processor()`: conversations + media paths -> the batch training uses) and `generate`; evaluation and MME scoring
+use the processor + `generate` / `generate_ids` (with each step's logits) or `forward(..., per_row=True)`.
 """
 
 from __future__ import annotations
@@ -33,6 +32,7 @@ from xllm.data.processor import MediaInput, MultimodalProcessor
 from xllm.frozen import keep_frozen_in_eval
 from xllm.generation import CACHE_KWARG, ConversationCache, stream_pieces
 from xllm.interfaces.base import MediaBatch, ModalityInterface, ModalityTokens
+from xllm.interfaces.placeholders import with_stand_ins
 from xllm.llm import (
     LoraSettings,
     apply_lora,
@@ -245,22 +245,14 @@ class XLLM(nn.Module):
 
     # --- compute -----------------------------------------------------------------------------------
     def encode_media(self, media: Mapping[str, MediaBatch]) -> dict[int, ModalityTokens]:
-        """Run each interface on its batch of items: sentinel -> `ModalityTokens`."""
-        out = {}
-        for modality, items in media.items():
-            if modality not in self.interfaces:
-                raise ValueError(f"batch has {modality} items but the model has no {modality} interface")
-            out[self.sentinels[modality]] = self.interfaces[modality](items)
-        return out
+        """Run each interface on its batch of items, in the interfaces' order: sentinel -> `ModalityTokens`."""
+        for modality in set(media) - set(self.interfaces):
+            raise ValueError(f"batch has {modality} items but the model has no {modality} interface")
+        return {self.sentinels[m]: self.interfaces[m](media[m]) for m in self.interfaces if m in media}
 
-    def embed_inputs(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        labels: torch.Tensor | None,
-        media: Mapping[str, MediaBatch],
-        padding_side: str = "right",
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def embed_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None,
+                     media: Mapping[str, MediaBatch], padding_side: str = "right",
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         return splice_modality_tokens(
             input_ids, attention_mask, labels, input_embeddings(self.llm), self.encode_media(media), padding_side,
         )
@@ -279,7 +271,13 @@ class XLLM(nn.Module):
         head over a large vocabulary is a big share of a small LLM's step (SmolLM2: 28M of 135M parameters),
         and only those positions enter the loss. Without labels, `.logits` is the whole `[batch, length, vocab]`.
         `per_row=True` also gives each row's summed loss and label count (evaluation's per-sample loss)."""
-        embeds, mask, labels = self.embed_inputs(input_ids, attention_mask, labels, media)
+        stand_ins: set[str] = set()
+        if self.every_interface_runs:  # sharded: each rank runs each interface any rank needs (placeholders.py)
+            media, stand_ins = with_stand_ins(media, list(self.interfaces), input_ids.device)
+        encoded = self.encode_media(media)
+        zero = sum(encoded.pop(self.sentinels[m]).embeds.sum() * 0.0 for m in stand_ins)
+        embeds, mask, labels = splice_modality_tokens(input_ids, attention_mask, labels, input_embeddings(self.llm),
+                                                      encoded, "right")
         tokens = int(mask.sum())
         media_tokens = tokens - int((attention_mask.bool() & (input_ids >= 0)).sum())
         if labels is None:
@@ -297,6 +295,7 @@ class XLLM(nn.Module):
             out = self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels, use_cache=False)
             loss, logits = out.loss, out.logits
             kept = logits[predicts] if per_row else None
+        loss = loss + zero
         if self.every_interface_in_loss and self.training:
             loss = loss + self.every_parameter_zero()
         output = XLLMOutput(loss, logits, tokens, media_tokens)
@@ -307,16 +306,15 @@ class XLLM(nn.Module):
             output.row_label_counts = predicts.sum(dim=1)
         return output
 
-    # Data-parallel training (DDP, FSDP2) needs a gradient for every trained parameter on every rank at every step:
-    # a rank whose batch holds no clip leaves the video interface without one, and a C-Former's CIF weights never
-    # get one from the LLM's loss; DDP then stops ("parameters that were not used"), and FSDP2 ranks would disagree
-    # on which gradients to reduce. Training sets this when world_size > 1.
+    # DDP needs a gradient for every trained parameter at every step: a rank whose batch holds no clip leaves the
+    # video interface without one, and a C-Former's CIF weights never get one from the LLM's loss. Training sets
+    # this under DDP; sharded (FSDP2), `every_interface_runs` has every rank run the same interfaces instead.
     every_interface_in_loss: bool = False
+    every_interface_runs: bool = False
 
     def every_parameter_zero(self) -> torch.Tensor:
-        """Zero, through every trained interface parameter (computed inside `forward`, where a sharded model's
-        parameters are whole): each gets an exact zero gradient, and the mean over ranks is the other ranks'. (A
-        parameter that gets zero on every rank still moves by AdamW's momentum and decay: mix modalities per batch.)"""
+        """Zero through every trained interface parameter: each gets an exact zero gradient (a parameter that gets
+        zero on every rank still moves by AdamW's momentum and decay: mix modalities per batch)."""
         trained = [p.sum() for p in self.interfaces.parameters() if p.requires_grad]
         return torch.stack(trained).sum() * 0.0 if trained else torch.zeros((), device=self.device)
 

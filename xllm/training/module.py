@@ -156,8 +156,10 @@ class XLLMModule(TrainingModule):
         return 1.0
 
     def setup(self, stage: str) -> None:
-        # Every rank must give every trained parameter a gradient at every step (see `XLLM.every_interface_in_loss`).
-        self.model.every_interface_in_loss = self.trainer.world_size > 1
+        # Under DDP every rank gives every trained parameter a gradient at every step (`every_interface_in_loss`);
+        # sharded, every rank runs the same interfaces instead (`shard_model` sets `every_interface_runs`).
+        sharded = isinstance(self.trainer.strategy, ModelParallelStrategy)
+        self.model.every_interface_in_loss = self.trainer.world_size > 1 and not sharded
 
     def save_result(self, directory: Path) -> None:
         if self.is_sharded:  # every rank comes here: the interfaces and LoRA are gathered whole, rank 0 writes

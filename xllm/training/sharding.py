@@ -13,13 +13,14 @@ bf16 base (a unit is gathered in one dtype: LlamaFactory PR #10157's error with 
 parameter, so a unit may hold frozen and trainable parameters without FSDP1's flat-parameter limits (pytorch#104690)
 or its gradient memory (litgpt#1417): gradients exist for trainable parameters only, 1/N of them per rank.
 
-The interfaces (their frozen encoders included) stay in the root unit with the LLM's embeddings and head, which
-every rank runs at every step. A unit of its own would be all-gathered only by the ranks whose batch holds its
-modality, and the other ranks would wait on that collective for ever; in the root, `XLLM.every_interface_in_loss`
-gives each trained parameter a gradient on every rank. Cache the encoders' features (`feature_cache`) to keep big
-encoders out of the step. Stage 0 has no LLM and runs its one interface on every rank at every step: there the
-encoder's and the Q-Former's layers are units (`shard_pretraining`). The optimizer is built after sharding (Lightning calls `configure_model` first), so it
-holds the sharded parameters (Lightning#17515).
+Each interface is a unit, and so is each block of its frozen encoder (a ViT's or Whisper's layers, by their
+`_no_split_modules`). A unit is gathered from every rank when its forward runs, so every rank must run the same
+interfaces at every step: a rank whose batch lacks a modality another rank's holds runs that interface on one
+all-zero stand-in item and adds its output to the loss times zero (`XLLM.every_interface_runs`,
+`xllm.interfaces.placeholders`); a modality no rank holds runs nowhere. Cache the encoders' features
+(`feature_cache`) to keep big encoders out of the step. Stage 0 has no LLM and runs its one interface on every
+rank at every step: there the encoder's and the Q-Former's layers are units (`shard_pretraining`). The optimizer is
+built after sharding (Lightning calls `configure_model` first), so it holds the sharded parameters (Lightning#17515).
 
 Checkpoints (for `--ckpt_path`) hold the trainable parameters and the optimizer state only, sharded, in a folder;
 the adapter written at the end holds full tensors, as a one-process run's.
@@ -77,6 +78,14 @@ def shard_model(model: nn.Module, mesh: Any, frozen_dtype: torch.dtype | None = 
         fully_shard(layer, mesh=mesh)
     for layer in decoder_layers(model.llm):
         fully_shard(layer, mesh=mesh)
+    for interface in model.interfaces.values():
+        encoder = getattr(interface, "encoder", None)
+        for block in hf_blocks(encoder) if isinstance(encoder, nn.Module) else []:
+            fully_shard(block, mesh=mesh)
+        # Kept whole from its forward to the end of the backward: its output (`ModalityTokens`) is no tensor FSDP2
+        # can hook to gather it again for the backward, and it is small beside the encoder and the LLM.
+        fully_shard(interface, mesh=mesh, reshard_after_forward=False)
+    model.every_interface_runs = True  # the same interfaces on every rank at every step (interfaces/placeholders.py)
     fully_shard(model, mesh=mesh)
 
 
