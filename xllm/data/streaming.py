@@ -25,7 +25,9 @@ every reader then reads in full. The order and the split here are a few lines of
 
 from __future__ import annotations
 
+import bisect
 import glob
+import itertools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -123,29 +125,23 @@ class StreamingConversations(IterableDataset):
         generator = torch.Generator().manual_seed((self.seed * 100_003 + epoch) * 1_000_003 + shard)
         return torch.randperm(self.sizes[shard], generator=generator).tolist()
 
-    def epoch_order(self, epoch: int) -> Iterator[tuple[int, int]]:
-        """(shard, line index) of every record, in the epoch's order (what the slices index)."""
-        for shard in self.shard_order(epoch):
-            for line in self.line_order(epoch, shard):
-                yield shard, line
-
-    def locate(self, position: int, epoch: int) -> tuple[int, int]:
-        """(shard, index into its shuffled lines) of a position in the epoch's order."""
+    def locate(self, position: int, shards: list[int], ends: list[int]) -> tuple[int, int]:
+        """(shard, index into its shuffled lines) of a position in the epoch's order, whose shards in order are
+        `shards` and end at the positions `ends`."""
         position %= self.records
-        for shard in self.shard_order(epoch):
-            if position < self.sizes[shard]:
-                return shard, position
-            position -= self.sizes[shard]
-        raise AssertionError("unreachable: position < records")
+        place = bisect.bisect_right(ends, position)
+        return shards[place], position - (ends[place] - self.sizes[shards[place]])
 
     # --- reading --------------------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         positions = self.worker_positions(worker, workers)
+        shards = self.shard_order(self.epoch)
+        ends = list(itertools.accumulate(self.sizes[shard] for shard in shards))
         loaded: tuple[int, list[tuple[int, str]], list[int]] | None = None  # the shard in hand: lines and order
         while self.served < len(positions):
-            shard, index = self.locate(positions[self.served], self.epoch)
+            shard, index = self.locate(positions[self.served], shards, ends)
             if loaded is None or loaded[0] != shard:
                 loaded = (shard, shard_lines(self.shards[shard]), self.line_order(self.epoch, shard))
             number, line = loaded[1][loaded[2][index]]
