@@ -142,13 +142,11 @@ class XLLMDataModule(pl.LightningDataModule):
         sampler = None
         world_size = self.trainer.world_size if self.trainer is not None else 1
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        if self.train_shards:  # a stream: it splits itself over ranks and workers (xllm.data.streaming)
-            pass
-        elif self.train_sources:  # a mix: every rank its stride of one weighted order per epoch
+        if self.train_sources:  # a mix: every rank its stride of one weighted order per epoch
             sampler = MixtureSampler([len(d) for d in self.datasets["train"].datasets],
                                      [s.weight for s in self.train_sources], self.epoch_size, seed,
                                      self.trainer.global_rank if world_size > 1 else 0, world_size)
-        elif world_size > 1:
+        elif world_size > 1 and not self.train_shards:  # (a stream splits itself over ranks and workers)
             sampler = DistributedSampler(self.datasets["train"], num_replicas=self.trainer.world_size,
                                          rank=self.trainer.global_rank, shuffle=True,
                                          seed=seed)
