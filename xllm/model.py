@@ -246,8 +246,9 @@ class XLLM(nn.Module):
     # --- compute -----------------------------------------------------------------------------------
     def encode_media(self, media: Mapping[str, MediaBatch]) -> dict[int, ModalityTokens]:
         """Run each interface on its batch of items, in the interfaces' order: sentinel -> `ModalityTokens`."""
-        for modality in set(media) - set(self.interfaces):
-            raise ValueError(f"batch has {modality} items but the model has no {modality} interface")
+        unknown = sorted(set(media) - set(self.interfaces))
+        if unknown:
+            raise ValueError(f"batch has {unknown[0]} items but the model has no {unknown[0]} interface")
         return {self.sentinels[m]: self.interfaces[m](media[m]) for m in self.interfaces if m in media}
 
     def embed_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None,
