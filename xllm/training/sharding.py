@@ -70,7 +70,8 @@ def cast_frozen(model: nn.Module, frozen_dtype: torch.dtype | None) -> None:
 
 
 def shard_model(model: nn.Module, mesh: Any, frozen_dtype: torch.dtype | None = None) -> None:
-    """Apply FSDP2 to an `XLLM` in place: LoRA layers, then decoder layers, then the root (see the module docstring)."""
+    """Apply FSDP2 to an `XLLM` in place: LoRA layers, decoder layers, each interface's encoder blocks, each interface,
+    then the root (see the module docstring)."""
     from torch.distributed.fsdp import fully_shard
 
     cast_frozen(model, frozen_dtype)
@@ -94,16 +95,15 @@ def shard_pretraining(module: nn.Module, mesh: Any, frozen_dtype: torch.dtype | 
     Q-Former's layers, each a unit; then the module itself, the root: the rest of the interface with the objective's
     heads, gathered around its `forward`.
 
-    Stage 0 runs its one interface on every rank at every step, so here the encoder can have units of its own
-    (in stages 1-2 it cannot: see the module docstring). Only modules whose `forward` runs can be units: the
-    objective reads the Q-Former through `joint`/`encode_text` and its word table directly, so the Q-Former's
-    layers are units and its embeddings stay in the group."""
+    Stage 0 runs its one interface on every rank at every step, so it needs no stand-in items. Only modules whose
+    `forward` runs can be units: the objective reads the Q-Former through `joint`/`encode_text` and its word table
+    directly, so the Q-Former's layers are units and its embeddings stay in the root."""
     from torch.distributed.fsdp import fully_shard
 
     interface = module.interface
     cast_frozen(module, frozen_dtype)
     encoder = getattr(interface, "encoder", None)
-    for block in hf_blocks(encoder) if encoder is not None else []:
+    for block in hf_blocks(encoder) if isinstance(encoder, nn.Module) else []:
         fully_shard(block, mesh=mesh)
     qformer = getattr(getattr(interface, "bridge", None), "qformer", None)
     for layer in qformer.model.encoder.layer if qformer is not None else []:
