@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pytorch_lightning.strategies import ModelParallelStrategy
 import torch
+from pytorch_lightning.strategies import ModelParallelStrategy
 from torch import nn
 
 from xllm.adapters.format import load_weights
