@@ -31,15 +31,29 @@ def build_tokenized_dataset(
     rows = []
     for record in read_records(path, list(processor.sentinels), media_root, bad_samples, allow_outside_root):
         try:
-            encoded = processor.encode(record)
+            rows.append(tokenized_row(record, processor))
         except BadSampleError as err:
             bad_samples.reject(err)
-            continue
-        media = {m: record["media"].get(m, []) for m in processor.sentinels}
-        rows.append({"id": record["id"], "source": record["source"], "media": media, **encoded})
     if not rows:
         raise ValueError(f"{path}: no usable records ({bad_samples.total} skipped: {dict(bad_samples.counts)})")
     return datasets.Dataset.from_list(rows)
+
+
+def tokenized_row(record: dict[str, Any], processor: ConversationProcessor) -> dict[str, Any]:
+    """A normalized record as a dataset row: id, source, media paths per modality and its tokens (raises
+    `BadSampleError` when it cannot be tokenized whole)."""
+    media = {m: record["media"].get(m, []) for m in processor.sentinels}
+    return {"id": record["id"], "source": record["source"], "media": media, **processor.encode(record)}
+
+
+def training_item(row: dict[str, Any], media_loaders: dict[str, MediaLoader],
+                  bad_samples: BadSamples) -> dict[str, Any]:
+    """A row's training item (`ConversationDataset`'s), its media loaded; `{"skipped": error}` when a file fails."""
+    media = load_item_media(row, media_loaders, bad_samples)
+    if isinstance(media, BadSampleError):
+        return {"skipped": media}
+    return {"id": row["id"], "input_ids": row["input_ids"], "labels": row["labels"], "media": media,
+            "instruction_ids": row["instruction_ids"]}
 
 
 def load_item_media(
@@ -81,9 +95,4 @@ class ConversationDataset(torch.utils.data.Dataset):
         return sum(self.rows["truncated"])
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        row = self.rows[index]
-        media = load_item_media(row, self.media_loaders, self.bad_samples)
-        if isinstance(media, BadSampleError):
-            return {"skipped": media}
-        return {"id": row["id"], "input_ids": row["input_ids"], "labels": row["labels"], "media": media,
-                "instruction_ids": row["instruction_ids"]}
+        return training_item(self.rows[index], self.media_loaders, self.bad_samples)

@@ -68,16 +68,16 @@ def raw_records(path: Path) -> list[tuple[str, Any]]:
         except json.JSONDecodeError as err:
             raise BadSampleError(f"{path}:{err.lineno}", None, f"malformed JSON: {err.msg}", "malformed_json") from err
         return [(f"{path}[{i}]", item) for i, item in enumerate(items)]
-    out: list[tuple[str, Any]] = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        source = f"{path}:{number}"
-        try:
-            out.append((source, json.loads(line)))
-        except json.JSONDecodeError as err:
-            out.append((source, BadSampleError(source, None, f"malformed JSON line: {err.msg}", "malformed_json")))
-    return out
+    return [(f"{path}:{number}", parse_line(f"{path}:{number}", line))
+            for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
+
+
+def parse_line(source: str, line: str) -> Any:
+    """One JSONL line parsed, or the `BadSampleError` that names it (`normalize_record` raises it)."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        return BadSampleError(source, None, f"malformed JSON line: {err.msg}", "malformed_json")
 
 
 def normalize_turns(conversations: list[Any], source: str = "conversation", record_id: str | None = None) -> list[dict[str, str]]:

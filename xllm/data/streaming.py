@@ -28,7 +28,6 @@ from __future__ import annotations
 import bisect
 import glob
 import itertools
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,9 +35,9 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from xllm.data.dataset import MediaLoader, load_item_media
+from xllm.data.dataset import MediaLoader, tokenized_row, training_item
 from xllm.data.processor import ConversationProcessor
-from xllm.data.records import BadSampleError, BadSamples, normalize_record
+from xllm.data.records import BadSampleError, BadSamples, normalize_record, parse_line
 
 
 def expand_shards(shards: str | list[str]) -> list[str]:
@@ -151,24 +150,15 @@ class StreamingConversations(IterableDataset):
 
     def item(self, source: str, line: str, folder: Path) -> dict[str, Any]:
         """A training item of one JSONL line, or `{"skipped": error}` for a bad one under `skip`."""
+        root = self.media_root if self.media_root is not None else str(folder)
         try:
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise BadSampleError(source, None, f"malformed JSON line: {err.msg}", "malformed_json") from err
-            root = self.media_root if self.media_root is not None else str(folder)
-            record = normalize_record(source, raw, list(self.processor.sentinels), root, self.allow_outside_root)
-            encoded = self.processor.encode(record)
+            record = normalize_record(source, parse_line(source, line), list(self.processor.sentinels), root,
+                                      self.allow_outside_root)
+            row = tokenized_row(record, self.processor)
         except BadSampleError as err:
             self.bad_samples.reject(err)
             return {"skipped": err}
-        row = {"source": record["source"], "id": record["id"],
-               "media": {m: record["media"].get(m, []) for m in self.processor.sentinels}}
-        media = load_item_media(row, self.media_loaders, self.bad_samples)
-        if isinstance(media, BadSampleError):
-            return {"skipped": media}
-        return {"id": record["id"], "input_ids": encoded["input_ids"], "labels": encoded["labels"], "media": media,
-                "instruction_ids": encoded["instruction_ids"]}
+        return training_item(row, self.media_loaders, self.bad_samples)
 
     def media_paths(self, modality: str, chunk: int = 4096) -> Iterator[list[str]]:
         """Every readable record's `modality` files, `chunk` at a time, for filling a feature cache before training
@@ -177,10 +167,11 @@ class StreamingConversations(IterableDataset):
         for shard in self.shards:
             root = self.media_root if self.media_root is not None else str(Path(shard).parent)
             for number, line in shard_lines(shard):
+                source = f"{shard}:{number}"
                 try:
-                    record = normalize_record(f"{shard}:{number}", json.loads(line), list(self.processor.sentinels),
-                                              root, self.allow_outside_root)
-                except (BadSampleError, json.JSONDecodeError):
+                    record = normalize_record(source, parse_line(source, line), list(self.processor.sentinels), root,
+                                              self.allow_outside_root)
+                except BadSampleError:
                     continue
                 paths += record["media"].get(modality, [])
                 if len(paths) >= chunk:
