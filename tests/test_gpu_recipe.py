@@ -16,6 +16,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, Blip2Model
 
+from tests.test_streaming import split_into_shards
 from tests.test_weight_import import tiny_blip2
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,13 +69,6 @@ def run(*args: str, cwd: Path) -> str:
     return result.stdout + result.stderr
 
 
-def shards(source: Path, folder: Path, count: int = 3) -> None:
-    rows = source.read_text().splitlines()
-    folder.mkdir(parents=True)
-    for index in range(count):
-        (folder / f"train-{index}.jsonl").write_text("\n".join(rows[index::count]) + "\n")
-
-
 @pytest.mark.slow
 def test_the_gpu_recipe_imports_blip2_and_runs_stage1_ddp_and_sharded_and_stage2_sharded(tiny, tmp_path):
     # The recipe's weights: a BLIP-2 checkpoint, and its vision tower saved alone with an image processor.
@@ -83,8 +77,8 @@ def test_the_gpu_recipe_imports_blip2_and_runs_stage1_ddp_and_sharded_and_stage2
     Blip2Model.from_pretrained(blip2).vision_model.save_pretrained(encoder)
     AutoImageProcessor.from_pretrained(tiny / "vit").save_pretrained(encoder)
     # The recipe's data, as shards.
-    shards(tiny / "data" / "train_captions.jsonl", tmp_path / "pretrain")
-    shards(tiny / "data" / "train_chat.jsonl", tmp_path / "instruct")
+    split_into_shards(tiny / "data" / "train_captions.jsonl", tmp_path / "pretrain")
+    split_into_shards(tiny / "data" / "train_chat.jsonl", tmp_path / "instruct")
     runs = tmp_path / "runs"
     paths = {"/models/vicuna-7b-v1.5": str(tiny / "llama"), "/models/eva-vit-g-blip2": str(encoder),
              "/data/llava-pretrain/shards": str(tmp_path / "pretrain"), "/data/llava-instruct/shards":

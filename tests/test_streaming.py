@@ -39,6 +39,14 @@ def write_shards(folder: Path, sizes: list[int]) -> list[str]:
     return files
 
 
+def split_into_shards(source: Path, folder: Path, count: int = 3) -> None:
+    """A data file's lines dealt into `count` shards, `folder/train-N.jsonl`."""
+    rows = source.read_text().splitlines()
+    folder.mkdir(parents=True)
+    for index in range(count):
+        (folder / f"train-{index}.jsonl").write_text("\n".join(rows[index::count]) + "\n")
+
+
 @pytest.fixture(scope="module")
 def processor(tiny) -> ConversationProcessor:
     return ConversationProcessor(load_tokenizer(str(tiny / "llama")), "vicuna_v1", {"image": -200}, {"image": 4}, 128)
@@ -128,13 +136,11 @@ def test_stage2_on_two_ddp_ranks_of_two_workers_streams_through_the_feature_cach
     served as many batches)."""
     rows = (tiny / "data" / "train_chat.jsonl").read_text().splitlines()
     shards = tmp_path / "shards"
-    shards.mkdir()
-    for index in range(3):
-        (shards / f"chat-{index}.jsonl").write_text("\n".join(rows[index::3]) + "\n")
+    split_into_shards(tiny / "data" / "train_chat.jsonl", shards)
     configs = localized_configs(tiny, tmp_path / "runs", tmp_path)
     cache = tmp_path / "features"
     ddp = ddp_config(configs, tmp_path, cache)
-    stream = ["--config", str(ddp), "--data.train_file", "null", "--data.train_shards", str(shards / "chat-*.jsonl"),
+    stream = ["--config", str(ddp), "--data.train_file", "null", "--data.train_shards", str(shards / "train-*.jsonl"),
               "--data.media_root", str(tiny / "data"), "--data.num_workers", "2", "--model.init_args.init_adapter",
               "null", "--data.batch_size", "2"]
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"

@@ -48,8 +48,9 @@ def with_stand_ins(media: Mapping[str, MediaBatch], modalities: Sequence[str],
     held = torch.tensor([int(m in media) for m in modalities], device=device)
     dist.all_reduce(held)
     world = dist.get_world_size()
-    missing = [m for m, count in zip(modalities, held.tolist()) if 0 < count < world and m not in media]
-    if any(0 < count < world for count in held.tolist()):  # the same decision on every rank: all gather, or none
+    uneven = [m for m, count in zip(modalities, held.tolist()) if 0 < count < world]  # the same on every rank
+    missing = [m for m in uneven if m not in media]
+    if uneven:  # every rank gathers the shapes, or none does
         shapes: list[dict[str, Any]] = [{} for _ in range(world)]
         dist.all_gather_object(shapes, {m: first_item_shape(b) for m, b in media.items()})
         filled = dict(media)
