@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xllm.blocks.qformer import QFormer
+from xllm.blocks.qformer import QFormer, itg_attention_mask
 
 
 def heads(tensor: torch.Tensor, module: nn.Module) -> torch.Tensor:
@@ -121,13 +121,8 @@ class SharedPasses:
         text up to itself, as `QFormer.joint(..., causal_text=True)` computes them."""
         model = self.qformer.model
         hidden = model.dropout(model.layernorm(self.qformer._text_embeds(input_ids).to(self.features.dtype)))
-        n_query, length = self.query_states[0][0].shape[1], input_ids.shape[1]
-        allowed = torch.ones((length, n_query + length), dtype=torch.bool, device=input_ids.device)
-        allowed[:, n_query:] = torch.tril(allowed[:, n_query:])
-        allowed = allowed[None, None] & torch.cat([allowed.new_ones((len(input_ids), n_query)),
-                                                   attention_mask.bool()], dim=1)[:, None, None, :]
-        mask = torch.zeros(allowed.shape, dtype=hidden.dtype, device=hidden.device)
-        mask = mask.masked_fill(~allowed, torch.finfo(hidden.dtype).min)
+        n_query = self.query_states[0][0].shape[1]
+        mask = itg_attention_mask(attention_mask, n_query, hidden.dtype)[:, :, n_query:]  # the text's rows of ITG's
         for index, layer in enumerate(self.layers):
             module = layer.attention.attention
             query_keys, query_values = self.query_states[index]
