@@ -3,6 +3,7 @@
 import json
 import math
 from collections import Counter
+from pathlib import Path
 
 import datasets
 import pytest
@@ -227,15 +228,18 @@ def test_stage0_never_creates_an_llm_and_feeds_stage1(tiny, tmp_path, monkeypatc
 
 @pytest.mark.parametrize("weights", [
     {"itc_weight": 1.0, "itm_weight": 1.0, "itg_weight": 1.0, "qa_itm_weight": 1.0},
-    {"itc_weight": 0.0, "itm_weight": 0.0, "itg_weight": 0.0, "qa_itm_weight": 1.0},  # the demo's stage 0
+    {"itc_weight": 0.0, "itm_weight": 0.0, "itg_weight": 0.0, "qa_itm_weight": 1.0},  # the video demo's stage 0
     {"itc_weight": 0.0, "itm_weight": 1.0, "itg_weight": 0.0},
     {"itc_weight": 0.0, "itm_weight": 0.0, "itg_weight": 1.0},
+    {"itc_weight": 0.0, "itm_weight": 0.0, "itg_weight": 0.0, "qa_itm_weight": 1.0, "spell_weight": 1.0},  # the demo's
 ])
 def test_every_parameter_stage0_trains_gets_a_gradient_as_ddp_requires(tiny, tmp_path, weights):
     torch.manual_seed(0)
+    spelling = weights.get("spell_weight", 0) > 0
     module = InterfacePretrainingModule(
-        adapter_dir=str(tmp_path / "stage0"), objective=QFormerObjective(embed_dim=16, **weights),
-        interfaces={"image": make_image_interface(tiny, qformer=text_side(tiny))},
+        adapter_dir=str(tmp_path / "stage0"),
+        objective=QFormerObjective(embed_dim=16, **weights, llm=str(tiny / "llama") if spelling else None),
+        interfaces={"image": make_image_interface(tiny, qformer={**text_side(tiny), "stop_head": spelling})},
     )
     data = XLLMDataModule(train_file=str(tiny / "data" / "train_yesno.jsonl"), batch_size=8)
     data.setup(model=module)
@@ -259,3 +263,64 @@ def test_the_stage1_step_gives_lavis_losses_on_its_weights_features_captions_and
     *_, losses = check.compare(root / "tests" / "fixtures" / "lavis_parity" / "stage1")
     for name, (lavis, xllm) in losses.items():
         assert abs(lavis - xllm) <= 1e-5 * max(1.0, abs(lavis)), (name, lavis, xllm)
+
+
+def spelled_pairs(tiny, tmp_path, replies: list[str]) -> Path:
+    """One question per training image, each reply as its answer."""
+    data = tmp_path / "spell.jsonl"
+    data.write_text("".join(json.dumps({"id": f"r{i}", "image": f"images/train_{i:05d}.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is in the image?"}, {"from": "gpt", "value": reply}]}) + "\n"
+        for i, reply in enumerate(replies)))
+    return data
+
+
+def test_queries_learn_to_spell_replies_of_every_length_and_where_they_end(tiny, tmp_path):
+    """Spelling: each question-aware query, projected into the LLM's width, spells one token of the reply in the
+    LLM's tokenizer; the stop head ends the item's tokens where the reply ends, so the interface gives each image as
+    many tokens as its answer has (what the LLM then reads)."""
+    torch.manual_seed(0)
+    replies = ["Yes", "Two.", "A red circle at the top left.", "Nothing."]
+    interface = make_image_interface(tiny, qformer={**text_side(tiny), "num_query_tokens": 6, "stop_head": True,
+                                                    "tokens_per_query": 2})
+    # No pull toward the input embeddings here: the tiny LLM's untied tables are small (norm ~0.8), where the pull
+    # holds the tokens too short for the cross-entropy to tell 600 words apart (SmolLM2's tied ones sit at ~3.2).
+    objective = QFormerObjective(embed_dim=16, itc_weight=0.0, itm_weight=0.0, itg_weight=0.0, spell_weight=1.0,
+                                 llm=str(tiny / "llama"), embedding_weight=0.0)
+    objective.bind(interface)
+    assert interface.bridge.projection is not None  # spelling needs the LLM's width from stage 0 on
+    rows = build_pair_dataset(str(spelled_pairs(tiny, tmp_path, replies)), "image", str(tiny / "data"))
+    pairs = PairDataset(rows, "image", interface.media_loader(), objective.tokenize, texts=objective.pair_texts,
+                        tokenizer_for=objective.tokenizer_for)
+    batch = PairCollator(interface.collate)([pairs[i] for i in range(len(pairs))])
+    lengths = [len(objective.llm_tokenizer(r, add_special_tokens=False)["input_ids"]) for r in replies]
+    assert batch["reply_mask"].sum(dim=1).tolist() == lengths and len(set(lengths)) == 4  # the LLM's tokens
+
+    parameters = [p for p in [*interface.parameters(), *objective.parameters()] if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=3e-3)
+    for _ in range(250):
+        out = objective(interface, batch)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    assert out.metrics["spell_exact"] == 1.0 and out.metrics["stop_accuracy"] == 1.0
+    interface.eval()
+    assert objective.spell(interface, batch["media"]) == replies
+    with torch.no_grad():
+        tokens = interface(batch["media"])
+    assert tokens.lengths.tolist() == lengths and tokens.embeds.shape[1] == 12
+
+
+def test_a_reply_longer_than_the_queries_is_an_error_naming_its_pair(tiny, tmp_path):
+    interface = make_image_interface(tiny, qformer={**text_side(tiny), "num_query_tokens": 3, "stop_head": True})
+    objective = QFormerObjective(embed_dim=16, itc_weight=0.0, itm_weight=0.0, itg_weight=0.0, spell_weight=1.0,
+                                 llm=str(tiny / "llama"))
+    objective.bind(interface)
+    rows = build_pair_dataset(str(spelled_pairs(tiny, tmp_path, ["Yes", "A red circle at the top left."])), "image",
+                              str(tiny / "data"))
+    pairs = PairDataset(rows, "image", interface.media_loader(), objective.tokenize, texts=objective.pair_texts,
+                        tokenizer_for=objective.tokenizer_for)
+    batch = PairCollator(interface.collate)([pairs[0], pairs[1]])
+    with pytest.raises(ValueError, match=r"pair r1: its reply is \d+ LLM tokens, but the Q-Former spells at most 3"):
+        objective(interface, batch)
+    with pytest.raises(ValueError, match="stop_head learns where answers end from spelling"):
+        QFormerObjective(embed_dim=16).bind(interface)

@@ -83,12 +83,14 @@ class PairDataset(torch.utils.data.Dataset):
     """Items `{"id", "media": item, "text", "flipped", "<name>_ids" for each of `texts`}`, or
     `{"skipped": BadSampleError}`; with `by_record`, an item is the list of one record's pairs (or the skip).
     The texts an objective reads (`texts`: the Q-Former's "text", "instruction", "flipped"; a speech
-    objective's "reply") are tokenized once here, with the objective's tokenizer, not once per step: at stage
+    objective's "reply") are tokenized once here, with the objective's tokenizer (`tokenizer_for(text)`, when texts
+    use different ones), not once per step: at stage
     0's batch of 128 that was ~8% of a CPU step."""
 
     def __init__(
         self, rows: datasets.Dataset, modality: str, load: MediaLoader, tokenize: Tokenize,
         bad_samples: BadSamples | None = None, texts: tuple[str, ...] = PAIR_TEXTS, by_record: bool = False,
+        tokenizer_for: Callable[[str], Tokenize] | None = None,
     ) -> None:
         # Pairs are a few short strings each: plain Python rows index ~10x faster than Arrow rows, which
         # matters at stage 0's large batches on a CPU.
@@ -98,7 +100,7 @@ class PairDataset(torch.utils.data.Dataset):
         for key in texts:
             strings = [row[key] or row["text"] for row in self.rows]  # a pair with no flipped twin repeats its text
             for start in range(0, len(strings), 1024):
-                ids, mask = tokenize(strings[start:start + 1024])
+                ids, mask = (tokenizer_for(key) if tokenizer_for else tokenize)(strings[start:start + 1024])
                 for row, row_ids, row_mask in zip(self.rows[start:start + 1024], ids, mask):
                     row[f"{key}_ids"] = row_ids[row_mask.bool()].tolist()
         # Each item's rows: one row, or every row of one record (build_pair_dataset writes a record's rows together).

@@ -59,14 +59,15 @@ class ImageInterface(FrozenEncoderInterface):
         self.processor = AutoImageProcessor.from_pretrained(encoder)
         block, tokenizer = build_qformer(self.encoder.hidden_size, self.settings)
         self.bridge = QFormerBridge(block, tokenizer, self.settings.max_text_tokens, feature_positions,
-                                    feature_position_kind, projection)
+                                    feature_position_kind, projection, self.settings.stop_head,
+                                    self.settings.tokens_per_query)
         tag = json.dumps(["v2", FEATURES_VERSION, encoder_identity(encoder), feature_layer, self.processor.to_dict()], sort_keys=True,
                          default=str)
         self.cache = FeatureCache(feature_cache, tag) if feature_cache else None
 
     @property
     def max_tokens(self) -> int:
-        return self.bridge.num_query_tokens
+        return self.bridge.max_tokens
 
     def instruction_tokenizer(self):
         return self.bridge.tokenize_one if self.instruction_aware else None
@@ -113,4 +114,4 @@ class ImageInterface(FrozenEncoderInterface):
         features, mask = self.bridge_inputs(media)
         ids = media.instruction_ids if self.instruction_aware else None
         mask_ids = media.instruction_mask if self.instruction_aware else None
-        return ModalityTokens.fixed(self.bridge(features, mask, ids, mask_ids))
+        return ModalityTokens(*self.bridge.tokens(features, mask, ids, mask_ids))

@@ -144,6 +144,10 @@ class VideoInterface(FrozenEncoderInterface):
         bridge_args = dict(tokenizer=tokenizer, max_text_tokens=self.settings.max_text_tokens,
                            feature_positions=feature_positions,
                            position_kind=feature_position_kind, projection=projection)
+        if (self.settings.stop_head or self.settings.tokens_per_query > 1) and temporal != "qformer":
+            raise ValueError("qformer: {stop_head, tokens_per_query} need temporal: qformer (concat gives every "
+                             "frame's queries, one token each)")
+        bridge_args |= {"stop_head": self.settings.stop_head, "tokens_per_query": self.settings.tokens_per_query}
         if temporal == "qformer":
             self.bridge: QFormerBridge = FramesBridge(block, num_frames, frame_positions, **bridge_args)
             self.query_frame_positions = None
@@ -162,7 +166,7 @@ class VideoInterface(FrozenEncoderInterface):
 
     @property
     def max_tokens(self) -> int:
-        per_frame = self.bridge.num_query_tokens
+        per_frame = self.bridge.max_tokens
         return per_frame if self.temporal == "qformer" else per_frame * self.num_frames
 
     def instruction_tokenizer(self):
@@ -260,7 +264,7 @@ class VideoInterface(FrozenEncoderInterface):
         ids_mask = media.instruction_mask if self.instruction_aware else None
         if self.temporal == "qformer":
             features, token_mask = self.bridge_inputs(media)
-            return ModalityTokens.fixed(self.bridge(features, token_mask, ids, ids_mask))
+            return ModalityTokens(*self.bridge.tokens(features, token_mask, ids, ids_mask))
         return self._concat(media, ids, ids_mask)
 
     def _concat(self, media: MediaBatch, ids: torch.Tensor | None, ids_mask: torch.Tensor | None) -> ModalityTokens:

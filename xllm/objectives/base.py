@@ -38,6 +38,10 @@ class PretrainingObjective(nn.Module):
         """Padded ids and mask of the pairs' texts and instructions, in the tokenizer this objective reads."""
         raise NotImplementedError
 
+    def tokenizer_for(self, text: str):
+        """The tokenizer of one of `pair_texts` (default: `tokenize` for all of them)."""
+        return self.tokenize
+
     def unused_parameters(self, interface: ModalityInterface) -> list[nn.Parameter]:
         """Parameters of this objective's heads and of `interface` that none of its weighted losses reads: kept
         out of training, as the LLM stages keep `idle_modules` out (DDP requires a gradient for every trained

@@ -17,6 +17,13 @@
   beside the queries (the instruction-aware path used in every later stage) and the ITM head says
   whether the image makes it true. One pass per pair, so it is the cheapest signal for CPU runs, and it
   trains exactly the path that stages 1 and 2 use.
+- Spelling (the speech demo's C-Former recipe, for queries): the question-aware queries, projected into the LLM's
+  width, spell the pair's reply in the LLM's own tokens, one token per query: each is scored against the frozen
+  LLM's output embeddings (cross-entropy) and pulled toward the input embedding of its token (the vector the LLM
+  would read had the word been typed), and a stop head on each query learns where the reply ends
+  (`QFormerSettings.stop_head`). So the tokens the LLM later reads already sit near the words of the answer, and
+  answers of every length — "Yes", "Three.", a whole description — are learned without the LLM. The LLM never runs:
+  its tokenizer and its two `[vocab, hidden]` tables are read from its checkpoint.
 
 Losses are weighted and switchable (weight 0 turns one off and skips its compute).
 """
@@ -24,6 +31,7 @@ Losses are weighted and switchable (weight 0 turns one off and skips its compute
 from __future__ import annotations
 
 from contextlib import nullcontext
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -34,6 +42,8 @@ from xllm.blocks.bridge import QFormerBridge
 from xllm.blocks.qformer import text_output_skipped
 from xllm.blocks.qformer_sharing import SharedPasses
 from xllm.interfaces.base import ModalityInterface, PretrainableInterface
+from xllm.llm import embedding_tables, load_tokenizer
+from xllm.data.pairs import Tokenize
 from xllm.objectives.base import PretrainingObjective, PretrainOutput
 from xllm.tensors import IGNORE_INDEX
 
@@ -113,6 +123,15 @@ class QFormerObjective(PretrainingObjective):
         label_smoothing: on ITC's and ITG's targets (BLIP-2: 0.1).
         decoder_token_id: ITG reads this token in place of the text's first ([CLS]), as BLIP-2 reads its added
             [DEC] token (None: the text as it is).
+        spell_weight: weight of spelling each pair's reply in the LLM's tokens (0 turns it off; needs `llm`).
+        llm: path of the LLM that later stages use (spelling reads its tokenizer and embedding tables).
+        spell_candidates: the tokens each query is scored against: `vocabulary` (the whole output table) or `batch`
+            (the step's reply tokens, in-batch negatives: at a batch of 128 short replies ~60 ids instead of 49k, which
+            on a CPU is the difference between 0.1 s and ~1 s a step; the pull toward the input embeddings still
+            places every token among all the LLM's words).
+        embedding_weight: weight of the pull toward each reply token's input embedding (squared distance over the
+            table's mean squared norm), as `CIFObjective`'s.
+        trust_remote_code: allow hub remote code when reading `llm` (only when you trust it).
     """
 
     def __init__(
@@ -126,12 +145,32 @@ class QFormerObjective(PretrainingObjective):
         instruction_aware: bool | None = None,
         label_smoothing: float = 0.0,
         decoder_token_id: int | None = None,
+        spell_weight: float = 0.0,
+        llm: str | None = None,
+        spell_candidates: Literal["vocabulary", "batch"] = "vocabulary",
+        embedding_weight: float = 1.0,
+        trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
         self.label_smoothing, self.decoder_token_id = label_smoothing, decoder_token_id
-        self.weights = {"itc": itc_weight, "itm": itm_weight, "itg": itg_weight, "qa_itm": qa_itm_weight}
+        self.weights = {"itc": itc_weight, "itm": itm_weight, "itg": itg_weight, "qa_itm": qa_itm_weight,
+                        "spell": spell_weight}
         self.embed_dim, self.flipped_negatives, self.instruction_aware = embed_dim, flipped_negatives, instruction_aware
         self.bridge: QFormerBridge | None = None
+        if spell_candidates not in ("vocabulary", "batch"):
+            raise ValueError(f"spell_candidates must be 'vocabulary' or 'batch', got {spell_candidates!r}")
+        self.spell_candidates, self.embedding_weight = spell_candidates, embedding_weight
+        self.llm_tokenizer = None
+        if spell_weight > 0:
+            if llm is None:
+                raise ValueError("spelling (spell_weight > 0) needs the LLM's path: llm: ...")
+            self.llm_tokenizer = load_tokenizer(llm, trust_remote_code)
+            inputs, output = embedding_tables(llm, trust_remote_code)
+            # Not persistent: frozen, never in a checkpoint (they are the LLM's, read again from `llm`).
+            self.register_buffer("output_embeddings", output.float(), persistent=False)
+            self.register_buffer("input_embeddings", self.output_embeddings if inputs is output else inputs.float(),
+                                 persistent=False)
+            self.pair_texts = (*self.pair_texts, "reply")
 
     def bind(self, interface: ModalityInterface) -> None:
         """Check that `interface` is one this objective trains, and build the heads at its width."""
@@ -142,6 +181,10 @@ class QFormerObjective(PretrainingObjective):
             raise ValueError("Q-Former pretraining needs the Q-Former's text side (qformer_text: true)")
         if self.instruction_aware is None:
             self.instruction_aware = bool(getattr(interface, "instruction_aware", False))
+        if bridge.stop_head is not None and self.weights["spell"] == 0:
+            raise ValueError("the Q-Former's stop_head learns where answers end from spelling: set spell_weight > 0")
+        if self.weights["spell"] > 0:
+            interface.attach(self.output_embeddings.shape[1])  # the queries spell in the LLM's width from the start
         # Not a submodule: the bridge's parameters belong to the interface (and are saved under its name).
         object.__setattr__(self, "bridge", bridge)
         hidden = bridge.qformer.hidden_size
@@ -165,12 +208,22 @@ class QFormerObjective(PretrainingObjective):
             modules.append(self.lm_transform)
         if weights["itc"] == 0 and weights["itg"] == 0:
             modules += self._bound().qformer.text_only_modules(instruction_aware=True)
+        if weights["spell"] == 0 and self._bound().projection is not None:
+            modules.append(self._bound().projection)
         own = [self.temperature] * (weights["itc"] == 0) + [self.lm_bias] * (weights["itg"] == 0)
         return [p for module in modules for p in module.parameters()] + own
 
     def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Captions and instructions in the Q-Former's own tokenizer (the data loader's collator calls it)."""
         return self._bound().tokenize(texts)
+
+    def tokenizer_for(self, text: str) -> Tokenize:
+        """Replies, which the queries spell, in the LLM's tokenizer; every other text in the Q-Former's."""
+        return self.llm_tokens if text == "reply" and self.llm_tokenizer is not None else self.tokenize
+
+    def llm_tokens(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        encoded = self.llm_tokenizer(texts, padding=True, add_special_tokens=False, return_tensors="pt")
+        return encoded["input_ids"], encoded["attention_mask"]
 
     def _bound(self) -> QFormerBridge:
         if self.bridge is None:
@@ -190,6 +243,53 @@ class QFormerObjective(PretrainingObjective):
         `features` are the bridge's (normalised, with positions: `bridge.features(...)`)."""
         queries = self._bound().qformer(features, feature_mask, question_ids, question_mask)
         return self.itm_head(queries).mean(dim=1)
+
+    def spelling(self, queries: torch.Tensor, reply_ids: torch.Tensor, reply_mask: torch.Tensor, ids: list[str],
+                 ) -> dict[str, torch.Tensor]:
+        """Spelling's loss and metrics: query i of each pair, projected, spells token i of its reply (cross-entropy
+        over `spell_candidates` + `embedding_weight` × the pull toward the token's input embedding), and the stop
+        head marks every query from the reply's length on (binary cross-entropy), when the bridge has one."""
+        bridge = self._bound()
+        reply_ids, reply_mask = reply_ids.to(queries.device), reply_mask.to(queries.device).bool()
+        lengths, slots = reply_mask.sum(dim=1), bridge.max_tokens
+        if int(lengths.max()) > slots:
+            longest = int(lengths.argmax())
+            raise ValueError(f"pair {ids[longest]}: its reply is {int(lengths[longest])} LLM tokens, but the Q-Former "
+                             f"spells at most {slots} (num_query_tokens x tokens_per_query): shorten it or add queries")
+        tokens = bridge.project(queries)
+        spelled, wanted = tokens[:, : reply_ids.shape[1]][reply_mask], reply_ids[reply_mask]
+        if self.spell_candidates == "batch":
+            candidates = wanted.unique()  # sorted: a token's class is its place among them
+            logits = spelled @ self.output_embeddings[candidates].to(spelled.dtype).T
+            classes = torch.searchsorted(candidates, wanted)
+        else:
+            logits, classes = spelled @ self.output_embeddings.to(spelled.dtype).T, wanted
+        token_ce = F.cross_entropy(logits, classes)
+        typed = self.input_embeddings[wanted].to(spelled.dtype)
+        pull = (spelled - typed).pow(2).sum(-1).mean() / self.input_embeddings.pow(2).sum(-1).mean()
+        right = logits.argmax(dim=-1) == classes
+        metrics = {"spell_ce": token_ce.detach(), "spell_pull": pull.detach(), "spell_accuracy": right.float().mean()}
+        loss = token_ce + self.embedding_weight * pull
+        if bridge.stop_head is not None:
+            ended = torch.arange(slots, device=queries.device)[None] >= lengths[:, None]
+            stop_logits = bridge.stop_logits(queries)
+            loss = loss + F.binary_cross_entropy_with_logits(stop_logits, ended.float())
+            stopped = (stop_logits > 0) == ended
+            metrics["stop_accuracy"] = stopped.float().mean()
+            whole = torch.zeros_like(reply_mask)
+            whole[reply_mask] = right
+            metrics["spell_exact"] = ((whole | ~reply_mask).all(dim=1) & stopped.all(dim=1)).float().mean()
+        return {"loss": loss, **metrics}
+
+    @torch.no_grad()
+    def spell(self, interface: PretrainableInterface, media) -> list[str]:
+        """The Q-Former on its own, as it answers: each item's tokens (as many as the stop head gives) read as their
+        nearest output embeddings, decoded (a diagnostic the demos report beside the LLM's answers)."""
+        features, mask = interface.bridge_inputs(media)
+        tokens, lengths = self._bound().tokens(features, mask, media.instruction_ids, media.instruction_mask)
+        ids = (tokens @ self.output_embeddings.to(tokens.dtype).T).argmax(dim=-1)
+        return [self.llm_tokenizer.decode(row[:n].tolist(), skip_special_tokens=True).strip()
+                for row, n in zip(ids, lengths.tolist())]
 
     def forward(
         self, interface: PretrainableInterface, batch: dict, generator: torch.Generator | None = None
@@ -276,17 +376,28 @@ class QFormerObjective(PretrainingObjective):
                                                reduction="sum", label_smoothing=self.label_smoothing)
                 losses["itg"] = token_losses / mean_over_ranks((targets != IGNORE_INDEX).sum())
 
-            if self.weights["qa_itm"] > 0:
+            if self.weights["qa_itm"] > 0 or self.weights["spell"] > 0:
                 answers = batch.get("answers")
-                if answers is None or instruction_ids is None:
-                    raise ValueError("qa_itm needs the pairs' instructions and yes/no answers")
-                rows = (answers >= 0).nonzero().flatten().to(device)
-                if len(rows):
-                    logits = self.question_logits(shared.rows(rows),
-                                                  None if feature_mask is None else feature_mask[rows],
-                                                  instruction_ids[rows], instruction_mask[rows])
-                    losses["qa_itm"] = F.cross_entropy(logits, answers[rows])
-                    out.metrics["qa_itm_accuracy"] = (logits.argmax(dim=1) == answers[rows]).float().mean()
+                if instruction_ids is None or (self.weights["qa_itm"] > 0 and answers is None):
+                    raise ValueError("qa_itm and spelling need the pairs' instructions (and qa_itm their yes/no answers)")
+                # One question-aware pass serves both: the rows with a yes/no answer (QA-ITM) or every row (spelling).
+                asked = (torch.arange(size, device=device) if self.weights["spell"] > 0
+                         else (answers >= 0).nonzero().flatten().to(device))
+                if len(asked):
+                    queries = qformer(shared.rows(asked), None if feature_mask is None else feature_mask[asked],
+                                      instruction_ids[asked], instruction_mask[asked])
+                    yes_no = (answers.to(device)[asked] >= 0) if answers is not None else None
+                    if self.weights["qa_itm"] > 0 and bool(yes_no.any()):
+                        logits = self.itm_head(queries[yes_no]).mean(dim=1)
+                        targets = answers.to(device)[asked][yes_no]
+                        losses["qa_itm"] = F.cross_entropy(logits, targets)
+                        out.metrics["qa_itm_accuracy"] = (logits.argmax(dim=1) == targets).float().mean()
+                    if self.weights["spell"] > 0:
+                        rows = asked.tolist()
+                        spelled = self.spelling(queries, batch["reply_ids"][asked], batch["reply_mask"][asked],
+                                                [batch["ids"][i] for i in rows])
+                        losses["spell"] = spelled.pop("loss")
+                        out.metrics.update(spelled)
 
         for name, value in losses.items():
             out.metrics[name] = value

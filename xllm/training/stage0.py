@@ -79,7 +79,8 @@ class InterfacePretrainingModule(TrainingModule):
         rows = build_pair_dataset(path, self.modality, media_root, bad_samples, allow_outside_root)
         self.interface.prepare_media(list(rows["path"]))
         return PairDataset(rows, self.modality, self.interface.media_loader(), self.objective.tokenize, bad_samples,
-                           self.objective.pair_texts, by_record=self.batch_by_record)
+                           self.objective.pair_texts, by_record=self.batch_by_record,
+                           tokenizer_for=self.objective.tokenizer_for)
 
     def collator(self) -> PairCollator:
         return PairCollator(self.interface.collate)
