@@ -1,6 +1,6 @@
 """lmms-eval evaluates an xllm adapter through the plugin (entry point `lmms_eval.models`, no edit of lmms-eval):
 its CLI, offline, on the `xllm_shapes_mme` task, gives the MME acc / acc+ / score that `evaluate.py` gives on the
-same records.
+same records, and on `xllm_shapes_open` the VQAv2 exact match that `evaluate.py --metric open` gives.
 
 lmms-eval 0.7.3's own pins would downgrade av and wandb in the pinned set, so `make test` installs it with
 --no-deps into `.cache/lmms-eval-site` (requirements-lmms-eval.txt) and names that folder in
@@ -40,17 +40,20 @@ def test_lmms_eval_scores_an_adapter_as_evaluate_py_does(tiny, tmp_path):
     shutil.copytree(tiny / "data" / "images", work / ".cache" / "demo" / "data" / "images")
     records = (tiny / "data" / "test_yesno.jsonl").read_text().splitlines()[:LIMIT]
     (work / ".cache" / "demo" / "data" / "test_yesno.jsonl").write_text("\n".join(records) + "\n")
+    open_records = (tiny / "data" / "test_open.jsonl").read_text().splitlines()[:LIMIT]
+    (work / ".cache" / "demo" / "data" / "test_open.jsonl").write_text("\n".join(open_records) + "\n")
 
     env = {**os.environ, "PYTHONPATH": site, "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf_datasets")}
     run = subprocess.run(
         [sys.executable, "-m", "lmms_eval", "eval", "--model", "xllm", "--model_args", f"adapter={adapter}",
-         "--tasks", "xllm_shapes_mme", "--include_path", str(ROOT / "xllm/evaluation/lmms_tasks"),
+         "--tasks", "xllm_shapes_mme,xllm_shapes_open", "--include_path", str(ROOT / "xllm/evaluation/lmms_tasks"),
          "--batch_size", "8", "--limit", str(LIMIT), "--output_path", str(tmp_path / "lmms_out"), "--log_samples"],
         cwd=work, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, (run.stdout[-3000:], run.stderr[-5000:])
     (results_file,) = [p for p in (tmp_path / "lmms_out").rglob("*results.json")]  # lmms-eval exits 0 on errors
-    got = json.loads(results_file.read_text())["results"]["xllm_shapes_mme"]
+    results = json.loads(results_file.read_text())["results"]
+    got = results["xllm_shapes_mme"]
     (samples_file,) = [p for p in (tmp_path / "lmms_out").rglob("*samples_xllm_shapes_mme.jsonl")]
     samples = [json.loads(line) for line in samples_file.read_text().splitlines()]
 
@@ -67,6 +70,15 @@ def test_lmms_eval_scores_an_adapter_as_evaluate_py_does(tiny, tmp_path):
     assert got["mme_acc_plus,none"] == pytest.approx(table["all"]["acc_plus"])
     # MME's score is the sum over categories of acc x 100 + acc+ x 100
     assert got["mme_score,none"] == pytest.approx(sum(v["score"] for k, v in table.items() if k != "all"))
+
+    # The open questions: lmms-eval's own VQAv2 normalisation and exact match, evaluate.py's number.
+    opened = evaluate(adapter=str(adapter), data=str(work / ".cache/demo/data/test_open.jsonl"),
+                      output=str(tmp_path / "open.json"), max_new_tokens=24)
+    assert opened["metric"] == "open" and opened["metrics"]["all"]["questions"] == LIMIT
+    (open_file,) = [p for p in (tmp_path / "lmms_out").rglob("*samples_xllm_shapes_open.jsonl")]
+    open_samples = sorted((json.loads(line) for line in open_file.read_text().splitlines()), key=lambda s: s["doc_id"])
+    assert [s["filtered_resps"] for s in open_samples] == [s["reply"] for s in opened["samples"]]
+    assert results["xllm_shapes_open"]["exact_match,none"] == pytest.approx(opened["metrics"]["all"]["exact_match"])
 
 
 def test_the_task_scores_replies_as_xllm_scores_them(tmp_path):

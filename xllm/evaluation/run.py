@@ -1,8 +1,10 @@
 """Evaluate an adapter directory on a conversation file: generate, score, write per-sample JSON.
 
 The metric follows the data: yes/no references (MME-style files with `category` and `image_id`) get MME's
-scoring (`xllm.evaluation.mme`, the same function the demos report with); other references get exact match,
-CER/WER and the teacher-forced loss. Generation and the loss go through the model's one inference path
+scoring (`xllm.evaluation.mme`, the same function the demos report with); records that list the `objects` their
+media hold are descriptions, read back into objects (exact scene, object precision / recall, CHAIR-i, with CIDEr-D
+and BLEU-4: `xllm.evaluation.scenes`); other records with a `category` are open questions, scored as VQAv2 scores
+them per category (`xllm.evaluation.open_answers`); the rest get exact match, CER/WER and the teacher-forced loss. Generation and the loss go through the model's one inference path
 (`XLLM.batch`, then `generate` or `forward`), the same batches training uses.
 """
 
@@ -14,8 +16,10 @@ from typing import Any
 
 import torch
 
-from xllm.evaluation.metrics import normalize_answer, summarize
+from xllm.evaluation.metrics import bleu4, cider_d, normalize_answer, summarize
 from xllm.evaluation.mme import load_yes_no, mme_table, score_yes_no
+from xllm.evaluation.open_answers import generate_turns, last_turn_results, open_answer_table
+from xllm.evaluation.scenes import SceneVocabulary, scene_scores
 from xllm.model import XLLM
 
 
@@ -49,6 +53,7 @@ def evaluate(
     device: str | None = None,
     dtype: str | None = None,
     metric: str = "auto",
+    own_history: bool = False,
     max_new_tokens: int = 32,
     batch_size: int = 32,
     max_length: int = 2048,
@@ -57,7 +62,11 @@ def evaluate(
     """Generate the last assistant turn of every conversation in `data` and score it.
 
     `metric="yes_no"` (chosen by `auto` when every reference is a bare Yes/No) parses replies as MME does and
-    reports acc, acc+ and MME's score per category; `metric="text"` reports exact match, CER/WER and the loss.
+    reports acc, acc+ and MME's score per category; `describe` (chosen when records list their media's `objects`,
+    dicts of a `kind` and attributes) reads each description back into objects with the vocabulary of all records'
+    objects and reports exact scene, object precision / recall, CHAIR-i, CIDEr-D and BLEU-4; `open` (chosen when
+    records have a `category`) reports VQAv2's exact match per category and per `wording`; `text` reports exact
+    match, CER/WER and the loss.
 
     Args:
         adapter: adapter directory written by training (config.json + adapter.safetensors).
@@ -70,7 +79,9 @@ def evaluate(
         interface_overrides: other interface settings per modality, e.g. `{"image": {"feature_cache": "c/"}}`.
         device: run on this device (`cuda`, `cuda:1`; default the CPU).
         dtype: dtype of the frozen LLM and encoders (`bfloat16` on a GPU).
-        metric: `auto`, `yes_no` or `text` (see above).
+        metric: `auto`, `yes_no`, `describe`, `open` or `text` (see above).
+        own_history: in conversations with several assistant turns, generate each turn after the model's own earlier
+            replies (a chat as a user has it) instead of the references (`open` and `describe`).
         max_new_tokens: generation length limit (text metrics; yes/no replies need only their first words).
         batch_size: samples per generation batch.
         max_length: longest sequence for the teacher-forced loss.
@@ -82,13 +93,35 @@ def evaluate(
     records = load_yes_no(data, model, media_root, limit, allow_media_outside_root)
     if metric == "auto":
         answers = {normalize_answer(r["conversations"][last_reply(r)]["value"]) for r in records}
-        metric = "yes_no" if answers and answers <= {"yes", "no"} else "text"
+        metric = ("yes_no" if answers and answers <= {"yes", "no"} else
+                  "describe" if records and all("objects" in r["fields"] for r in records) else
+                  "open" if records and all("category" in r["fields"] for r in records) else "text")
     if metric == "yes_no":
         samples = score_yes_no(model, records, batch_size)
         return write_result(output, {"adapter": adapter, "data": data, "metric": metric,
                                      "metrics": mme_table(samples), "samples": samples})
+    if metric in ("open", "describe"):
+        replies = generate_turns(model, records, own_history, batch_size, max_new_tokens)
+        samples = last_turn_results(records, replies)
+        if metric == "open":
+            metrics = {**open_answer_table(samples), **{f"{k} wordings": v for k, v in
+                                                       open_answer_table(samples, by="wording").items() if k != "all"}}
+        else:
+            objects = [r["fields"].get("objects") for r in records]
+            if any(not isinstance(o, list) for o in objects):
+                bad = next(r for r, o in zip(records, objects) if not isinstance(o, list))
+                raise ValueError(f"{bad['source']}: record {bad['id']} lists no `objects` (a list of {{kind, ...}}): "
+                                 "describe scoring needs what each picture holds")
+            vocabulary = SceneVocabulary.from_objects([o for group in objects for o in group])
+            references = [[s["reference"]] for s in samples]
+            metrics = scene_scores([vocabulary.parse(s["reply"]) for s in samples],
+                                   [vocabulary.truth(group) for group in objects])
+            metrics |= {"cider_d": cider_d([s["reply"] for s in samples], references),
+                        "bleu4": bleu4([s["reply"] for s in samples], references)}
+        return write_result(output, {"adapter": adapter, "data": data, "metric": metric, "metrics": metrics,
+                                     "samples": samples})
     if metric != "text":
-        raise ValueError(f"metric must be auto, yes_no or text, got {metric!r}")
+        raise ValueError(f"metric must be auto, yes_no, describe, open or text, got {metric!r}")
     processor = model.processor(max_length)
     processor.prepare_media([r["media"] for r in records])  # e.g. cache every file's features once, in batches
     samples: list[dict[str, Any]] = []
