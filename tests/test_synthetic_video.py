@@ -65,8 +65,12 @@ def test_held_out_clips_never_occur_in_training(task):
         cells = [(r["row"], r["column"]) for r in (row["changer"], row["event"], *row["flashes"])]
         assert len(set(cells)) == 4 and all((r if horizontal else c) != row["mover"]["line"] for r, c in cells), row
     # Stage 0's records: each holds one clip's Yes and No of one category, the training questions exactly once,
-    # the Yes first in some records and second in others.
-    pairs, questions = rows(task, "train_pairs.jsonl"), rows(task, "train_yesno.jsonl")
+    # the Yes first in some records and second in others; then each clip's open questions and description.
+    everything, questions = rows(task, "train_pairs.jsonl"), rows(task, "train_yesno.jsonl")
+    pairs = [p for p in everything if p["category"] != "open"]
+    opened = {p["video"]: p for p in everything if p["category"] == "open"}
+    assert set(opened) == {q["video"] for q in questions} and all(
+        len(p["conversations"]) == 2 * 6 for p in opened.values())  # five open questions and a description
     asked = [(p["video"], p["category"], p["conversations"][i]["value"].removeprefix("<video>\n"),
               p["conversations"][i + 1]["value"]) for p in pairs for i in (0, 2)]
     assert sorted(asked) == sorted((q["video"], q["category"], q["conversations"][0]["value"].removeprefix(

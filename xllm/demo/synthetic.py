@@ -113,14 +113,53 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
             handle.write(json.dumps(row) + "\n")
 
 
+def talk_records(items: list[Item], name: str, image_id: str, rng: random.Random, held_out: bool | None,
+                 ) -> dict[str, list[dict]]:
+    """The open questions (one per type), the description request and a follow-up chat about one image, as records
+    (`category`, `wording` and `image_id` kept for scoring), and stage 0's record: each question with what the
+    Q-Former spells for it (`xllm.demo.shapes_language.evidence`). `held_out`: which wordings (see `draw_question`)."""
+    from xllm.demo.shapes_language import OPEN_TYPES, WORDINGS, describe, draw_follow_up, draw_question
+
+    def record(suffix: str, category: str, wording: str, turns: list[tuple[str, str]]) -> dict:
+        conversations = [{"from": role, "value": text} for question, reply in turns
+                         for role, text in (("human", question), ("gpt", reply))]
+        conversations[0]["value"] = f"<image>\n{conversations[0]['value']}"
+        return {"id": f"{image_id}-{suffix}", "image": name, "category": category, "wording": wording,
+                "image_id": image_id, "conversations": conversations}
+
+    kinds = [kind for kind in OPEN_TYPES if kind != "absent" or len(items) < len(SHAPES)]
+    asked = [draw_question(kind, items, rng, held_out) for kind in kinds]
+    seen, unseen = WORDINGS["describe"]
+    request = rng.choice(seen if held_out is False else seen + unseen)
+    first, second = draw_follow_up(items, rng, held_out)
+    return {
+        "open": [record(q["category"], q["category"], q["wording"], [(q["question"], q["answer"])]) for q in asked],
+        # `objects`: what the picture holds, for `evaluate.py --metric describe` (xllm.evaluation.scenes)
+        "describe": [{**record("describe", "describe", "held_out" if request in unseen else "seen",
+                               [(request, describe(items))]),
+                      "objects": [{"kind": i.shape, "colour": i.colour, "place": i.position} for i in items]}],
+        "follow_up": [record("follow_up", "follow_up", second["wording"],
+                             [(first["question"], first["answer"]), (second["question"], second["answer"])])],
+        "stage0": [record("stage0", "stage0", "seen", [(q["question"], q["evidence"]) for q in asked]
+                          + [(request, describe(items))])],
+    }
+
+
 def build_split(
     out: Path, split: str, images: int, seed: int, image_size: int = 224, exclude: frozenset = frozenset(),
 ) -> set[frozenset[Item]]:
-    """Writes `images/{split}_*.png` and `{split}_captions.jsonl`, `{split}_chat.jsonl`, `{split}_yesno.jsonl`,
-    `{split}_scenes.jsonl` (each image's items), with no scene of `exclude`; returns the split's scenes."""
+    """Writes `images/{split}_*.png` and per image: `{split}_captions.jsonl` (a caption), `{split}_chat.jsonl` (a
+    multi-turn chat), `{split}_yesno.jsonl` (MME's pairs), `{split}_open.jsonl` (one open question per type),
+    `{split}_describe.jsonl`, `{split}_followup.jsonl` (a turn that refers back), `{split}_scenes.jsonl` (each image's
+    items) and, for `train`, `train_stage0.jsonl` (stage 0's records: yes/no pairs and what the Q-Former spells), with
+    no scene of `exclude`; returns the split's scenes. Training uses training wordings only; val and test draw from
+    all wordings, held-out ones included. The open questions draw from their own random stream, so the images and
+    yes/no questions are those of the yes/no-only task (version 4)."""
     rng = random.Random(seed)
+    talk_rng = random.Random(seed * 7919 + 17)
     (out / "images").mkdir(parents=True, exist_ok=True)
     captions, chats, questions, truths, scenes = [], [], [], [], set()
+    talk: dict[str, list[dict]] = {"open": [], "describe": [], "follow_up": [], "stage0": []}
     for index in range(images):
         items = sample_scene(rng)
         while scene_key(items) in exclude:
@@ -144,8 +183,15 @@ def build_split(
             {"from": "human", "value": f"<image>\n{first[1]}"}, {"from": "gpt", "value": first[2]},
             {"from": "human", "value": second[1]}, {"from": "gpt", "value": second[2]},
             {"from": "human", "value": "Describe the image briefly."}, {"from": "gpt", "value": text}]})
-    for stem, rows in (("captions", captions), ("chat", chats), ("yesno", questions), ("scenes", truths)):
+        for kind, rows in talk_records(items, name, image_id, talk_rng, False if split == "train" else None).items():
+            talk[kind] += rows
+        talk["stage0"][-1]["conversations"] += [turn for q in asked for turn in (
+            {"from": "human", "value": q[1]}, {"from": "gpt", "value": q[2]})]
+    for stem, rows in (("captions", captions), ("chat", chats), ("yesno", questions), ("scenes", truths),
+                       ("open", talk["open"]), ("describe", talk["describe"]), ("followup", talk["follow_up"])):
         write_jsonl(out / f"{split}_{stem}.jsonl", rows)
+    if split == "train":
+        write_jsonl(out / "train_stage0.jsonl", talk["stage0"])
     return scenes
 
 
@@ -158,7 +204,7 @@ def build_shapes_task(
     split drawn freely holds most)."""
     out = Path(out)
     stamp, blank = out / "COMPLETE", out / BLANK
-    wanted = json.dumps({"train": train, "val": val, "test": test, "seed": seed, "version": 4, "size": image_size})
+    wanted = json.dumps({"train": train, "val": val, "test": test, "seed": seed, "version": 5, "size": image_size})
     if stamp.exists() and stamp.read_text() == wanted:
         if not blank.exists():  # a task built before the blank image was part of it
             draw_scene([], random.Random(0), image_size).save(blank)

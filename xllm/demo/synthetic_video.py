@@ -293,16 +293,45 @@ def pair_records(questions: list[dict], seed: int) -> list[dict]:
     return records
 
 
+def talk_records(clip: Clip, name: str, video_id: str, rng: random.Random, held_out: bool | None) -> dict[str, list]:
+    """One open question of each type (`xllm.demo.video_language`) and a description request about one clip, as
+    records (`category`, `wording`, `image_id` kept for scoring; a description lists its `events`), and stage 0's
+    record of all of them (the Q-Former spells each answer)."""
+    from xllm.demo.video_language import OPEN_TYPES, WORDINGS, describe, draw_question, events
+
+    def record(suffix: str, category: str, wording: str, turns: list[tuple[str, str]], **extra) -> dict:
+        conversations = [{"from": role, "value": text} for question, reply in turns
+                         for role, text in (("human", question), ("gpt", reply))]
+        conversations[0]["value"] = f"<video>\n{conversations[0]['value']}"
+        return {"id": f"{video_id}-{suffix}", "video": name, "category": category, "wording": wording,
+                "image_id": video_id, "conversations": conversations, **extra}
+
+    asked = [draw_question(kind, clip, rng, held_out) for kind in OPEN_TYPES]
+    seen, unseen = WORDINGS["describe"]
+    request = rng.choice(seen if held_out is False else seen + unseen)
+    return {
+        "open": [record(q["category"], q["category"], q["wording"], [(q["question"], q["answer"])]) for q in asked],
+        "describe": [record("describe", "describe", "held_out" if request in unseen else "seen",
+                            [(request, describe(clip))], events=[list(e) for e in events(clip)])],
+        "stage0": [(q["question"], q["answer"]) for q in asked] + [(request, describe(clip))],
+    }
+
+
 def build_split(
     out: Path, split: str, clips: int, seed: int, exclude: frozenset = frozenset(), held_out: bool = False,
     size: int = 160,
 ) -> set[tuple]:
-    """Writes `videos/{split}_*.mp4`, `{split}_yesno.jsonl`, `{split}_captions.jsonl` and `{split}_scenes.jsonl`
-    (what each clip holds: roles, shapes, colours, cells, moments), with no scene of
-    `exclude`; clips use held-out combinations only (`held_out`) or none of them; returns the split's scenes."""
+    """Writes `videos/{split}_*.mp4`, `{split}_yesno.jsonl`, `{split}_captions.jsonl`, `{split}_open.jsonl` (one
+    open question per type), `{split}_describe.jsonl` and `{split}_scenes.jsonl` (what each clip holds: roles,
+    shapes, colours, cells, moments), with no scene of `exclude`; for `train` also `train_pairs.jsonl` (stage 0's
+    records: per clip and category its yes/no pair, then its open questions and description); clips use held-out
+    combinations only (`held_out`) or none of them; returns the split's scenes. The open questions draw from their
+    own random stream, so clips and yes/no questions are those of the yes/no-only task (version 7)."""
     rng = random.Random(seed)
+    talk_rng = random.Random(seed * 7919 + 17)
     (out / "videos").mkdir(parents=True, exist_ok=True)
     questions, captions, truths, scenes = [], [], [], set()
+    talk: dict[str, list] = {"open": [], "describe": [], "stage0": []}
     for index in range(clips):
         while True:
             clip = sample_held_out_clip(rng) if held_out else sample_clip(rng)
@@ -319,10 +348,21 @@ def build_split(
             questions.append({"id": f"{video_id}-{category}-{answer.lower()}", "video": name, "category": category,
                               "image_id": video_id, "conversations": [
                                   {"from": "human", "value": f"<video>\n{question}"}, {"from": "gpt", "value": answer}]})
+        for kind, rows in talk_records(clip, name, video_id, talk_rng, False if split == "train" else None).items():
+            talk[kind].append(rows) if kind == "stage0" else talk[kind].extend(rows)
     write_jsonl(out / f"{split}_yesno.jsonl", questions)
     if split == "train":
-        write_jsonl(out / "train_pairs.jsonl", pair_records(questions, seed))
+        pairs = pair_records(questions, seed)
+        for number, turns in enumerate(talk["stage0"]):  # each clip's open questions: one record after its pairs
+            pairs.append({"id": f"{split}-{number}-open", "video": f"videos/{split}_{number:05d}.mp4",
+                          "category": "open", "image_id": f"{split}-{number}", "conversations": [
+                              {"from": role, "value": (f"<video>\n{text}" if i == 0 else text)}
+                              for i, (role, text) in enumerate((r, t) for q, a in turns
+                                                               for r, t in (("human", q), ("gpt", a)))]})
+        write_jsonl(out / "train_pairs.jsonl", pairs)
     write_jsonl(out / f"{split}_captions.jsonl", captions)
+    write_jsonl(out / f"{split}_open.jsonl", talk["open"])
+    write_jsonl(out / f"{split}_describe.jsonl", talk["describe"])
     write_jsonl(out / f"{split}_scenes.jsonl", truths)
     return scenes
 
@@ -336,7 +376,7 @@ def build_video_task(
     out = Path(out)
     stamp = out / "COMPLETE"
     wanted = json.dumps({"train": train, "val": val, "test": test, "test_combos": test_combos, "seed": seed,
-                         "size": size, "version": 7})
+                         "size": size, "version": 8})
     if stamp.exists() and stamp.read_text() == wanted:
         return out
     test_scenes = build_split(out, "test", test, seed * 1000 + 2, size=size)

@@ -28,7 +28,7 @@ CHATML_TEMPLATE = (
 # 0.1 makes the frozen tiny LLM responsive enough that training its inputs visibly lowers the loss.
 TINY_INIT_RANGE = 0.1
 TRAIN_IMAGES = 32  # 32 captions, 32 chats, 256 yes/no questions
-TINY_VERSION = "6"  # bump when anything below changes, so stale caches are rebuilt
+TINY_VERSION = "7"  # bump when anything below changes, so stale caches are rebuilt
 
 
 def build_tokenizer(out: Path, corpus: list[str]):
@@ -154,10 +154,16 @@ TEMPLATE_WORDS = ["A chat between a curious user and an artificial intelligence 
                   "system user assistant"]
 
 
+# The files whose text trains the tiny tokenizers: the same set since the tiny models were first built, so the files
+# added since (open questions, descriptions) leave the tiny models, and the fixtures made with them, as they are.
+CORPUS_FILES = ("train_asr.jsonl", "train_captions.jsonl", "train_chat.jsonl", "train_scenes.jsonl",
+                "train_yesno.jsonl")
+
+
 def corpus_for_tokenizer(data: Path) -> list[str]:
-    """Every text of the generated training files, plus the templates' own words."""
+    """Every text of the generated training files (`CORPUS_FILES`), plus the templates' own words."""
     texts = list(TEMPLATE_WORDS)
-    for path in sorted(data.glob("train_*.jsonl")):
+    for path in sorted(data / name for name in CORPUS_FILES):
         for line in path.read_text().splitlines():
             texts += [turn["value"].replace("<image>", "").replace("<audio>", "")
                       for turn in json.loads(line).get("conversations", [])]  # scene lists have none
