@@ -110,6 +110,13 @@ def run(session: ChatSession, lines: TextIO, out: TextIO) -> None:
         print(file=out, flush=True)
 
 
+def load_skills(adapter: str | Path, names: Sequence[str] = ()) -> list[Callable]:
+    """The skills a chat may call: `names` the user gave (`module:function` is imported: the user named it), then
+    those the adapter's config lists (installed skills only: a file never makes xllm import a module)."""
+    skills = [find_skill(name, import_modules=True) for name in names]
+    return skills + [find_skill(name) for name in read_config(adapter).get("skills", [])]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="xllm chat", description=__doc__.split("\n")[0])
     parser.add_argument("--adapter", required=True, help="adapter directory (written by training)")
@@ -124,10 +131,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="functions the model may call: module:function, or an installed skill's name")
     parser.add_argument("--max_rounds", type=int, default=4, help="most replies per turn when skills are given")
     args = parser.parse_args(argv)
-    # Named here by the user: imported. Named by the adapter's config: installed skills (entry points) only.
     try:
-        skills = [find_skill(name, import_modules=True) for name in args.skills]
-        skills += [find_skill(name) for name in read_config(args.adapter).get("skills", [])]
+        skills = load_skills(args.adapter, args.skills)
     except (LookupError, ImportError) as err:
         parser.error(str(err))
     encoders = dict(item.split("=", 1) for item in args.encoder)

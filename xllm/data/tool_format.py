@@ -84,12 +84,16 @@ def responses_text(results: Sequence[str]) -> str:
 _BLOCK = re.compile(re.escape(CALL_OPEN) + r"(.*?)(?:" + re.escape(CALL_CLOSE) + r"|\Z)", re.DOTALL)
 
 
-def read_call(block: str) -> ToolCall | str:
-    """A call block's JSON as a `ToolCall`, or why it is not one."""
+def read_call(block: str, closed: bool = True) -> ToolCall | str:
+    """A call block's JSON as a `ToolCall`, or why it is not one. An unclosed block (the reply ended inside it) may
+    end in part of `</tool_call>` after its JSON."""
     try:
-        data = json.loads(block)
+        data, end = json.JSONDecoder().raw_decode(block)
     except json.JSONDecodeError as err:
         return f"the call is not valid JSON ({err.msg} at character {err.pos})"
+    rest = block[end:].strip()
+    if rest and (closed or not CALL_CLOSE.startswith(rest)):
+        return f"the call has text after its JSON object: {rest[:40]!r}"
     if not isinstance(data, dict) or not isinstance(data.get("name"), str):
         return "the call is not a JSON object with a string 'name'"
     arguments = data.get("arguments", data.get("parameters", {}))
@@ -112,7 +116,7 @@ def parse_reply(text: str, tool_names: Sequence[str] | None = None) -> ParsedRep
     for match in _BLOCK.finditer(text):
         outside.append(text[last:match.start()])
         last = match.end()
-        call = read_call(match.group(1).strip())
+        call = read_call(match.group(1).strip(), closed=match.group(0).endswith(CALL_CLOSE))
         if isinstance(call, str):
             return ParsedReply(text.strip(), [], call)
         if tool_names is not None and call.name not in tool_names:
