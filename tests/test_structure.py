@@ -4,6 +4,7 @@
     llm | blocks | encoders               the frozen LLM; trainable blocks; frozen encoders and media decoding
     interfaces                            the contract and the modalities, composed of blocks and encoders
     data | objectives | adapters          conversations -> batches; stage-0 losses; the adapter artifact
+    skills                                typed functions the model calls, and the loop that runs them
     generation, splice, model             XLLM: embed, splice, loss, generate
     training | evaluation                 Lightning stages; metrics and MME
     apps, demo                            what a person runs; nothing in the library imports them
@@ -21,7 +22,7 @@ BOTTOM = {"tensors", "frozen", "extras"}
 COMPONENTS = BOTTOM | {"llm", "blocks", "encoders"}
 INTERFACES = COMPONENTS | {"interfaces"}
 DATA = INTERFACES | {"data"}
-MODEL = DATA | {"adapters", "generation", "splice", "model"}
+MODEL = DATA | {"adapters", "generation", "splice", "skills", "model"}
 LIBRARY = MODEL | {"objectives", "training", "evaluation"}
 ALLOWED = {
     "tensors": set(),
@@ -34,6 +35,7 @@ ALLOWED = {
     "data": DATA,
     "objectives": INTERFACES | {"llm", "objectives"},
     "adapters": INTERFACES | {"adapters"},
+    "skills": DATA | {"skills"},
     "generation": BOTTOM,
     "splice": INTERFACES,
     "model": MODEL - {"model"},

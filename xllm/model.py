@@ -42,6 +42,7 @@ from xllm.llm import (
     load_tokenizer,
     lora_to_dict,
 )
+from xllm.skills.loop import chat_with_skills
 from xllm.splice import splice_modality_tokens
 from xllm.tensors import IGNORE_INDEX
 
@@ -376,13 +377,14 @@ class XLLM(nn.Module):
         replies = self.generate(self.processor()(conversations, media), max_new_tokens, **generate_kwargs)
         return [text.strip() for text in replies]
 
-    def chat(
-        self, messages: Sequence[Mapping[str, str]], media: MediaInput | None = None, max_new_tokens: int = 64,
-        **generate_kwargs: Any,
-    ) -> str:
+    def chat(self, messages: Sequence[Mapping[str, Any]], media: MediaInput | None = None, max_new_tokens: int = 64,
+             tools: Sequence[Any] | None = None, **generate_kwargs: Any) -> Any:
         """The assistant's reply to one conversation: `messages` as `{"from": "user", "value": "<image>\\n..."}`
-        (or `{"role", "content"}`), `media` as `{"image": "photo.jpg"}` (paths, lists of paths, or loaded items)."""
-        return self.reply([messages], [media or {}], max_new_tokens, **generate_kwargs)[0]
+        (or `{"role", "content"}`), `media` as `{"image": "photo.jpg"}` (paths, lists of paths, or loaded items).
+        With `tools` (typed functions): a `SkillChat` from the skills loop (`xllm.skills.chat_with_skills`)."""
+        if tools is None:
+            return self.reply([messages], [media or {}], max_new_tokens, **generate_kwargs)[0]
+        return chat_with_skills(self, messages, media, tools, max_new_tokens, **generate_kwargs)
 
     def stream(
         self, messages: Sequence[Mapping[str, str]], media: MediaInput | None = None, max_new_tokens: int = 64,

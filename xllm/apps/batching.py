@@ -25,6 +25,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from xllm.model import XLLM
+from xllm.skills.constrain import RowConstraints
 
 
 class QueueFull(RuntimeError):
@@ -47,6 +48,8 @@ class Generation:
     tokens: int = 0
     finish: str | None = None  # "stop" (end of turn or a stop string) or "length"
     error: BaseException | None = None
+    tools: list[dict[str, Any]] | None = None  # tools hook: declared in the prompt (xllm.apps.tool_calls)
+    constraint: Any = None  # tools hook: a `CallConstraint` this row's tokens must follow, or None
     _ids: list[int] = field(default_factory=list)
     _sent: int = 0
     _queue: queue.Queue = field(default_factory=queue.Queue)
@@ -181,12 +184,17 @@ class BatchGenerator:
     def run(self, batch: list[Generation]) -> None:
         """Generate every request of `batch` together (called by the worker; callable directly in tests)."""
         self.batches.append(len(batch))
-        prompts = self.model.processor()([g.turns for g in batch], [g.media for g in batch])
+        prompts = self.model.processor()([g.turns for g in batch], [g.media for g in batch],
+                                         tools=[g.tools for g in batch])  # tools hook
         sampling = any(g.temperature > 0 for g in batch)
         bookkeeping = RowBookkeeping(batch, self.model.tokenizer, self.eos_ids)
         settings: dict[str, Any] = {"do_sample": sampling, "stopping_criteria": StoppingCriteriaList([bookkeeping])}
+        # tools hook: constrained rows first, so temperature and sampling only see the tokens a call allows
+        processors = [RowConstraints([g.constraint for g in batch])] if any(g.constraint for g in batch) else []
         if sampling:
-            settings["logits_processor"] = LogitsProcessorList([RowTemperature([g.temperature for g in batch])])
+            processors.append(RowTemperature([g.temperature for g in batch]))
+        if processors:
+            settings["logits_processor"] = LogitsProcessorList(processors)
         self.model.generate_ids(prompts, max(g.max_new_tokens for g in batch), **settings)
         for generation in batch:  # rows that ran to the batch's length without their own end
             if generation.finish is None:

@@ -3,7 +3,8 @@
 `POST /v1/chat/completions` takes OpenAI's `messages` with content parts: `text`, and whatever part types the
 adapter's interfaces declare (`ModalityInterface.content_parts`: `image_url` and `video_url` as a `data:` URL or a
 path inside a folder the server may read, `input_audio` as base64 data and a format), `max_tokens`,
-`temperature`, `stop` and `stream` (server-sent events); `GET /v1/models` lists the one model; `GET /` is a page
+`temperature`, `stop` and `stream` (server-sent events), and OpenAI function calling (`tools`, `tool_choice`,
+`tool_calls`, `role: "tool"`: `xllm.apps.tool_calls`); `GET /v1/models` lists the one model; `GET /` is a page
 to upload an image, ask, and watch the answer stream. Requests that arrive together generate together
 (`xllm.apps.batching`), each with its own settings; a full queue is a 503. Errors use OpenAI's shape
 (`{"error": {"message", "type", "param", "code"}}`).
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from xllm.apps.batching import BatchGenerator, Generation, QueueFull
+from xllm.apps.tool_calls import (ToolCallStream, ToolRequestError, checked_turns, message_tool_fields,  # tools hook
+                                  tool_reply, tool_settings, with_constraint)
 from xllm.extras import import_optional
 from xllm.model import XLLM
 
@@ -120,9 +123,10 @@ class ChatCompletions:
         turns, media, count = [], {}, 0
         for number, message in enumerate(body["messages"]):
             param = f"messages[{number}]"
-            if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
-                raise RequestError("each message needs a role: system, user or assistant", param)
+            if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant", "tool"):
+                raise RequestError("each message needs a role: system, user, assistant or tool", param)
             content = message.get("content")
+            content = "" if content is None and message.get("tool_calls") else content  # tools hook: calls only
             parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
             if not isinstance(parts, list):
                 raise RequestError("content must be a string or a list of parts", param)
@@ -133,16 +137,20 @@ class ChatCompletions:
                     value += part["text"]
                     continue
                 modality, url = self._media_part(kind, part, param)
-                if message["role"] != "user":
-                    raise RequestError("media belong in user messages", param)
+                if message["role"] not in ("user", "tool"):  # tools hook: a tool may return a picture
+                    raise RequestError("media belong in user (or tool) messages", param)
                 count += 1
                 if count > self.max_media:
                     raise RequestError(f"too many media items: at most {self.max_media} per request", param)
                 media.setdefault(modality, []).append(self._media_path(url, folder, count - 1, param))
                 value += self.model.interfaces[modality].placeholder + "\n"
-            turns.append({"from": message["role"], "value": value})
-        if turns[-1]["from"] != "user":
-            raise RequestError("the last message must be the user's", "messages")
+            turns.append({"from": message["role"], "value": value, **message_tool_fields(message)})  # tools hook
+        try:  # tools hook: calls and results paired, the request's tools and tool_choice read
+            turns, tools = checked_turns(turns), tool_settings(body)
+        except ToolRequestError as err:
+            raise RequestError(str(err), err.param) from err
+        if turns[-1]["from"] not in ("user", "tool"):
+            raise RequestError("the last message must be the user's (or a tool's result)", "messages")
         max_tokens = body.get("max_tokens", body.get("max_completion_tokens", 256))
         if not isinstance(max_tokens, int) or not 1 <= max_tokens <= 4096:
             raise RequestError("max_tokens must be an integer from 1 to 4096", "max_tokens")
@@ -153,31 +161,35 @@ class ChatCompletions:
         stop = [stop] if isinstance(stop, str) else stop
         if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(t, str) and t for t in stop):
             raise RequestError("stop must be a string or a list of at most 4 non-empty strings", "stop")
-        return turns, media, {"max_new_tokens": max_tokens, "temperature": float(temperature), "stop": stop}
+        return turns, media, {"max_new_tokens": max_tokens, "temperature": float(temperature), "stop": stop, **tools}
 
-    def prompt_tokens(self, turns: list[dict], media: dict[str, list[str]]) -> int:
+    def prompt_tokens(self, turns: list[dict], media: dict[str, list[str]], tools: list | None = None) -> int:
         """Text tokens of the prompt plus each media item's token count (its interface's maximum)."""
-        ids = self.model.processor().encode_prompt(turns)["input_ids"]
+        ids = self.model.processor().encode_prompt(turns, tools)["input_ids"]
         text = sum(1 for i in ids if i >= 0)
         return text + sum(self.model.interfaces[m].max_tokens * len(paths) for m, paths in media.items())
 
     def usage(self, turns: list[dict], media: dict[str, list[str]], generation: Generation) -> dict[str, int]:
-        prompt, completion = self.prompt_tokens(turns, media), generation.tokens
+        prompt, completion = self.prompt_tokens(turns, media, generation.tools), generation.tokens
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def start(self, turns, media, settings) -> Generation:
         """Queue a request's generation (its media decoded here, in the request's thread: a bad file is its own
         400); `QueueFull` when the server already holds `max_queue` requests."""
         loaded = self.model.processor().load_media([media])[0]
+        settings = with_constraint(settings, self.model.tokenizer, self.batches.eos_ids)  # tools hook
         return self.batches.submit(Generation(turns, loaded, **settings))
 
     # --- answers -------------------------------------------------------------------------------------
     def complete(self, generation: Generation, turns, media) -> dict[str, Any]:
         reply = generation.wait()
         usage, finish = self.usage(turns, media, generation), generation.finish
+        message = {"role": "assistant", "content": reply}
+        if generation.tools:  # tools hook: the reply's calls, if it made any
+            message, finish = tool_reply(reply, generation.tools, finish)
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": self.name, "usage": usage,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": finish}]}
+                "choices": [{"index": 0, "message": message, "finish_reason": finish}]}
 
     def chunks(self, generation: Generation, turns, media) -> Iterator[str]:
         """Server-sent events: a role chunk, one chunk per streamed piece, a finish chunk with usage, [DONE]."""
@@ -189,13 +201,18 @@ class ChatCompletions:
             return f"data: {json.dumps(chunk)}\n\n"
 
         yield event({"role": "assistant", "content": ""})
+        calls = ToolCallStream(generation.tools) if generation.tools else None  # tools hook
         try:
             for piece in generation.pieces():
-                yield event({"content": piece})
+                for delta in calls.feed(piece) if calls else [{"content": piece}]:  # tools hook
+                    yield event(delta)
         except Exception as err:  # the batch failed after the stream began: say so in the stream
             yield f"data: {json.dumps({'error': {'message': str(err), 'type': 'server_error'}})}\n\n"
             return
-        yield event({}, generation.finish, usage=self.usage(turns, media, generation))
+        for delta in calls.close() if calls else []:  # tools hook: held-back text, or the calls
+            yield event(delta)
+        finish = calls.finish_reason(generation.finish) if calls else generation.finish
+        yield event({}, finish, usage=self.usage(turns, media, generation))
         yield "data: [DONE]\n\n"
 
 

@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from xllm.data.collator import ConversationCollator
 from xllm.data.records import BadSampleError, check_placeholders, normalize_turns
-from xllm.data.templates import Message, render_segments
+from xllm.data.templates import message_of, render_segments
 from xllm.interfaces.base import Item, ModalityInterface, placeholder
 from xllm.tensors import IGNORE_INDEX
 
@@ -78,11 +78,15 @@ class ConversationProcessor:
 
     def media_instructions(self, conversations: list[dict[str, str]]) -> dict[str, list[str]]:
         """modality -> for each item in reading order, the text of the turn that holds it (placeholders removed), or
-        the turn's `instruction` when it has one."""
+        the turn's `instruction` when it has one. An item a tool returned (a skill's edited picture) is read with
+        the last user turn's words: it is looked at for the question that made the model call the tool."""
         out: dict[str, list[str]] = {m: [] for m in self.sentinels}
+        asked = ""
         for turn in conversations:
             found, words = self.split_turn(turn["value"])
-            text = turn.get("instruction", words)
+            if turn["from"] == "user":
+                asked = turn.get("instruction", words)
+            text = turn.get("instruction", asked if turn["from"] == "tool" else words)
             for modality in found:
                 out[modality].append(text)
         return out
@@ -100,8 +104,9 @@ class ConversationProcessor:
 
     def encode(self, record: dict[str, Any]) -> dict[str, Any]:
         """Tokenize a normalized record; raise `BadSampleError` if it cannot fit `max_length` whole."""
-        messages = [Message(t["from"], t["value"]) for t in record["conversations"]]
-        segments = render_segments(messages, self.tokenizer, self.template, self.system_prompt)
+        messages = [message_of(t) for t in record["conversations"]]
+        segments = render_segments(messages, self.tokenizer, self.template, self.system_prompt,
+                                   tools=record.get("tools"))
         ids, labels = self._tokenize_segments(segments)
         length = self.expanded_length(ids)
         truncated = False
@@ -142,12 +147,14 @@ class ConversationProcessor:
             )
         return ids[:keep], labels[:keep]
 
-    def encode_prompt(self, conversations: list[dict[str, str]]) -> dict[str, Any]:
+    def encode_prompt(self, conversations: list[dict[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None
+                      ) -> dict[str, Any]:
         """A prompt ending in the assistant cue, for generation: `{"input_ids", "labels" (all -100),
-        "instruction_ids"}`, the same shape `encode` gives, so one collator batches both."""
-        messages = [Message(t["from"], t["value"]) for t in conversations]
+        "instruction_ids"}`, the same shape `encode` gives, so one collator batches both. `tools`: the function
+        declarations the model may call (see `xllm.data.tool_format`)."""
+        messages = [message_of(t) for t in conversations]
         segments = render_segments(
-            messages, self.tokenizer, self.template, self.system_prompt, add_generation_prompt=True
+            messages, self.tokenizer, self.template, self.system_prompt, add_generation_prompt=True, tools=tools
         )
         ids, _ = self._tokenize_segments(segments)
         return {"input_ids": ids, "labels": [IGNORE_INDEX] * len(ids), "instruction_ids": self.instruction_ids(conversations)}
@@ -193,9 +200,10 @@ class MultimodalProcessor:
         )
         self.collator = ConversationCollator(tokenizer.pad_token_id, {m: i.collate for m, i in self.interfaces.items()})
 
-    def encode_prompt(self, conversation: Sequence[Mapping[str, str]]) -> dict[str, Any]:
+    def encode_prompt(self, conversation: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None
+                      ) -> dict[str, Any]:
         """Token ids of a prompt that ends in the assistant cue (see `ConversationProcessor.encode_prompt`)."""
-        return self.text.encode_prompt(normalize_turns(list(conversation), "conversation"))
+        return self.text.encode_prompt(normalize_turns(list(conversation), "conversation"), tools)
 
     def prepare_media(self, media: Sequence[MediaInput]) -> None:
         """Let each interface prepare all of its paths at once (e.g. cache their features in batches)."""
@@ -220,14 +228,17 @@ class MultimodalProcessor:
         conversations: Sequence[Sequence[Mapping[str, str]]],
         media: Sequence[MediaInput] | None = None,
         prompt: bool = True,
+        tools: Sequence[Sequence[Mapping[str, Any]] | None] | None = None,
     ) -> dict[str, Any]:
         """Conversations + their media (paths, or items already loaded) -> a batch.
 
         `prompt=True` ends each conversation with the assistant cue (for `XLLM.generate`); `prompt=False` encodes
-        whole conversations with their labels (for a teacher-forced loss)."""
+        whole conversations with their labels (for a teacher-forced loss). `tools`: for each conversation, the
+        function declarations it may call (or None)."""
         media = list(media) if media is not None else [{} for _ in conversations]
         if len(media) != len(conversations):
             raise ValueError(f"{len(conversations)} conversations but {len(media)} media entries")
+        tools = list(tools) if tools is not None else [None] * len(conversations)
         loaded = self.load_media(media)
         conversations = [normalize_turns(list(turns), f"conversation {i}") for i, turns in enumerate(conversations)]
         for index, (turns, item_media) in enumerate(zip(conversations, loaded)):
@@ -237,8 +248,8 @@ class MultimodalProcessor:
         items = []
         for index, (turns, item_media) in enumerate(zip(conversations, loaded)):
             source = f"conversation {index}"
-            record = {"id": str(index), "source": source, "conversations": turns, "media": {}}
-            encoded = self.text.encode_prompt(turns) if prompt else self.text.encode(record)
+            record = {"id": str(index), "source": source, "conversations": turns, "media": {}, "tools": tools[index]}
+            encoded = self.text.encode_prompt(turns, tools[index]) if prompt else self.text.encode(record)
             items.append({"id": str(index), **encoded, "media": item_media})
         return self.collator(items)
 
