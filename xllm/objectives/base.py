@@ -8,11 +8,15 @@ CIF speech-recognition loss.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
 
 from xllm.interfaces.base import ModalityInterface, PretrainableInterface
+
+# Texts → padded ids and mask (the same shape as xllm.data.pairs.Tokenize, which this layer may not import).
+Tokenize = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -38,7 +42,7 @@ class PretrainingObjective(nn.Module):
         """Padded ids and mask of the pairs' texts and instructions, in the tokenizer this objective reads."""
         raise NotImplementedError
 
-    def tokenizer_for(self, text: str):
+    def tokenizer_for(self, text: str) -> Tokenize:
         """The tokenizer of one of `pair_texts` (default: `tokenize` for all of them)."""
         return self.tokenize
 

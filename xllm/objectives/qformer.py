@@ -43,8 +43,7 @@ from xllm.blocks.qformer import text_output_skipped
 from xllm.blocks.qformer_sharing import SharedPasses
 from xllm.interfaces.base import ModalityInterface, PretrainableInterface
 from xllm.llm import embedding_tables, load_tokenizer
-from xllm.data.pairs import Tokenize
-from xllm.objectives.base import PretrainingObjective, PretrainOutput
+from xllm.objectives.base import PretrainingObjective, PretrainOutput, Tokenize
 from xllm.tensors import IGNORE_INDEX
 
 
@@ -95,10 +94,7 @@ def itc_loss(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, positives: torch.Tens
 
 
 def sample_hard_negatives(similarity: torch.Tensor, positives: torch.Tensor, generator=None) -> torch.Tensor:
-    """For each row, an index drawn with probability ∝ softmax(similarity) over non-positive columns.
-
-    Rows with no non-positive column get -1.
-    """
+    """For each row, an index drawn with probability ∝ softmax(similarity) over non-positive columns (-1 if none)."""
     weights = F.softmax(similarity.float(), dim=1).masked_fill(positives, 0.0)
     empty = weights.sum(dim=1) <= 0
     weights = torch.where(empty[:, None], torch.ones_like(weights), weights)
@@ -125,10 +121,9 @@ class QFormerObjective(PretrainingObjective):
             [DEC] token (None: the text as it is).
         spell_weight: weight of spelling each pair's reply in the LLM's tokens (0 turns it off; needs `llm`).
         llm: path of the LLM that later stages use (spelling reads its tokenizer and embedding tables).
-        spell_candidates: the tokens each query is scored against: `vocabulary` (the whole output table) or `batch`
-            (the step's reply tokens, in-batch negatives: at a batch of 128 short replies ~60 ids instead of 49k, which
-            on a CPU is the difference between 0.1 s and ~1 s a step; the pull toward the input embeddings still
-            places every token among all the LLM's words).
+        spell_candidates: what each query is scored against: `vocabulary` (the whole output table) or `batch` (the
+            step's reply tokens: ~60 ids instead of 49k, 0.1 s instead of ~1 s a CPU step; the pull toward the input
+            embeddings still places every token among all the LLM's words).
         embedding_weight: weight of the pull toward each reply token's input embedding (squared distance over the
             table's mean squared norm), as `CIFObjective`'s.
         trust_remote_code: allow hub remote code when reading `llm` (only when you trust it).
