@@ -39,7 +39,7 @@ $(LMMS_SITE)/.installed: requirements-lmms-eval.txt $(STAMP)
 	touch $@
 
 test: $(STAMP) browser $(LMMS_SITE)/.installed
-	XLLM_CHROMIUM=$(CHROMIUM) XLLM_LMMS_EVAL_SITE=$(LMMS_SITE) $(PY) -m pytest -q tests
+	XLLM_CHROMIUM=$(CHROMIUM) XLLM_LMMS_EVAL_SITE=$(LMMS_SITE) $(PY) -m pytest -q --durations=15 tests
 
 # The embedded default: real small pretrained models (SmolLM2-135M, MobileNetV2, MiniLM) learn the shapes
 # task offline on the CPU; everything lands in runs/demo/ (report.md has the table).
