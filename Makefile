@@ -38,8 +38,31 @@ $(LMMS_SITE)/.installed: requirements-lmms-eval.txt $(STAMP)
 	$(PY) -m pip install -q --no-deps --target $(LMMS_SITE) -r requirements-lmms-eval.txt
 	touch $@
 
-test: $(STAMP) browser $(LMMS_SITE)/.installed
-	XLLM_CHROMIUM=$(CHROMIUM) XLLM_LMMS_EVAL_SITE=$(LMMS_SITE) $(PY) -m pytest -q --durations=15 tests
+# The README's `pip install '.[lmms-eval]'`, as a new user runs it, in a venv of its own, for the test that runs the
+# README's lmms-eval command there. Instead of a second torch (5 GB), what the pinned venv has at a version the extra
+# accepts is shared read-only: a .pth line names its site-packages, so pip counts those as installed (it never
+# uninstalls outside its own venv) and installs the rest here, first on the path (lmms-eval, av<16, wandb 0.25,
+# filelock<4, ...); tools/narrow_shared_venv.py then narrows the shared view to the distributions the extra needs,
+# and `pip check` proves the result consistent (pip's earlier complaint about the pinned venv's --no-deps demo
+# packages concerns what the narrowing hides). xllm goes in as the README has it (not editable): when only its
+# files changed since, it alone is reinstalled.
+LMMS_VENV  := .cache/lmms-eval-venv
+LMMS_PY    := $(LMMS_VENV)/bin/python
+XLLM_FILES := $(shell find xllm -name '*.py' -o -name '*.yaml' -o -name '*.html')
+PURELIB    := -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'
+$(LMMS_VENV)/.installed: pyproject.toml $(STAMP) tools/narrow_shared_venv.py $(XLLM_FILES)
+	@if [ -n "$(filter-out $(XLLM_FILES),$?)" ]; then set -ex; \
+		rm -rf $(LMMS_VENV); $(PY) -m venv $(LMMS_VENV); \
+		$(PY) $(PURELIB) > "$$($(LMMS_PY) $(PURELIB))/xllm-pinned-venv.pth"; \
+		$(LMMS_PY) -m pip install -q --no-compile '.[lmms-eval]'; \
+		$(LMMS_PY) tools/narrow_shared_venv.py; \
+	else set -x; $(LMMS_PY) -m pip install -q --no-compile --no-deps .; fi
+	$(LMMS_PY) -m pip check
+	touch $@
+
+test: $(STAMP) browser $(LMMS_SITE)/.installed $(LMMS_VENV)/.installed
+	XLLM_CHROMIUM=$(CHROMIUM) XLLM_LMMS_EVAL_SITE=$(LMMS_SITE) XLLM_LMMS_EVAL_VENV=$(LMMS_VENV) \
+		$(PY) -m pytest -q --durations=15 tests
 
 # The embedded default: real small pretrained models (SmolLM2-135M, MobileNetV2, MiniLM) learn the shapes
 # task offline on the CPU; everything lands in runs/demo/ (report.md has the table).

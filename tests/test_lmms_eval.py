@@ -4,12 +4,16 @@ same records, and on `xllm_shapes_open` the VQAv2 exact match that `evaluate.py 
 
 lmms-eval 0.7.3's own pins would downgrade av and wandb in the pinned set, so `make test` installs it with
 --no-deps into `.cache/lmms-eval-site` (requirements-lmms-eval.txt) and names that folder in
-XLLM_LMMS_EVAL_SITE; without it this test is skipped and says so."""
+XLLM_LMMS_EVAL_SITE; without it this test is skipped and says so.
+
+The README's install and command, as a new user runs them, get a venv built from the `lmms-eval` extra alone:
+`make test`'s `.cache/lmms-eval-venv` (named in XLLM_LMMS_EVAL_VENV; the Makefile says how it is built)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -107,3 +111,49 @@ print(json.dumps([utils.aggregate_acc(scored), utils.aggregate_acc_plus(scored),
     assert (acc, acc_plus) == (pytest.approx(table["all"]["acc"]), pytest.approx(table["all"]["acc_plus"]))
     assert score == pytest.approx(table["count"]["score"] + table["colour"]["score"])
     assert 0 < acc < 1 and 0 < acc_plus < 1
+
+
+def readme_lmms_eval_block() -> str:
+    """The code block of the README's lmms-eval section: the install line and the command."""
+    section = (ROOT / "README.md").read_text().split("## Evaluate with lmms-eval", 1)[1]
+    return section.split("```bash\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.slow
+def test_the_readme_command_works_as_written_in_a_venv_of_the_extra(tiny, tmp_path):
+    """The README's lmms-eval command, word for word (plus a --limit), run by the `lmms-eval` that the README's
+    `pip install '.[lmms-eval]'` put in a venv of its own, where the README has the adapter and the data: it must
+    write its results, as it does not fail by its exit code (a fresh install once resolved filelock 4, which
+    lmms-eval 0.7.3 cannot use, and still exited 0)."""
+    venv = Path(os.environ.get("XLLM_LMMS_EVAL_VENV", "")).resolve()
+    if not os.environ.get("XLLM_LMMS_EVAL_VENV") or not (venv / "bin" / "lmms-eval").exists():
+        pytest.skip("no venv of the lmms-eval extra: `make test` builds it into .cache/lmms-eval-venv")
+    block = readme_lmms_eval_block()
+    assert "pip install '.[lmms-eval]'" in block  # how `make test` built the venv
+    (command,) = [shlex.split(line, comments=True) for line in block.replace("\\\n", " ").splitlines()
+                  if line.startswith("lmms-eval ")]
+    adapter = dict(arg.split("=", 1) for arg in command[command.index("--model_args") + 1].split(","))["adapter"]
+    output = command[command.index("--output_path") + 1]
+    tasks = command[command.index("--tasks") + 1].split(",")
+
+    work = tmp_path / "repo"  # the paths the README's command names, relative to the repository root
+    make_model(tiny).eval().save_pretrained(work / adapter, stage=2)
+    shutil.copytree(tiny / "data", work / ".cache" / "demo" / "data")
+    include = command[command.index("--include_path") + 1]
+    (work / include).parent.mkdir(parents=True)
+    (work / include).symlink_to(ROOT / include)
+
+    limit = 2  # one image's yes/no pair
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    env.update(PATH=f"{venv / 'bin'}{os.pathsep}{env['PATH']}", HF_DATASETS_CACHE=str(tmp_path / "hf_datasets"))
+    assert Path(shutil.which(command[0], path=env["PATH"])).parent == venv / "bin"
+    run = subprocess.run(command + ["--limit", str(limit)], cwd=work, env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert run.returncode == 0, (run.stdout[-3000:], run.stderr[-5000:])
+    written = list((work / output).rglob("*_results.json"))
+    assert len(written) == 1, ("lmms-eval wrote no results", run.stdout[-3000:], run.stderr[-5000:])
+    results = json.loads(written[0].read_text())
+    for task in tasks:
+        assert results["n-samples"][task]["effective"] == limit
+        scores = {k: v for k, v in results["results"][task].items() if k.endswith(",none") and "stderr" not in k}
+        assert scores and all(0 <= v <= 1 or "score" in k for k, v in scores.items()), scores
