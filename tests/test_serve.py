@@ -17,7 +17,7 @@ import pytest
 import uvicorn
 
 from tests.conftest import make_model, text_side
-from xllm.apps.batching import Generation
+from xllm.apps.batching import BatchGenerator, Generation
 from xllm.apps.serve import ChatCompletions, create_app
 
 
@@ -124,36 +124,41 @@ def test_eight_concurrent_clients_each_get_their_own_answer(server):
         return client.chat.completions.create(model="tiny", messages=[ask(question, path)],
                                               max_tokens=5).choices[0].message.content
 
-    batches = server_of[client].batches.batches
-    before = len(batches)
+    stats = server_of[client].batches.batch.stats
+    steps, row_steps = stats["steps"], stats["row_steps"]
     with ThreadPoolExecutor(8) as pool:
         assert list(pool.map(one, range(8))) == expected
-    assert max(batches[before:]) > 1, batches[before:]  # they were generated together, not one by one
+    assert stats["row_steps"] - row_steps > stats["steps"] - steps  # rows decoded together, not one by one
 
 
-def test_each_request_of_a_batch_keeps_its_own_length_stop_and_temperature(server):
+def test_each_request_of_a_dynamic_batch_keeps_its_own_length_stop_and_temperature(server):
     model, client, images, _ = server
-    completions = server_of[client]
+    dynamic = BatchGenerator(model)  # `xllm serve --batching dynamic` (continuous: tests/test_continuous.py)
     image = str(images / "test_00002.png")
     turns = [{"from": "user", "value": "<image>\nDescribe the picture."}]
     full = model.chat(turns, {"image": image}, max_new_tokens=12)
     short = model.chat(turns, {"image": image}, max_new_tokens=3)
     stop = full.split()[2] if len(full.split()) > 2 else full[-2:]
-    rows = [Generation(turns, completions.model.processor().load_media([{"image": [image]}])[0], **settings)
+    rows = [Generation(turns, model.processor().load_media([{"image": [image]}])[0], **settings)
             for settings in ({"max_new_tokens": 12}, {"max_new_tokens": 3}, {"max_new_tokens": 12, "stop": [stop]},
                              {"max_new_tokens": 12, "temperature": 1.5})]
-    completions.batches.run(rows)
+    dynamic.run(rows)
     assert [r.wait() for r in rows[:2]] == [full, short]
     assert rows[1].finish == "length" and rows[1].tokens == 3
     assert rows[2].finish == "stop" and rows[2].wait() == full[:full.find(stop)].strip()
     assert rows[3].tokens <= 12 and rows[3].finish in ("stop", "length")  # sampled beside greedy rows
 
 
-def test_a_full_queue_is_a_503_in_openai_shape_never_a_hang(tiny):
+@pytest.mark.parametrize("batching", ["continuous", "dynamic"])
+def test_a_full_queue_is_a_503_in_openai_shape_never_a_hang(tiny, batching):
     model = make_model(tiny).eval()
-    completions = ChatCompletions(model, "tiny", max_batch=1, max_queue=1)
+    completions = ChatCompletions(model, "tiny", max_batch=1, max_queue=1, batching=batching)
     release = threading.Event()
-    completions.batches.run = lambda batch: release.wait(30)  # the worker stays busy with its first request
+    busy = lambda batch: release.wait(30)  # noqa: E731 - the worker stays busy with its first request
+    if batching == "continuous":
+        completions.batches.batch.admit = busy
+    else:
+        completions.batches.run = busy
     media = completions.model.processor().load_media([{}])[0]
     completions.batches.submit(Generation([{"from": "user", "value": "hi"}], media))
     for _ in range(100):  # the worker has taken it: the queue is empty again

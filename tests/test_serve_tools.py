@@ -15,7 +15,8 @@ import torch
 
 from tests.test_serve import ask, server, server_of  # noqa: F401  (the module's server fixture)
 from tests.test_skills import locate, measure
-from xllm.apps.batching import Generation
+from xllm.apps.batching import BatchGenerator, Generation
+from xllm.apps.continuous import ContinuousBatch
 from xllm.apps.tool_calls import ToolCallStream, tool_reply, with_constraint
 from xllm.skills import skill_schema
 
@@ -149,7 +150,8 @@ def test_auto_reads_a_call_the_model_wrote_whole_and_streamed(server):  # noqa: 
     text = 'Let me look.\n<tool_call>\n{"name": "locate", "arguments": {"shape": "circle", "colour": "red"}}\n</tool_call>'
     rows = [Generation(turns, {}, max_new_tokens=200, tools=TOOLS, constraint=ForcedText(model.tokenizer, text))
             for _ in range(2)]
-    completions.batches.run(rows)
+    for row in rows:  # to the server's own scheduler
+        completions.batches.submit(row)
     reply = completions.complete(rows[0], turns, {})["choices"][0]
     assert reply["finish_reason"] == "tool_calls" and reply["message"]["content"] == "Let me look."
     (made,) = reply["message"]["tool_calls"]
@@ -161,21 +163,32 @@ def test_auto_reads_a_call_the_model_wrote_whole_and_streamed(server):  # noqa: 
     assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 
-def test_a_constrained_row_beside_free_rows_leaves_them_as_they_were(server):  # noqa: F811
-    model, client, images, _ = server
-    completions = server_of[client]
+@pytest.mark.parametrize("batching", ["continuous", "dynamic"])
+def test_a_constrained_row_beside_free_rows_leaves_them_as_they_were(server, batching):  # noqa: F811
+    model, _, images, _ = server
     image = str(images / "test_00002.png")
     turns = [{"from": "user", "value": "<image>\nDescribe the picture."}]
     alone = model.chat(turns, {"image": image}, max_new_tokens=8)
-    media = completions.model.processor().load_media([{"image": [image]}])[0]
+    declared = model.generate(model.processor()([turns], [{"image": image}], tools=[TOOLS]), 8, do_sample=False)
+    media = model.processor().load_media([{"image": [image]}])[0]
+    # The scheduler `xllm serve --batching ...` runs, driven directly (the server's own worker stays idle).
+    scheduler = ContinuousBatch(model) if batching == "continuous" else BatchGenerator(model)
     required = with_constraint({"max_new_tokens": 160, "tools": TOOLS, "tool_choice": "required"}, model.tokenizer,
-                               completions.batches.eos_ids)
+                               scheduler.eos_ids)
     rows = [Generation(turns, media, max_new_tokens=8), Generation(turns, media, **required),
-            Generation(turns, media, max_new_tokens=8, temperature=1.5)]
-    completions.batches.run(rows)
-    assert rows[0].wait() == alone
+            Generation(turns, media, max_new_tokens=8, temperature=1.5),
+            Generation(turns, media, max_new_tokens=8, tools=TOOLS)]  # `auto`: declared in the prompt, not constrained
+    if batching == "continuous":  # the tool rows join a row that is mid-reply
+        scheduler.admit(rows[:1])
+        scheduler.step()
+        scheduler.run(rows[1:])
+    else:
+        scheduler.run(rows)
+    assert rows[0].wait() == alone and rows[3].wait() == declared[0].strip()
     message, finish = tool_reply(rows[1].wait(), TOOLS, rows[1].finish)
     assert finish == "tool_calls" and len(message["tool_calls"]) == 1
+    jsonschema.validate(json.loads(message["tool_calls"][0]["function"]["arguments"]),
+                        PARAMETERS[message["tool_calls"][0]["function"]["name"]])
 
 
 MODEL_TEXT = [  # (what a model wrote, the content, the calls as (name, arguments))

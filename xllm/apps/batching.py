@@ -1,15 +1,17 @@
-"""Requests that arrive together generate together: dynamic batching for `xllm serve`.
+"""Requests that arrive together generate together: dynamic batching for `xllm serve`, and the one request's state
+(`Generation`) that both of serve's schedulers fill.
 
-One worker thread owns the model. It takes the first waiting request, gathers whatever else arrives within a short
-window (up to `max_batch`), and runs one left-padded `generate` over all of them; each row keeps its own
-`max_tokens`, temperature and stop strings, streams its own text, and finishes on its own (the others go on).
-Requests that arrive while a batch runs wait for the next one (dynamic, not continuous, batching: transformers'
-continuous batching takes token ids only, and media tokens are input embeddings). The queue is bounded: a full
-queue is refused at once (`QueueFull`, answered 503), never a hang.
+`BatchGenerator` (`xllm serve --batching dynamic`): one worker thread owns the model. It takes the first waiting
+request, gathers whatever else arrives within a short window (up to `max_batch`), and runs one left-padded
+`generate` over all of them; each row keeps its own `max_tokens`, temperature and stop strings, streams its own
+text, and finishes on its own (the others go on). Requests that arrive while a batch runs wait for the next one,
+and a batch runs until its longest reply ends: `xllm.apps.continuous` (the default) admits and retires rows between
+decode steps instead. The queue is bounded: a full queue is refused at once (`QueueFull`, answered 503), never a
+hang.
 
 Why by hand: the generation loop is transformers' own; what is written here is only the per-row bookkeeping it
-calls each step (a `StoppingCriteria` that decodes each row's new token, and a `LogitsProcessor` for per-row
-temperature).
+calls each step (a `StoppingCriteria` that adds each row's new token to its `Generation`, and a `LogitsProcessor`
+for per-row temperature).
 """
 
 from __future__ import annotations
@@ -26,6 +28,13 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 
 from xllm.model import XLLM
 from xllm.skills.constrain import RowConstraints
+
+
+def end_ids(model: XLLM) -> set[int]:
+    """The ids `generate` ends a row at: the generation config's (it may list several) and the tokenizer's."""
+    configured = getattr(model.llm.generation_config, "eos_token_id", None)
+    ids = configured if isinstance(configured, (list, tuple)) else [configured]
+    return {i for i in (*ids, model.tokenizer.eos_token_id) if i is not None}
 
 
 class QueueFull(RuntimeError):
@@ -46,10 +55,11 @@ class Generation:
     stop: list[str] = field(default_factory=list)
     text: str = ""
     tokens: int = 0
-    finish: str | None = None  # "stop" (end of turn or a stop string) or "length"
+    finish: str | None = None  # "stop" (end of turn or a stop string), "length", "cancelled" or "error"
     error: BaseException | None = None
     tools: list[dict[str, Any]] | None = None  # tools hook: declared in the prompt (xllm.apps.tool_calls)
     constraint: Any = None  # tools hook: a `CallConstraint` this row's tokens must follow, or None
+    cancelled: bool = False  # set by `cancel()`: the scheduler frees the row at its next step
     _ids: list[int] = field(default_factory=list)
     _sent: int = 0
     _queue: queue.Queue = field(default_factory=queue.Queue)
@@ -70,6 +80,33 @@ class Generation:
             pass
         return self.text.strip()
 
+    def cancel(self) -> None:
+        """Stop generating (the client went away): the scheduler frees this row before its next step."""
+        self.cancelled = True
+
+    def add_token(self, token: int, eos_ids: set[int], tokenizer: Any) -> bool:
+        """Take the next generated token: end of turn, or new text (cut at a stop string; `max_new_tokens`
+        reached ends it too), streamed as it comes. True when the reply is finished."""
+        if token in eos_ids:
+            self.finish = "stop"
+        else:
+            self._ids.append(token)
+            self.tokens += 1
+            self.text = tokenizer.decode(self._ids, skip_special_tokens=True)
+            cut = min((i for i in (self.text.find(s) for s in self.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                self.text, self.finish = self.text[:cut], "stop"
+            elif self.tokens >= self.max_new_tokens:
+                self.finish = "length"
+        self._emit(final=self.finish is not None)
+        return self.finish is not None
+
+    def end(self, finish: str, error: BaseException | None = None) -> None:
+        """Finish without a new token (cancelled, failed, or out of the batch's length): the stream ends."""
+        if self.finish is None:
+            self.finish, self.error = finish, error
+            self._emit(final=True)
+
     def _emit(self, final: bool) -> None:
         # Hold back what could still become a stop string or an incomplete character.
         hold = 0 if final else max((len(s) - 1 for s in self.stop), default=0)
@@ -84,8 +121,8 @@ class Generation:
 
 
 class RowBookkeeping(StoppingCriteria):
-    """Called by `generate` after each step: decodes each row's new token into its `Generation`, and says which
-    rows are done (end of turn, a stop string, or their own `max_new_tokens`)."""
+    """Called by `generate` after each step: adds each row's new token to its `Generation`, and says which rows are
+    done (end of turn, a stop string, their own `max_new_tokens`, or cancelled)."""
 
     def __init__(self, rows: list[Generation], tokenizer: Any, eos_ids: set[int]) -> None:
         self.rows, self.tokenizer, self.eos = rows, tokenizer, eos_ids
@@ -93,22 +130,10 @@ class RowBookkeeping(StoppingCriteria):
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.BoolTensor:
         done = torch.zeros(len(self.rows), dtype=torch.bool, device=input_ids.device)
         for row, generation in enumerate(self.rows):
-            if generation.finish is not None:
-                done[row] = True
-                continue
-            token = int(input_ids[row, -1])
-            if token in self.eos:
-                generation.finish = "stop"
-            else:
-                generation._ids.append(token)
-                generation.tokens += 1
-                generation.text = self.tokenizer.decode(generation._ids, skip_special_tokens=True)
-                cut = min((i for i in (generation.text.find(s) for s in generation.stop) if i >= 0), default=-1)
-                if cut >= 0:
-                    generation.text, generation.finish = generation.text[:cut], "stop"
-                elif generation.tokens >= generation.max_new_tokens:
-                    generation.finish = "length"
-            generation._emit(final=generation.finish is not None)
+            if generation.cancelled:
+                generation.end("cancelled")
+            if generation.finish is None:
+                generation.add_token(int(input_ids[row, -1]), self.eos, self.tokenizer)
             done[row] = generation.finish is not None
         return done
 
@@ -146,10 +171,7 @@ class BatchGenerator:
         self.model, self.max_batch, self.window_s = model, max_batch, window_s
         self.waiting: queue.Queue[Generation] = queue.Queue(maxsize=max_queue)
         self.batches: list[int] = []  # the size of each batch run (for tests and logs)
-        # The ids generate stops a row at: the generation config's (it may list several) and the tokenizer's.
-        configured = getattr(model.llm.generation_config, "eos_token_id", None)
-        ids = configured if isinstance(configured, (list, tuple)) else [configured]
-        self.eos_ids = {i for i in (*ids, model.tokenizer.eos_token_id) if i is not None}
+        self.eos_ids = end_ids(model)
         threading.Thread(target=self._loop, daemon=True, name="xllm-batches").start()
 
     def submit(self, generation: Generation) -> Generation:
@@ -176,9 +198,7 @@ class BatchGenerator:
                 self.run(batch)
             except BaseException as err:  # reported to every request of the batch; the worker goes on
                 for generation in batch:
-                    if generation.finish is None:
-                        generation.error, generation.finish = err, "error"
-                        generation._queue.put(None)
+                    generation.end("error", err)
 
     @torch.no_grad()
     def run(self, batch: list[Generation]) -> None:
@@ -197,6 +217,4 @@ class BatchGenerator:
             settings["logits_processor"] = LogitsProcessorList(processors)
         self.model.generate_ids(prompts, max(g.max_new_tokens for g in batch), **settings)
         for generation in batch:  # rows that ran to the batch's length without their own end
-            if generation.finish is None:
-                generation.finish = "length"
-                generation._emit(final=True)
+            generation.end("length")

@@ -5,8 +5,9 @@ adapter's interfaces declare (`ModalityInterface.content_parts`: `image_url` and
 path inside a folder the server may read, `input_audio` as base64 data and a format), `max_tokens`,
 `temperature`, `stop` and `stream` (server-sent events), and OpenAI function calling (`tools`, `tool_choice`,
 `tool_calls`, `role: "tool"`: `xllm.apps.tool_calls`); `GET /v1/models` lists the one model; `GET /` is a page
-to upload an image, ask, and watch the answer stream. Requests that arrive together generate together
-(`xllm.apps.batching`), each with its own settings; a full queue is a 503. Errors use OpenAI's shape
+to upload an image, ask, and watch the answer stream. Requests generate together, joining and leaving the running
+batch between decode steps (`xllm.apps.continuous`; `--batching dynamic`: `xllm.apps.batching`), each with its own
+settings; a full queue is a 503; a client that goes away frees its row. Errors use OpenAI's shape
 (`{"error": {"message", "type", "param", "code"}}`).
 
 Binds to 127.0.0.1 unless told otherwise. Behind a load balancer, run one `xllm serve` per GPU/replica: each is
@@ -16,6 +17,7 @@ stateless between requests (the conversation travels in `messages`), so no contr
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import binascii
 import json
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from xllm.apps.batching import BatchGenerator, Generation, QueueFull
+from xllm.apps.continuous import ContinuousBatcher
 from xllm.apps.tool_calls import (ToolCallStream, ToolRequestError, checked_turns, message_tool_fields,  # tools hook
                                   tool_reply, tool_settings, with_constraint)
 from xllm.extras import import_optional
@@ -60,23 +63,34 @@ def error_response(message: str, status: int = 400, param: str | None = None, ki
 
 
 class ChatCompletions:
-    """Turns OpenAI requests into generations that `BatchGenerator` runs in batches, and answers them.
+    """Turns OpenAI requests into generations that the scheduler runs in batches, and answers them.
 
     Args:
         model: the loaded model.
         name: the model id clients send and see.
         media_dirs: folders whose files a request may name by path (none: only `data:` URLs).
         max_media: most media items in one request.
-        max_batch: most requests generated together (see `xllm.apps.batching`).
+        max_batch: most requests generated together.
         max_queue: most requests waiting; more get a 503.
-        batch_wait_s: how long a batch's first request waits for others to join it.
+        batch_wait_s: dynamic batching: how long a batch's first request waits for others to join it.
+        batching: `continuous` (rows join and leave between decode steps, `xllm.apps.continuous`) or `dynamic`
+            (requests that arrive together run one `generate` to its end, `xllm.apps.batching`).
+        prefix_cache_mb: continuous batching: megabytes of keys/values of recent prompts and replies kept for
+            later requests that begin the same way (0: none).
     """
 
     def __init__(self, model: XLLM, name: str, media_dirs: Sequence[str | Path] = (), max_media: int = 8,
-                 max_batch: int = 8, max_queue: int = 64, batch_wait_s: float = 0.1) -> None:
+                 max_batch: int = 8, max_queue: int = 64, batch_wait_s: float = 0.1, batching: str = "continuous",
+                 prefix_cache_mb: float = 256.0) -> None:
         self.model, self.name, self.max_media = model, name, max_media
         self.media_dirs = [Path(d).resolve() for d in media_dirs]
-        self.batches = BatchGenerator(model, max_batch=max_batch, max_queue=max_queue, window_s=batch_wait_s)
+        if batching == "continuous":
+            self.batches = ContinuousBatcher(model, max_batch=max_batch, max_queue=max_queue,
+                                             prefix_cache_mb=prefix_cache_mb)
+        elif batching == "dynamic":
+            self.batches = BatchGenerator(model, max_batch=max_batch, max_queue=max_queue, window_s=batch_wait_s)
+        else:
+            raise ValueError(f"batching must be continuous or dynamic, not {batching!r}")
         # content-part type -> the modality that reads it, as the adapter's interfaces declare them
         self.part_modalities = {part: m for m, i in model.interfaces.items() for part in i.content_parts}
 
@@ -216,9 +230,20 @@ class ChatCompletions:
         yield "data: [DONE]\n\n"
 
 
+async def cancel_when_gone(request: Request, generation: Generation, poll_s: float = 0.1) -> None:
+    """Cancel `generation` if its client disconnects first, freeing its row (ASGI reports a disconnect only to
+    `receive`, so it is polled)."""
+    while generation.finish is None:
+        if await request.is_disconnected():
+            generation.cancel()
+            return
+        await asyncio.sleep(poll_s)
+
+
 def create_app(completions: ChatCompletions, max_request_bytes: int = 20 * 2**20) -> FastAPI:
     """The FastAPI app: /v1/chat/completions, /v1/models and the page at /."""
     app = FastAPI(title="xllm", docs_url=None, redoc_url=None)
+    watchers: set[asyncio.Task] = set()  # held until done (the event loop keeps only weak references to tasks)
 
     @app.get("/v1/models")
     def models() -> dict:
@@ -253,6 +278,9 @@ def create_app(completions: ChatCompletions, max_request_bytes: int = 20 * 2**20
             return error_response(str(err), 503, kind="server_error")
         except ValueError as err:  # an undecodable image or clip: the model names the file
             return error_response(str(err).replace(folder + "/", ""))
+        watcher = asyncio.create_task(cancel_when_gone(request, generation))
+        watchers.add(watcher)
+        watcher.add_done_callback(watchers.discard)
         if body.get("stream"):
             return StreamingResponse(completions.chunks(generation, turns, media), media_type="text/event-stream")
         return await run_in_threadpool(completions.complete, generation, turns, media)
@@ -271,8 +299,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max_request_mb", type=float, default=20.0)
     parser.add_argument("--max_batch", type=int, default=8, help="most requests generated together")
     parser.add_argument("--max_queue", type=int, default=64, help="most requests waiting; more get a 503")
+    parser.add_argument("--batching", choices=["continuous", "dynamic"], default="continuous",
+                        help="continuous: requests join and leave the batch between decode steps; dynamic: requests "
+                             "that arrive together run to the end of their longest reply")
+    parser.add_argument("--prefix_cache_mb", type=float, default=256.0,
+                        help="continuous: keys/values of recent prompts kept for requests that begin the same way")
     parser.add_argument("--batch_wait_ms", type=float, default=100.0,
-                        help="how long a batch's first request waits for others to join it")
+                        help="dynamic: how long a batch's first request waits for others to join it")
     parser.add_argument("--llm", default=None, help="load the LLM from here instead of the adapter's path")
     parser.add_argument("--encoder", action="append", default=[], metavar="MODALITY=PATH")
     parser.add_argument("--device", default=None)
@@ -284,7 +317,8 @@ def main(argv: list[str] | None = None) -> None:
     model = XLLM.from_pretrained(args.adapter, llm=args.llm, encoders=encoders or None, device=args.device,
                                  dtype=args.dtype)
     completions = ChatCompletions(model, args.name or Path(args.adapter).resolve().name, args.media_dir,
-                                  args.max_media, args.max_batch, args.max_queue, args.batch_wait_ms / 1000)
+                                  args.max_media, args.max_batch, args.max_queue, args.batch_wait_ms / 1000,
+                                  args.batching, args.prefix_cache_mb)
     uvicorn.run(create_app(completions, int(args.max_request_mb * 2**20)), host=args.host, port=args.port)
 
 

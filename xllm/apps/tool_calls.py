@@ -11,7 +11,8 @@ The server only *declares* tools and reads calls: the client runs them and sends
   tool / of that one, with arguments that parse and fit its schema (`xllm.skills.constrain`), whatever the model.
 - `"none"`: the tools are not declared and nothing is read as a call.
 
-`serve.py` and `batching.py` call these through a few marked hooks; everything about tools lives here.
+`serve.py` and its two schedulers (`batching.py`, `continuous.py`) call these through a few marked hooks; everything
+about tools lives here.
 """
 
 from __future__ import annotations
