@@ -33,11 +33,11 @@ def alone(model, generation: Generation) -> str:
 
 
 def test_rows_join_mid_decode_and_leave_at_their_own_end_with_the_one_at_a_time_replies(model, tiny):
-    lengths = [3, 14, 6, 20, 4, 9]
+    lengths = [3, 10, 5, 12, 4, 7]
     rows = [request(model, tiny, i, max_new_tokens=n) for i, n in enumerate(lengths)]
     expected = [alone(model, row) for row in rows]
     stop = expected[3].split()[1] if len(expected[3].split()) > 1 else expected[3][2:4]
-    stopped = request(model, tiny, 3, max_new_tokens=20, stop=[stop])
+    stopped = request(model, tiny, 3, max_new_tokens=12, stop=[stop])
     sampled = request(model, tiny, 2, max_new_tokens=8, temperature=1.5)
     batch = ContinuousBatch(model)
     batch.admit(rows[:2])

@@ -197,13 +197,14 @@ class BatchCache:
     def keep(self, rows: Sequence[int]) -> None:
         """Keep only `rows` (in this order), and drop the leading columns none of them uses."""
         index = torch.tensor(list(rows), dtype=torch.long, device=self.mask.device)
-        mask = self.mask[index]
-        used = mask.any(0)
-        first = int(used.long().argmax()) if bool(used.any()) else mask.shape[1]
-        layers = [(k[index, :, first:], v[index, :, first:]) for k, v in _layers(self.cache)]
-        self.cache = DynamicCache(ddp_cache_data=layers) if rows and first < mask.shape[1] else DynamicCache(
-            config=self.config)
-        self.mask, self.positions = mask[:, first:], self.positions[index]
+        self.cache.batch_select_indices(index)
+        self.mask, self.positions = self.mask[index], self.positions[index]
+        used = self.mask.any(0)
+        first = int(used.long().argmax()) if bool(used.any()) else self.mask.shape[1]
+        if first:
+            layers = [(k[:, :, first:], v[:, :, first:]) for k, v in _layers(self.cache)]
+            self.cache = DynamicCache(ddp_cache_data=layers)
+            self.mask = self.mask[:, first:]
 
     def row(self, index: int) -> list[LayerKV]:
         """Row `index`'s keys/values at its used columns, in order (`[1, kv_heads, positions, head_dim]` per layer)."""

@@ -41,7 +41,7 @@ class QueueFull(RuntimeError):
     """The server has as much queued work as it accepts; the client should retry later."""
 
 
-@dataclass
+@dataclass(eq=False)  # one request's state: two are the same only if they are one object
 class Generation:
     """One request's generation: what to generate, and the text as it is produced (read with `pieces()`).
 

@@ -32,7 +32,7 @@ from xllm.model import XLLM
 
 # A group's prompts that share this many more positions with each other than with any held prefix compute the
 # shared part once, first (eight clients with one new system prompt at once).
-SHARED_GROUP_PREFIX = 8
+SHARED_GROUP_PREFIX = 32
 
 
 class ContinuousBatch:
