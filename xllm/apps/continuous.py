@@ -38,7 +38,7 @@ SHARED_GROUP_PREFIX = 32
 class ContinuousBatch:
     """The rows decoding together, stepped by the caller: `admit` newcomers, `step` every row once.
 
-    `XLLM.generate`'s numbers row by row: each row's greedy reply equals its one-at-a-time one.
+    Each row computes what it would alone (see `BatchCache`), so its greedy reply is `XLLM.chat`'s.
 
     Args:
         model: the loaded model.
