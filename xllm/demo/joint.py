@@ -149,6 +149,20 @@ def table_lines(title: str, rows: dict[str, dict], categories: list[str]) -> lis
     return lines
 
 
+def open_lines(tables: dict[str, dict]) -> list[str]:
+    """Open questions, typed and spoken, per type: answer accuracy / VQAv2 exact match."""
+    lines = ["**Open questions** (each a sentence training never speaks; answer accuracy / VQAv2 exact match)", "",
+             "| question type | typed | spoken |", "|---|---:|---:|"]
+    for group, rows in tables.items():
+        for category in rows["spoken"]:
+            if category.endswith("wordings"):
+                continue
+            cells = [f"{rows[w][category]['accuracy']:.3f} / {rows[w][category]['exact_match']:.3f}"
+                     if category in rows[w] else "—" for w in ("typed", "spoken")]
+            lines.append(f"| {group}: {category} ({rows['spoken'][category]['questions']}) | " + " | ".join(cells) + " |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = demo_parser("xllm joint demo: one frozen SmolLM2 sees, watches and hears, on a CPU", "demo_joint")
     parser.add_argument("--image_run", default="runs/demo")
@@ -204,6 +218,16 @@ def main(argv: list[str] | None = None) -> dict:
                 "own transcript": results[key]["spoken"],
                 "true words (oracle)": scores(joint, with_instruction(
                     spoken[modality], [r["fields"]["question"] for r in spoken[modality]]), temporal)}
+    # Open questions, typed and spoken (each a sentence training never speaks), read back with the world's words.
+    from xllm.demo import shapes_language, video_language
+    from xllm.demo.talk import open_tables, score_open
+
+    parsers = {"image": shapes_language.parse_answer, "video": video_language.parse_answer}
+    results["open"] = {GROUPS[m]: {} for m in sets}
+    for modality in sets:
+        for way in ("typed", "spoken"):
+            asked = load(data / f"{split}_{modality}_open_{way}.jsonl", joint)
+            results["open"][GROUPS[modality]][way] = open_tables(score_open(joint, asked, parsers[modality]))
     forgetting = {}
     image_test = load(Path(args.image_data) / "test_yesno.jsonl", joint)
     video_test = load(Path(args.video_data) / "test_yesno.jsonl", joint)
@@ -252,6 +276,7 @@ def main(argv: list[str] | None = None) -> dict:
         "typed questions about pictures, acc": results["pictures"]["typed"]["all"]["acc"],
         "spoken questions about clips (temporal), acc": results["clips"]["spoken"]["temporal"]["acc"],
         "typed questions about clips (temporal), acc": results["clips"]["typed"]["temporal"]["acc"],
+        "spoken open questions about pictures, accuracy": results["open"]["pictures"]["spoken"]["all"]["accuracy"],
         "speech demo CER": forgetting["joint"]["speech"]["cer"]})
     questions = {m: len(spoken[m]) for m in spoken}
     report = [f"# xllm joint demo (seed {args.seed}, {split} split)", "",
@@ -264,6 +289,7 @@ def main(argv: list[str] | None = None) -> dict:
               "half of the scenes). Replies are generated and parsed as MME parses them; chance is 0.5 / 0.25.", "",
               *table_lines("Pictures", results["pictures"], image_cats), "",
               *table_lines("Clips", results["clips"], video_cats), "",
+              *open_lines(results["open"]), "",
               "How well the question was heard (WER of the transcripts against its words): joint model "
               f"{results['pictures']['heard']['wer']:.3f} (pictures) / {results['clips']['heard']['wer']:.3f} (clips); "
               f"the speech demo's adapter {results['pictures']['cascade heard']['wer']:.3f} / "

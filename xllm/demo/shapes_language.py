@@ -3,7 +3,7 @@
 Open questions of six types — `count` ("How many shapes are there?"), `colour` ("What colour is the triangle?"),
 `position` ("Where is the square?"), `absent` (the colour or place of a shape that is not there: the right answer
 says so), `cell` ("What is in the center?", "Nothing." included) and `which` ("Which shapes are red?", "None."
-included) — a description that names every shape with its colour and place in reading order, and follow-up turns
+included) — a description that names every shape with its colour and place, and follow-up turns
 that refer back ("And what colour is it?" after "Where is the triangle?").
 
 Every question type has wordings used in training and wordings held out: those occur only in val and test, where
@@ -34,22 +34,34 @@ FOLLOW_UPS = ("colour", "position")  # what a follow-up turn asks about the shap
 
 # question type -> (wordings used in training, wordings held out: val and test only)
 WORDINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "count": (("How many shapes are there?", "How many shapes can you see?", "How many shapes are in the image?"),
+    "count": (("How many shapes are there?", "How many shapes can you see?", "How many shapes are in the image?",
+               "How many shapes does the picture show?", "Can you count the shapes?",
+               "Tell me how many shapes there are.", "What is the count of shapes?"),
               ("What is the number of shapes in the picture?", "Count the shapes in the image.")),
-    "colour": (("What colour is the {shape}?", "Which colour does the {shape} have?",
-                "What is the colour of the {shape}?"),
+    "colour": (("What colour is the {shape}?", "Which colour does the {shape} have?", "What is the colour of the {shape}?",
+                "Which color is the {shape}?", "What colour has the {shape} got?",
+                "Can you tell me the colour of the {shape}?", "Tell me which colour the {shape} is."),
                ("What color is the {shape}?", "Tell me the colour of the {shape}.")),
-    "position": (("Where is the {shape}?", "Where is the {shape} located?", "In which part of the image is the {shape}?"),
+    "position": (("Where is the {shape}?", "Where is the {shape} located?", "In which part of the image is the {shape}?",
+                  "Where in the picture is the {shape}?", "Can you tell me where the {shape} is?",
+                  "Tell me where the {shape} is.", "Where does the {shape} sit?"),
                  ("Where can I find the {shape}?", "What is the position of the {shape}?")),
-    "cell": (("What is {at_place}?", "What can you see {at_place}?", "Which shape is {at_place}?"),
+    "cell": (("What is {at_place}?", "What can you see {at_place}?", "Which shape is {at_place}?",
+              "What is there {at_place}?", "Is there anything {at_place}?", "Tell me what you see {at_place}.",
+              "What shape sits {at_place}?"),
              ("What do you see {at_place}?", "Tell me what is {at_place}.")),
-    "which": (("Which shapes are {colour}?", "What is {colour} in the image?", "Which shapes have the colour {colour}?"),
-              ("Name the {colour} shapes.", "Which of the shapes are {colour}?")),
+    "which": (("Which shapes are {colour}?", "What is {colour} in the image?", "Which shapes have the colour {colour}?",
+               "Which of the shapes is {colour}?", "What shapes are {colour}?", "Tell me which shapes are {colour}.",
+               "Can you name the {colour} shapes?"),
+              ("Name the {colour} shapes.", "What are the {colour} shapes?")),
     "describe": (("Describe the image.", "Describe the image briefly.", "What do you see in the image?",
-                  "What is in this picture?"),
+                  "What is in this picture?", "Can you describe the picture?", "Tell me what is in the image.",
+                  "What does the image show?"),
                  ("Describe this picture.", "Tell me what the image shows.")),
-    "follow_colour": (("And what colour is it?", "What colour does it have?"), ("And its colour?",)),
-    "follow_position": (("And where is it?", "Where is it located?"), ("And where can I find it?",)),
+    "follow_colour": (("And what colour is it?", "What colour does it have?", "Which colour is it?",
+                       "What is its colour?"), ("And its colour?", "What color is it then?")),
+    "follow_position": (("And where is it?", "Where is it located?", "Where is it?", "Where can I see it?"),
+                        ("And where can I find it?", "What is its position?")),
 }
 
 
@@ -68,8 +80,10 @@ def listing(parts: Sequence[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def reading_order(items: Sequence[Item]) -> list[Item]:
-    return sorted(items, key=lambda i: (i.row, i.column))
+def shape_order(items: Sequence[Item]) -> list[Item]:
+    """Circle, square, triangle: the order descriptions name the shapes in (the Q-Former that spells a description
+    then needs to know which kinds are there, not to rank places)."""
+    return sorted(items, key=lambda i: SHAPES.index(i.shape))
 
 
 def object_phrase(item: Item) -> str:
@@ -77,9 +91,9 @@ def object_phrase(item: Item) -> str:
 
 
 def describe(items: Sequence[Item]) -> str:
-    """Every shape with its colour and place, in reading order: "A red circle at the top left, a blue square in the
+    """Every shape with its colour and place (`shape_order`): "A red circle at the top left, a blue square in the
     center and a green triangle at the bottom right." """
-    return sentence(listing([object_phrase(i) for i in reading_order(items)]))
+    return sentence(listing([object_phrase(i) for i in shape_order(items)]))
 
 
 def _shape(items: Sequence[Item], shape: str) -> Item | None:

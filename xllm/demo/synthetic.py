@@ -204,7 +204,7 @@ def build_shapes_task(
     split drawn freely holds most)."""
     out = Path(out)
     stamp, blank = out / "COMPLETE", out / BLANK
-    wanted = json.dumps({"train": train, "val": val, "test": test, "seed": seed, "version": 5, "size": image_size})
+    wanted = json.dumps({"train": train, "val": val, "test": test, "seed": seed, "version": 6, "size": image_size})
     if stamp.exists() and stamp.read_text() == wanted:
         if not blank.exists():  # a task built before the blank image was part of it
             draw_scene([], random.Random(0), image_size).save(blank)

@@ -81,6 +81,46 @@ def format_table(scores: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+TALK_TYPES = ("direction", "colour_change", "order", "event", "static")
+DESCRIPTION_COLUMNS = (("all_events_right", "every event right"), ("event_precision", "event precision"),
+                       ("event_recall", "event recall"), ("in_order", "in order"), ("cider_d", "CIDEr-D"),
+                       ("bleu4", "BLEU-4"))
+
+
+def talk_scores(model, data: Path, split: str, blank: str | None = None, limit_clips: int | None = None,
+                ) -> tuple[dict, dict, list[dict]]:
+    """Open answers (each type, held-out wordings) and descriptions (events in order) of `split`'s clips, or of
+    `blank` for every record: `(open table, description scores, every reply)`."""
+    from xllm.demo.pipeline import read_split
+    from xllm.demo.talk import open_tables, score_open
+    from xllm.demo.video_language import parse_answer, parse_description
+    from xllm.evaluation.metrics import bleu4, cider_d
+    from xllm.evaluation.open_answers import generate_turns
+    from xllm.evaluation.scenes import event_scores
+
+    pick = (lambda rows: blind(rows, blank)) if blank else (lambda rows: rows)
+    answered = score_open(model, pick(read_split(data, split, "open", model, limit_clips)), parse_answer)
+    described = read_split(data, split, "describe", model, limit_clips)
+    replies = [said[-1] for said in generate_turns(model, pick(described), max_new_tokens=48)]
+    references = [[r["conversations"][-1]["value"]] for r in described]
+    scores = event_scores([parse_description(reply) for reply in replies], [r["fields"]["events"] for r in described])
+    scores |= {"cider_d": cider_d(replies, references), "bleu4": bleu4(replies, references)}
+    samples = [{"id": r["id"], "question": r["conversations"][-2]["value"], "reply": reply, "reference": ref[0]}
+               for r, reply, ref in zip(described, replies, references)]
+    return open_tables(answered), scores, answered + samples
+
+
+def format_description_table(scores: dict[str, dict]) -> str:
+    lines = ["| model | descriptions | " + " | ".join(name for _, name in DESCRIPTION_COLUMNS) + " |",
+             "|---|---:|" + "---:|" * len(DESCRIPTION_COLUMNS)]
+    for row in ROWS:
+        if row in scores:
+            s = scores[row]
+            lines.append(f"| {row} | {s['descriptions']} | " + " | ".join(f"{s[k]:.3f}" for k, _ in DESCRIPTION_COLUMNS)
+                         + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = demo_parser("xllm video demo: a frozen SmolLM2 learns time in videos, on a CPU", "demo_video")
     parser.add_argument("--step_scale", type=float, default=1.0, help="scale every stage's step budget")
@@ -118,6 +158,14 @@ def main(argv: list[str] | None = None) -> dict:
         scores[split]["trained"] = tables(score_yes_no(with_frame_positions(trained, True), rows))
         scores[split]["no time"] = tables(score_yes_no(with_frame_positions(trained, False), rows))
         scores[split]["video-blind"] = tables(score_yes_no(with_frame_positions(trained, True), blind(rows, blank)))
+    # Open answers and descriptions on the first split (unseen scenes): trained, no time, video-blind.
+    talk, described, talk_samples = {}, {}, []
+    talk["trained"], described["trained"], talk_samples = talk_scores(with_frame_positions(trained, True), data,
+                                                                      args.split)
+    talk["no time"], described["no time"], _ = talk_scores(with_frame_positions(trained, False), data, args.split)
+    talk["video-blind"], described["video-blind"], _ = talk_scores(with_frame_positions(trained, True), data,
+                                                                   args.split, blank)
+    with_frame_positions(trained, True)
     example = records[args.split][0]
     question = example["conversations"][0]["value"]
     answer = trained.chat([{"from": "user", "value": question}], {"video": example["media"]["video"][0]},
@@ -125,7 +173,10 @@ def main(argv: list[str] | None = None) -> dict:
     del trained
     # The untrained row on the first split only: a fresh interface answers neither yes nor no (acc 0 by MME's
     # parsing) on any split, and the demo has 10 minutes.
-    scores[args.split]["untrained"] = tables(score_yes_no(untrained_model(adapter, CONFIGS), records[args.split]))
+    untrained = untrained_model(adapter, CONFIGS)
+    scores[args.split]["untrained"] = tables(score_yes_no(untrained, records[args.split]))
+    talk["untrained"], described["untrained"], _ = talk_scores(untrained, data, args.split, None, args.test_clips // 2)
+    del untrained
     timings["evaluate"] = time.perf_counter() - step
     timings["total"] = time.perf_counter() - started
 
@@ -142,11 +193,24 @@ def main(argv: list[str] | None = None) -> dict:
     for split, what in splits.items():
         clips = scores[split]["trained"]["all"]["questions"] // 10
         report += [f"## {split}: {clips} clips, {what} (none occurs in training)", "", format_table(scores[split]), ""]
+    from xllm.demo.talk import format_open_table
+
+    report += [f"## Open questions about {args.split}'s clips ({talk['trained']['all']['questions']}; untrained on the "
+               "first half)", "", "Cells are answer accuracy (the reply read back in the world's words) / VQAv2 exact "
+               "match. Every temporal answer of a clip is the other answer of the clip played backwards, so *no time* "
+               "(the frames as a set) can tell at most which two answers are possible; held-out wordings never occur "
+               "in training:", "", format_open_table(talk, ROWS, TALK_TYPES), "",
+               f"## Descriptions of what happens ({described['trained']['descriptions']} clips)", "",
+               "Each description read back into its events (the mover, the colour change, the appearance or "
+               "disappearance, the two flashes) in the order told: every event right (and in order, nothing more), "
+               "event precision / recall, in order (of those that told every event), CIDEr-D and BLEU-4:", "",
+               format_description_table(described), ""]
     report += ["A held-out clip, through `model.chat`:", "", f"> **user:** `{example['media']['video'][0]}` "
                f"{question.split(chr(10), 1)[1]}\n>\n> **xllm:** {answer}  (reference: "
                f"{example['conversations'][-1]['value']})", "",
                "Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())]
-    result = {"seed": args.seed, "scores": scores, "chat": [question, answer], "seconds": timings}
+    result = {"seed": args.seed, "scores": scores, "open": talk, "descriptions": described, "chat": [question, answer],
+              "seconds": timings, "open_samples": talk_samples}
     return write_report(out, report, result)
 
 
