@@ -8,7 +8,7 @@ from collections import defaultdict
 
 import pytest
 
-from xllm.demo.joint_data import build_joint_task, held_out
+from xllm.demo.joint_data import build_joint_task, held_out, held_out_open
 from xllm.demo.synthetic import build_shapes_task
 from xllm.demo.synthetic_video import build_video_task
 
@@ -30,8 +30,11 @@ def test_held_out_questions_are_unseen_scenes_voices_and_sentences(joint):
     heard = {r["conversations"][1]["value"] for r in rows(joint / "train_spoken_asr.jsonl")}
     training_voices = {r["voice"] for r in rows(joint / "train_spoken_asr.jsonl")}
     task_media = {r["image"] for r in rows(joint / "train_spoken_image.jsonl")}
-    assert all(not held_out(r["category"], r["conversations"][0]["instruction"])
-               for r in rows(joint / "train_spoken_image.jsonl") + rows(joint / "train_spoken_video.jsonl"))
+    trained = rows(joint / "train_spoken_image.jsonl") + rows(joint / "train_spoken_video.jsonl")
+    assert all(not held_out(r["category"], r["conversations"][0]["instruction"]) for r in trained
+               if "-open-" not in r["id"])
+    assert all(not held_out_open(r["category"], r["conversations"][0]["instruction"], "seen") for r in trained
+               if "-open-" in r["id"]) and any("-open-" in r["id"] for r in trained)
     for split in ("val", "test"):
         for kind in ("image", "video"):
             spoken = rows(joint / f"{split}_{kind}_spoken.jsonl")
@@ -39,6 +42,9 @@ def test_held_out_questions_are_unseen_scenes_voices_and_sentences(joint):
             assert not {r["question"] for r in spoken} & heard
             assert not {r["voice"] for r in spoken} & training_voices
             assert not {r[kind] for r in spoken} & task_media and all(r[kind].startswith(f"{kind}s/") for r in spoken)
+            opened = rows(joint / f"{split}_{kind}_open_spoken.jsonl")  # open questions: sentences never spoken
+            assert opened and not {r["question"] for r in opened} & heard
+            assert all(held_out_open(r["category"], r["question"], r["wording"]) for r in opened)
             typed = rows(joint / f"{split}_{kind}_typed.jsonl")
             assert [r["id"] for r in typed] == [r["id"] for r in spoken]
             answers = defaultdict(list)  # MME's pairs: one Yes and one No per scene and category

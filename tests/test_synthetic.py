@@ -75,4 +75,5 @@ def test_open_answers_descriptions_and_follow_ups_say_what_the_scene_holds(tmp_p
             assert not set(asked) & held_out, record
     test_wordings = Counter(r["wording"] for stem in ("open", "describe", "followup")
                             for r in rows(out, f"test_{stem}.jsonl"))
-    assert test_wordings["held_out"] > 0.3 * sum(test_wordings.values()) and test_wordings["seen"] > 0
+    # Every wording equally likely: 2 of each type's 9 are held out (~0.22 of the questions).
+    assert test_wordings["held_out"] > 0.15 * sum(test_wordings.values()) and test_wordings["seen"] > 0

@@ -16,7 +16,7 @@ from xllm.evaluation.open_answers import generate_turns, last_turn_results, open
 from xllm.evaluation.scenes import Object, scene_scores
 
 
-def score_open(model: Any, records: list[dict], parse: Callable[[str, str], str], max_new_tokens: int = 24,
+def score_open(model: Any, records: list[dict], parse: Callable[[str, str], str], max_new_tokens: int = 16,
                ) -> list[dict]:
     """Open questions and follow-ups (records from `read_records`): the last assistant turn of each, with the model's
     own earlier replies as history, read back with `parse`."""
@@ -33,7 +33,7 @@ def open_tables(results: list[dict]) -> dict[str, dict]:
 
 
 def score_descriptions(model: Any, records: list[dict], parse: Callable[[str], list[Object]],
-                       truths: Sequence[list[Object]], max_new_tokens: int = 48) -> tuple[dict, list[dict]]:
+                       truths: Sequence[list[Object]], max_new_tokens: int = 32) -> tuple[dict, list[dict]]:
     """Descriptions of each record's media, read back into objects and scored against `truths` (exact scene,
     object precision / recall, CHAIR) and against the reference text (CIDEr-D, BLEU-4)."""
     replies = [said[-1] for said in generate_turns(model, records, max_new_tokens=max_new_tokens)]
