@@ -135,6 +135,7 @@ def figures(out: Path) -> dict[str, float]:
             "MFU": median("perf/mfu"), "frozen param MB per rank": max(r["frozen_param_bytes"] for r in ranks) / 2**20,
             "trained param MB per rank": max(r["trained_param_bytes"] for r in ranks) / 2**20,
             "gradient elements per rank": max(r["grad_elements"] for r in ranks),
+            "OS peak MB, loaded (max rank)": max(r.get("peak_rss_bytes_loaded", float("nan")) for r in ranks) / 2**20,
             "OS peak MB at step 1 (max rank)": max(r["peak_rss_bytes"] for r in ranks) / 2**20,
             "OS peak MB, whole run (max rank)": max(r.get("peak_rss_bytes_end", r["peak_rss_bytes"])
                                                     for r in ranks) / 2**20,

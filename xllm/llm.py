@@ -126,6 +126,7 @@ def build_frozen_llm(path: str, dtype: str = "float32", trust_remote_code: bool 
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(dtype),
                                                  trust_remote_code=trust_remote_code)
+    model.tie_weights()  # as `from_pretrained` does: a tied LM head is the input table itself, read once
     try:  # what `from_pretrained` would read beside the weights
         model.generation_config = GenerationConfig.from_pretrained(path)
     except OSError:

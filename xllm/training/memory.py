@@ -9,7 +9,8 @@ scales), not its nominal dtype's.
 `peak_rss_bytes` is what the OS reports: the process's high-water mark of resident memory (`VmHWM` in
 /proc/self/status; `getrusage` elsewhere), which counts everything the process ever held at once — the whole LLM
 while it loaded included — and not only the tensors counted above. Each rank writes it twice: at its first optimizer
-step and again when training ends (`peak_rss_bytes_end`, the whole run's peak).
+step and again when training ends (`peak_rss_bytes_end`, the whole run's peak); `peak_rss_bytes_loaded` is the
+peak before the first step (building and loading the models, sharding them).
 """
 
 from __future__ import annotations
@@ -88,8 +89,15 @@ class RankMemory(pl.Callback):
         self.folder = Path(folder) if folder else None
         self.written = False
 
+    def on_train_start(self, trainer: pl.Trainer, module: Any) -> None:
+        self.loaded = os_peak_rss_bytes()  # the models built, loaded and sharded; no step taken yet
+
     def on_before_optimizer_step(self, trainer: pl.Trainer, module: Any, optimizer: Any) -> None:
         figures = rank_memory(module)
+        if getattr(self, "loaded", None) is not None:
+            figures["peak_rss_bytes_loaded"] = self.loaded
+        if getattr(module, "llm_bytes_read", 0):  # a meta-device LLM filled by this rank (`meta_llm`)
+            figures["llm_bytes_read"] = float(module.llm_bytes_read)
         module.log_dict({f"memory/{k}": v for k, v in figures.items()}, on_step=True, on_epoch=False, batch_size=1,
                         rank_zero_only=True)
         if self.folder is not None and not self.written:

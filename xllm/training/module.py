@@ -109,6 +109,7 @@ class XLLMModule(TrainingModule):
         if unknown:
             raise ValueError(f"interface_lr_scale names {unknown}, but this run's interfaces are {sorted(interfaces)}")
         self.meta_llm = bool(meta_llm)
+        self.llm_bytes_read = 0  # by this rank, when `meta_llm` fills the LLM (`RankMemory` reports it)
         if self.meta_llm and llm_quantization is not None:
             raise ValueError("meta_llm reads the LLM's full-precision weights into shards; a quantised LLM "
                              "(llm_quantization) is loaded whole by each rank: set one of them")
@@ -215,7 +216,7 @@ class XLLMModule(TrainingModule):
                                  "holds the quantised base), or shard the full-precision one")
             shard_model(self.model, strategy.device_mesh["data_parallel"], getattr(strategy, "frozen_dtype", None))
         if self.meta_llm:
-            fill_from_checkpoint(self.model.llm, self.model.llm_path)
+            self.llm_bytes_read += fill_from_checkpoint(self.model.llm, self.model.llm_path)
 
     def step(self, batch: dict[str, Any] | None, split: str) -> dict[str, Any] | None:
         if batch is None:  # every item of this batch was skipped as bad input
