@@ -111,7 +111,16 @@ def load_frozen_llm(path: str, dtype: str = "float32", trust_remote_code: bool =
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code, **extra
     )
+    if quantization is not None:
+        model.xllm_quantization = asdict(quantization)  # what an adapter records (`llm_record`)
     return freeze(model)
+
+
+def llm_record(llm: nn.Module, path: str | None, dtype: str) -> dict[str, Any]:
+    """The frozen LLM as an adapter's config records it: path, dtype, width, and its quantisation if it has one."""
+    record = {"path": path, "dtype": dtype, "hidden_size": llm_hidden_size(llm)}
+    quantization = getattr(llm, "xllm_quantization", None)  # a peft wrapper forwards to the model it wraps
+    return {**record, "quantization": quantization} if quantization else record
 
 
 def build_frozen_llm(path: str, dtype: str = "float32", trust_remote_code: bool = False) -> PreTrainedModel:

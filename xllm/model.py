@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +34,14 @@ from xllm.generation import CACHE_KWARG, ConversationCache, stream_pieces
 from xllm.interfaces.base import MediaBatch, ModalityInterface, ModalityTokens
 from xllm.interfaces.placeholders import with_stand_ins
 from xllm.llm import (
-    LlmQuantization,
     LoraSettings,
     apply_lora,
     input_embeddings,
     llm_hidden_size,
+    llm_record,
     load_frozen_llm,
     load_tokenizer,
     lora_to_dict,
-    quantization_settings,
 )
 from xllm.skills.loop import chat_with_skills
 from xllm.splice import splice_modality_tokens
@@ -82,7 +81,6 @@ class XLLM(nn.Module):
         llm_path: where the LLM was loaded from (recorded in checkpoints; None for an in-memory model).
         llm_dtype: its dtype name.
         trust_remote_code: whether hub remote code was allowed when loading it.
-        llm_quantization: how it was quantised as it loaded (`xllm.llm.LlmQuantization`; None: full precision).
     """
 
     def __init__(
@@ -95,7 +93,6 @@ class XLLM(nn.Module):
         llm_path: str | None = None,
         llm_dtype: str = "float32",
         trust_remote_code: bool = False,
-        llm_quantization: LlmQuantization | None = None,
     ) -> None:
         super().__init__()
         for name, interface in interfaces.items():
@@ -106,7 +103,6 @@ class XLLM(nn.Module):
         self.template = template
         self.system_prompt = system_prompt
         self.llm_path, self.llm_dtype, self.trust_remote_code = llm_path, llm_dtype, trust_remote_code
-        self.llm_quantization = quantization_settings(llm_quantization)
         self.lora: LoraSettings | None = None
         self.interfaces = nn.ModuleDict(interfaces)
         hidden = llm_hidden_size(llm)
@@ -125,13 +121,13 @@ class XLLM(nn.Module):
         trust_remote_code: bool = False,
         template: str = "tokenizer",
         system_prompt: str | None = None,
-        llm_quantization: LlmQuantization | Mapping[str, Any] | None = None,
+        llm_quantization: Mapping[str, Any] | None = None,
     ) -> XLLM:
         """Load the LLM (quantised as it loads, when asked) and tokenizer from a path (or hub id); freeze the LLM."""
         model = load_frozen_llm(llm, dtype=llm_dtype, trust_remote_code=trust_remote_code, quantization=llm_quantization)
         tokenizer = load_tokenizer(llm, trust_remote_code=trust_remote_code)
         return cls(model, tokenizer, interfaces, template=template, system_prompt=system_prompt, llm_path=llm,
-                   llm_dtype=llm_dtype, trust_remote_code=trust_remote_code, llm_quantization=llm_quantization)
+                   llm_dtype=llm_dtype, trust_remote_code=trust_remote_code)
 
     @classmethod
     def from_pretrained(
@@ -143,8 +139,7 @@ class XLLM(nn.Module):
         dtype: str | None = None,
         trust_remote_code: bool = False,
         interface_overrides: Mapping[str, Mapping[str, Any]] | None = None,
-        interface_classes: Sequence[type] = (),
-        llm_quantization: Mapping[str, Any] | bool | None = None,
+        interface_classes: Sequence[type] = (), llm_quantization: Mapping[str, Any] | bool | None = None,
     ) -> XLLM:
         """A ready model from an adapter directory (written by training or `save_pretrained`), in eval mode.
 
@@ -158,14 +153,10 @@ class XLLM(nn.Module):
                 asks for it is refused.
             interface_overrides: other replaced init args, e.g. `{"image": {"feature_cache": "cache/"}}`.
             interface_classes: interface classes from outside xllm that the adapter may name.
-            llm_quantization: the frozen LLM's quantisation, e.g. `{"bits": 8}`; False: full precision; None: as the
-                adapter was trained (its config records it). An adapter holds trained tensors only: it loads onto
-                either base.
+            llm_quantization: `{"bits": 8}`: a quantised LLM; False: full precision; None: as the adapter was trained.
         """
-        config = adapter_config(directory, llm=llm, encoders=encoders, dtype=dtype,
+        config = adapter_config(directory, llm=llm, encoders=encoders, dtype=dtype, llm_quantization=llm_quantization,
                                 trust_remote_code=trust_remote_code, interface_overrides=interface_overrides)
-        if llm_quantization is not None:
-            config["llm"]["quantization"] = dict(llm_quantization) if llm_quantization else None
         model = cls._assemble(config, build_interfaces(directory, config, interface_classes), trust_remote_code,
                               str(directory))
         load_weights(model, directory, strict=True)
@@ -196,8 +187,7 @@ class XLLM(nn.Module):
         model = cls.from_paths(
             config["llm"]["path"], interfaces, llm_dtype=config["llm"].get("dtype", "float32"),
             trust_remote_code=trust_remote_code, template=config["template"], system_prompt=config.get("system_prompt"),
-            llm_quantization=config["llm"].get("quantization"),
-        )
+            llm_quantization=config["llm"].get("quantization"))
         trained, now = config["llm"].get("hidden_size"), llm_hidden_size(model.llm)
         if trained is not None and trained != now:
             raise ValueError(
@@ -211,8 +201,7 @@ class XLLM(nn.Module):
     def save_pretrained(self, directory: str | Path, stage: int | None = None, trained_on: str | None = None) -> Path:
         """Write an adapter directory: the trainable tensors (interfaces, projections, LoRA), config, model card."""
         llm = {
-            "llm": {"path": self.llm_path, "dtype": self.llm_dtype, "hidden_size": llm_hidden_size(self.llm),
-                    **({"quantization": asdict(self.llm_quantization)} if self.llm_quantization else {})},
+            "llm": llm_record(self.llm, self.llm_path, self.llm_dtype),  # with its quantisation, if any
             "template": self.template, "system_prompt": self.system_prompt, "lora": lora_to_dict(self.lora),
         }
         return write_checkpoint(directory, self.trainable_state_dict(), dict(self.interfaces), stage, llm, trained_on)

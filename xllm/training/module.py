@@ -210,7 +210,7 @@ class XLLMModule(TrainingModule):
         read a meta-device LLM's weights (`meta_llm`): each rank its shards, or the whole LLM without sharding."""
         strategy = self.trainer.strategy
         if isinstance(strategy, ModelParallelStrategy) and not self.is_sharded:
-            if self.model.llm_quantization is not None:
+            if getattr(self.model.llm, "xllm_quantization", None):
                 raise ValueError("llm_quantization under ShardedStrategy: FSDP2 does not shard torchao's or "
                                  "bitsandbytes' quantised weights here; train a quantised LLM with DDP (each rank "
                                  "holds the quantised base), or shard the full-precision one")
