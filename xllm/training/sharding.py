@@ -27,7 +27,6 @@ the adapter written at the end holds full tensors, as a one-process run's.
 
 The LLM itself is never whole on a rank: `train.py` has `XLLMModule` build it on the meta device (`meta_llm`), it is
 sharded here, and each rank then reads only its own rows from the safetensors (`xllm.llm.fill_from_checkpoint`).
-On a CPU every unit is gathered only when it runs (`gather_one_layer_at_a_time`).
 """
 
 from __future__ import annotations
@@ -92,21 +91,6 @@ def shard_model(model: nn.Module, mesh: Any, frozen_dtype: torch.dtype | None = 
         fully_shard(interface, mesh=mesh, reshard_after_forward=False)
     model.every_interface_runs = True  # the same interfaces on every rank at every step (interfaces/placeholders.py)
     fully_shard(model, mesh=mesh)
-    if mesh.device_type == "cpu":
-        gather_one_layer_at_a_time(model)
-
-
-def gather_one_layer_at_a_time(root: nn.Module) -> None:
-    """No prefetching: FSDP2 keeps a unit's all-gather buffer until the next unit's copy-out and gathers the unit
-    before the current one in the backward, so that a GPU's streams can overlap the transfers with compute. A CPU
-    has no such streams; there it only holds two or three gathered layers at once instead of one (see the docs'
-    measurements). Collectives are unchanged; every unit is then gathered when it runs, and its buffer freed at once."""
-    from torch.distributed.fsdp import FSDPModule
-
-    root._set_unshard_async_op(True)  # the all-gather buffer is freed right after its copy-out
-    for unit in root.modules():
-        if isinstance(unit, FSDPModule):
-            unit.set_modules_to_backward_prefetch([unit])  # a list of its own replaces the implicit prefetch
 
 
 def shard_pretraining(module: nn.Module, mesh: Any, frozen_dtype: torch.dtype | None = None) -> None:
@@ -128,8 +112,6 @@ def shard_pretraining(module: nn.Module, mesh: Any, frozen_dtype: torch.dtype | 
     for layer in qformer.model.encoder.layer if qformer is not None else []:
         fully_shard(layer, mesh=mesh)
     fully_shard(module, mesh=mesh)
-    if mesh.device_type == "cpu":
-        gather_one_layer_at_a_time(module)
 
 
 def gather_for_saving(*owners: nn.Module) -> None:
