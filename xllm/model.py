@@ -117,10 +117,8 @@ class XLLM(nn.Module):
         cls,
         llm: str,
         interfaces: dict[str, ModalityInterface],
-        llm_dtype: str = "float32",
-        trust_remote_code: bool = False,
-        template: str = "tokenizer",
-        system_prompt: str | None = None,
+        llm_dtype: str = "float32", trust_remote_code: bool = False,
+        template: str = "tokenizer", system_prompt: str | None = None,
         llm_quantization: Mapping[str, Any] | None = None,
     ) -> XLLM:
         """Load the LLM (quantised as it loads, when asked) and tokenizer from a path (or hub id); freeze the LLM."""
