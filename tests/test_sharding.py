@@ -1,7 +1,8 @@
 """Sharded training (FSDP2 through `xllm.training.sharding.ShardedStrategy`) on 2 CPU processes over gloo: stage 0
 and stage 2 with LoRA give a one-process run's losses and adapter on the same global batch, each rank holds half the frozen LLM
 and gradients for half the trained parameters only, and a run killed with SIGKILL resumes on its loss curve from a
-checkpoint that holds no frozen tensor."""
+checkpoint that holds no frozen tensor. Sharded, the LLM is built on the meta device and each rank reads only its
+rows (`meta_llm`, tests/test_meta_loading.py); the stage-2 run also checkpoints the LLM's layers' activations."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ PRESET = ROOT / "configs" / "sharding" / "fsdp2.yaml"  # what a user merges in: 
 
 
 def config(tiny: Path, out: Path, devices: int, batch_size: int, steps: int = 3, checkpoints: bool = False,
-           stage: int = 2, itc_weight: float = 1.0) -> Path:
+           stage: int = 2, itc_weight: float = 1.0, activation_checkpointing: bool = False) -> Path:
     """Stage 2 with LoRA on the tiny Llama (or stage 0: ITC + ITG, no LLM), no dropout (ranks draw other random
     numbers), one data source (the mix's order depends on the seed only, so 2 ranks × 2 rows see the rows one process
     sees in a batch of 4)."""
@@ -54,7 +55,7 @@ def config(tiny: Path, out: Path, devices: int, batch_size: int, steps: int = 3,
             "llm": str(tiny / "llama"), "template": "vicuna_v1", "stage": 2, "lr": 1.0e-3, "warmup_steps": 0,
             "lr_schedule": "constant", "max_length": 160, "adapter_dir": str(out / "adapter"),
             "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
-            "interfaces": {"image": image}}},
+            "activation_checkpointing": activation_checkpointing, "interfaces": {"image": image}}},
         "data": {"train_sources": [{"file": str(tiny / "data" / "train_yesno.jsonl")}], "batch_size": batch_size}}))
     return path
 
@@ -71,11 +72,12 @@ def fit(path: Path, cwd: Path, *extra: str) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
-def trains_as_one_process(tiny: Path, out: Path, **settings) -> tuple[Path, Path]:
-    """Runs a config in one process (batch 4) and on 2 sharded ranks (2 each); checks that the losses are equal."""
+def trains_as_one_process(tiny: Path, out: Path, sharded: dict | None = None, **settings) -> tuple[Path, Path]:
+    """Runs a config in one process (batch 4) and on 2 sharded ranks (2 each, with `sharded`'s settings too); checks
+    that the losses are equal."""
     one, two = out / "one", out / "two"
     fit(config(tiny, one, devices=1, batch_size=4, **settings), out)
-    fit(config(tiny, two, devices=2, batch_size=2, **settings), out)
+    fit(config(tiny, two, devices=2, batch_size=2, **settings, **(sharded or {})), out)
     expected, sharded = losses(one), losses(two)
     assert sorted(sharded) == [0, 1, 2]
     assert all(abs(sharded[step] - expected[step]) < 1e-5 for step in expected), (expected, sharded)
@@ -103,8 +105,19 @@ def trains_as_one_process_and_each_rank_holds_half(tiny: Path, tmp_path: Path, *
 
 @pytest.mark.slow
 def test_sharded_stage2_with_lora_trains_as_one_process_and_each_rank_holds_half(tiny, tmp_path):
-    adapter = trains_as_one_process_and_each_rank_holds_half(tiny, tmp_path, stage=2)
+    """Sharded: the LLM built on the meta device and read shard by shard, its layers' activations checkpointed;
+    the one process loads it whole and keeps every activation."""
+    adapter = trains_as_one_process_and_each_rank_holds_half(tiny, tmp_path, stage=2,
+                                                             sharded={"activation_checkpointing": True})
     assert any("lora_" in k for k in adapter)
+    hparams = [yaml.safe_load(p.read_text()) for p in (tmp_path / "two" / "csv").glob("version_*/hparams.yaml")]
+    assert hparams and all(h["meta_llm"] is True and h["activation_checkpointing"] is True for h in hparams)
+    # No rank read the whole LLM: each read about half of its bytes from the safetensors (the rest of the frozen
+    # bytes are the encoder's, loaded whole and then sharded).
+    llm_bytes = sum(f.stat().st_size for f in (tiny / "llama").glob("*.safetensors"))
+    for rank in (0, 1):
+        read = json.loads((tmp_path / "two" / "memory" / f"rank{rank}.json").read_text())["llm_bytes_read"]
+        assert 0.4 < read / llm_bytes < 0.55, (read, llm_bytes)
 
 
 @pytest.mark.slow

@@ -18,6 +18,9 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "vision": ("torchvision",),
     "serve": ("fastapi", "uvicorn"),
     "lmms-eval": ("lmms_eval",),
+    # a quantised frozen LLM (`llm_quantization`): int8 on CPUs through torchao, LLM.int8 / NF4 through bitsandbytes
+    "torchao": ("torchao",),
+    "bitsandbytes": ("bitsandbytes",),
 }
 
 

@@ -38,6 +38,7 @@ from xllm.llm import (
     apply_lora,
     input_embeddings,
     llm_hidden_size,
+    llm_record,
     load_frozen_llm,
     load_tokenizer,
     lora_to_dict,
@@ -116,13 +117,12 @@ class XLLM(nn.Module):
         cls,
         llm: str,
         interfaces: dict[str, ModalityInterface],
-        llm_dtype: str = "float32",
-        trust_remote_code: bool = False,
-        template: str = "tokenizer",
-        system_prompt: str | None = None,
+        llm_dtype: str = "float32", trust_remote_code: bool = False,
+        template: str = "tokenizer", system_prompt: str | None = None,
+        llm_quantization: Mapping[str, Any] | None = None,
     ) -> XLLM:
-        """Load the LLM and tokenizer from a path (or hub id) and freeze the LLM."""
-        model = load_frozen_llm(llm, dtype=llm_dtype, trust_remote_code=trust_remote_code)
+        """Load the LLM (quantised as it loads, when asked) and tokenizer from a path (or hub id); freeze the LLM."""
+        model = load_frozen_llm(llm, dtype=llm_dtype, trust_remote_code=trust_remote_code, quantization=llm_quantization)
         tokenizer = load_tokenizer(llm, trust_remote_code=trust_remote_code)
         return cls(model, tokenizer, interfaces, template=template, system_prompt=system_prompt, llm_path=llm,
                    llm_dtype=llm_dtype, trust_remote_code=trust_remote_code)
@@ -137,7 +137,7 @@ class XLLM(nn.Module):
         dtype: str | None = None,
         trust_remote_code: bool = False,
         interface_overrides: Mapping[str, Mapping[str, Any]] | None = None,
-        interface_classes: Sequence[type] = (),
+        interface_classes: Sequence[type] = (), llm_quantization: Mapping[str, Any] | bool | None = None,
     ) -> XLLM:
         """A ready model from an adapter directory (written by training or `save_pretrained`), in eval mode.
 
@@ -151,8 +151,9 @@ class XLLM(nn.Module):
                 asks for it is refused.
             interface_overrides: other replaced init args, e.g. `{"image": {"feature_cache": "cache/"}}`.
             interface_classes: interface classes from outside xllm that the adapter may name.
+            llm_quantization: `{"bits": 8}`: a quantised LLM; False: full precision; None: as the adapter was trained.
         """
-        config = adapter_config(directory, llm=llm, encoders=encoders, dtype=dtype,
+        config = adapter_config(directory, llm=llm, encoders=encoders, dtype=dtype, llm_quantization=llm_quantization,
                                 trust_remote_code=trust_remote_code, interface_overrides=interface_overrides)
         model = cls._assemble(config, build_interfaces(directory, config, interface_classes), trust_remote_code,
                               str(directory))
@@ -184,7 +185,7 @@ class XLLM(nn.Module):
         model = cls.from_paths(
             config["llm"]["path"], interfaces, llm_dtype=config["llm"].get("dtype", "float32"),
             trust_remote_code=trust_remote_code, template=config["template"], system_prompt=config.get("system_prompt"),
-        )
+            llm_quantization=config["llm"].get("quantization"))
         trained, now = config["llm"].get("hidden_size"), llm_hidden_size(model.llm)
         if trained is not None and trained != now:
             raise ValueError(
@@ -198,7 +199,7 @@ class XLLM(nn.Module):
     def save_pretrained(self, directory: str | Path, stage: int | None = None, trained_on: str | None = None) -> Path:
         """Write an adapter directory: the trainable tensors (interfaces, projections, LoRA), config, model card."""
         llm = {
-            "llm": {"path": self.llm_path, "dtype": self.llm_dtype, "hidden_size": llm_hidden_size(self.llm)},
+            "llm": llm_record(self.llm, self.llm_path, self.llm_dtype),  # with its quantisation, if any
             "template": self.template, "system_prompt": self.system_prompt, "lora": lora_to_dict(self.lora),
         }
         return write_checkpoint(directory, self.trainable_state_dict(), dict(self.interfaces), stage, llm, trained_on)

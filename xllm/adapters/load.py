@@ -20,8 +20,10 @@ def adapter_config(
     dtype: str | None = None,
     trust_remote_code: bool = False,
     interface_overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    llm_quantization: Mapping[str, Any] | bool | None = None,
 ) -> dict[str, Any]:
-    """A stage-1/2 adapter's config with the caller's overrides, every local path checked to exist.
+    """A stage-1/2 adapter's config with the caller's overrides, every local path checked to exist; a quantisation
+    given (a mapping, or False for full precision) replaces the one the adapter was trained with.
 
     Refuses a stage-0 checkpoint (no LLM yet) and a config that asks for remote code (only the caller decides
     `trust_remote_code`)."""
@@ -42,6 +44,8 @@ def adapter_config(
         require(extra, f"adapter {directory}")
     config = apply_overrides(config, llm=llm, encoders=encoders, interface_overrides=interface_overrides,
                              dtype=dtype)
+    if llm_quantization is not None:
+        config["llm"]["quantization"] = dict(llm_quantization) if llm_quantization else None
     check_paths(directory, config)
     return config
 

@@ -52,16 +52,20 @@ def localized_config(name: str, out: Path, data: Path, models: Path, edit=None, 
 
 def run_stage(
     stage: int, out: Path, seed: int, data: Path, models: Path, extra_steps: int = 0, no_init: bool = False,
-    steps: int | None = None,
+    steps: int | None = None, llm_quantization: int | None = None,
 ) -> float:
     """One `fit` through LightningCLI with the demo configs (common + stage), paths pointed at `out`/`data`/`models`;
-    `steps` replaces the stage file's `max_steps` (then `extra_steps` is added)."""
+    `steps` replaces the stage file's `max_steps` (then `extra_steps` is added); `llm_quantization` (bits) quantises
+    the frozen LLM of stage 2 (stage 0 trains without it)."""
 
-    def drop_init(config: dict) -> None:
-        config["model"]["init_args"]["init_adapter"] = None
+    def edit(config: dict) -> None:
+        if no_init:
+            config["model"]["init_args"]["init_adapter"] = None
+        if llm_quantization and stage > 0:
+            config["model"]["init_args"]["llm_quantization"] = {"bits": llm_quantization}
 
     common = localized_config("common.yaml", out, data, models)
-    path = localized_config(f"stage{stage}.yaml", out, data, models, drop_init if no_init else None)
+    path = localized_config(f"stage{stage}.yaml", out, data, models, edit)
     budget = json.loads(path.read_text())["trainer"]["max_steps"] if steps is None else steps
     return fit([common, path], seed, budget + extra_steps)
 
@@ -249,6 +253,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="stage-0 steps instead of configs/demo/stage0.yaml's (fewer learn less)")
     parser.add_argument("--stage2_steps", type=int, default=None,
                         help="stage-2 steps instead of configs/demo/stage2.yaml's")
+    parser.add_argument("--llm_quantization", type=int, default=None, choices=[4, 8],
+                        help="train (and evaluate) on a quantised frozen LLM: 8 (int8) or 4 bits (NF4)")
     args, out, data, models, started = demo_start(parser, argv)
 
     from xllm.demo.materialize import materialize_all
@@ -267,6 +273,7 @@ def main(argv: list[str] | None = None) -> dict:
         timings[f"stage{stage}"] = run_stage(
             stage, out, args.seed, data, models, extra_steps=args.no_stage0_steps if args.no_stage0 else 0,
             no_init=args.no_stage0 and stage == 2, steps={0: args.stage0_steps, 2: args.stage2_steps}[stage],
+            llm_quantization=args.llm_quantization,
         )
 
     step = time.perf_counter()

@@ -8,6 +8,7 @@ stage 0, `xllm.training.XLLMModule` for stages 1-2. Several `--config` files mer
 
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 
@@ -23,6 +24,34 @@ class XLLMCLI(LightningCLI):
         parser.set_defaults({"trainer.logger": _default_logger()})
         # Throughput/MFU logging is on in every run (set `throughput.peak_tflops` for MFU).
         parser.add_lightning_class_args(ThroughputLogger, "throughput")
+
+    def before_instantiate_classes(self) -> None:
+        # The model is built before the trainer: only here are both known. Sharded, an XLLMModule builds its LLM on
+        # the meta device and each rank reads only its shards (`meta_llm`), unless the config says otherwise.
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        model = config.get("model")
+        arguments = getattr(model, "init_args", None)
+        if arguments is not None and "meta_llm" in arguments and arguments.get("meta_llm") is None \
+                and arguments.get("llm_quantization") is None and _sharded(config.get("trainer.strategy")):
+            arguments["meta_llm"] = True
+
+
+def _sharded(strategy: object) -> bool:
+    """Whether the configured strategy is Lightning's `ModelParallelStrategy` (xllm's `ShardedStrategy`) or a
+    subclass."""
+    from pytorch_lightning.strategies import ModelParallelStrategy
+
+    if isinstance(strategy, ModelParallelStrategy):
+        return True
+    class_path = getattr(strategy, "class_path", None)
+    if not isinstance(class_path, str):
+        return False
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return False  # jsonargparse names the bad class path itself when it instantiates it
+    return isinstance(cls, type) and issubclass(cls, ModelParallelStrategy)
 
 
 def _default_logger() -> dict:

@@ -22,11 +22,19 @@ from xllm.data.dataset import ConversationDataset, build_tokenized_dataset
 from xllm.data.records import BadSamples
 from xllm.data.streaming import StreamingConversations
 from xllm.interfaces.base import ModalityInterface
-from xllm.llm import LoraSettings, llm_hidden_size
+from xllm.llm import (
+    LlmQuantization,
+    LoraSettings,
+    build_frozen_llm,
+    fill_from_checkpoint,
+    llm_hidden_size,
+    load_tokenizer,
+)
 from xllm.model import XLLM
 from xllm.tensors import IGNORE_INDEX
 from xllm.training.base import TrainingModule
-from xllm.training.sharding import gather_for_saving, lora_layers, shard_model
+from xllm.training.checkpointing import checkpoint_blocks
+from xllm.training.sharding import decoder_layers, gather_for_saving, lora_layers, shard_model
 
 
 class XLLMModule(TrainingModule):
@@ -48,6 +56,15 @@ class XLLMModule(TrainingModule):
             built as its adapter describes it.
         interface_lr_scale: modality -> factor on `lr` for that interface, e.g. `{image: 0.1, video: 0.1}` to tune
             a speech interface at full rate beside pictures' interfaces that should barely move (joint demo).
+        meta_llm: build the frozen LLM on the meta device (no memory) and read its weights in `configure_model`:
+            under `ShardedStrategy` after sharding, each rank reading only the rows it keeps, so no rank ever holds
+            the whole LLM; otherwise whole. null: on when `train.py` runs under `ShardedStrategy`, off otherwise.
+        llm_quantization: quantise the frozen LLM as it loads, e.g. `{bits: 8}` (int8 weights through torchao on a
+            CPU, bitsandbytes on a GPU) or `{bits: 4}` (NF4 through bitsandbytes: QLoRA); see `LlmQuantization`.
+            The adapter records it, holds trained tensors only, and loads onto a quantised or a full base.
+        activation_checkpointing: keep only each frozen LLM decoder layer's input for the backward and recompute
+            the layer there (less activation memory for long sequences, ~1 more forward per step); with LoRA and
+            FSDP2 too. The encoders run without gradients, so they keep no activations to drop.
         interface_overrides: modality -> init args replacing those an `init_adapters` adapter stores, e.g.
             `{image: {feature_cache: .cache/features/mobilenet-v2}}` (an adapter keeps no training-time cache).
         **training: `TrainingModule`'s settings (init_adapter, adapter_dir, lr, weight_decay, betas, warmup_steps,
@@ -68,6 +85,9 @@ class XLLMModule(TrainingModule):
         init_adapters: dict[str, str] | None = None,
         interface_overrides: dict[str, dict[str, Any]] | None = None,
         interface_lr_scale: dict[str, float] | None = None,
+        meta_llm: bool | None = None,
+        llm_quantization: LlmQuantization | None = None,
+        activation_checkpointing: bool = False,
         **training: Any,
     ) -> None:
         interfaces = dict(interfaces or {})
@@ -88,12 +108,24 @@ class XLLMModule(TrainingModule):
         unknown = sorted(set(self.interface_lr_scale) - set(interfaces))
         if unknown:
             raise ValueError(f"interface_lr_scale names {unknown}, but this run's interfaces are {sorted(interfaces)}")
-        self.model = XLLM.from_paths(
-            llm, interfaces, llm_dtype=llm_dtype, trust_remote_code=trust_remote_code,
-            template=template, system_prompt=system_prompt,
-        )
+        self.meta_llm = bool(meta_llm)
+        self.llm_bytes_read = 0  # by this rank, when `meta_llm` fills the LLM (`RankMemory` reports it)
+        if self.meta_llm and llm_quantization is not None:
+            raise ValueError("meta_llm reads the LLM's full-precision weights into shards; a quantised LLM "
+                             "(llm_quantization) is loaded whole by each rank: set one of them")
+        if self.meta_llm:
+            self.model = XLLM(build_frozen_llm(llm, llm_dtype, trust_remote_code), load_tokenizer(llm, trust_remote_code),
+                              interfaces, template=template, system_prompt=system_prompt, llm_path=llm,
+                              llm_dtype=llm_dtype, trust_remote_code=trust_remote_code)
+        else:
+            self.model = XLLM.from_paths(
+                llm, interfaces, llm_dtype=llm_dtype, trust_remote_code=trust_remote_code,
+                template=template, system_prompt=system_prompt, llm_quantization=llm_quantization,
+            )
         if lora is not None:
             self.model.enable_lora(lora)
+        if activation_checkpointing:
+            checkpoint_blocks(decoder_layers(self.model.llm))
         if self.init_adapter is not None:
             # After LoRA is in place, so a stage-2 adapter (with LoRA tensors) can be resumed too.
             load_weights(self.model, self.init_adapter, strict=False)
@@ -160,6 +192,12 @@ class XLLMModule(TrainingModule):
         # sharded, every rank runs the same interfaces instead (`shard_model` sets `every_interface_runs`).
         sharded = isinstance(self.trainer.strategy, ModelParallelStrategy)
         self.model.every_interface_in_loss = self.trainer.world_size > 1 and not sharded
+        # DDP broadcasts rank 0's parameters and buffers when it wraps the module: for the frozen LLM that is a
+        # copy of what every rank has just read from the same files (13.5 GB for a 7B LLM in bf16), and quantised
+        # weights cannot be broadcast at all (torchao's int8 tensors have no `view`). DDP skips the names listed here.
+        self._ddp_params_and_buffers_to_ignore = [
+            f"model.{name}" for name, p in self.model.named_parameters() if not p.requires_grad] + [
+            f"model.llm.{name}" for name, _ in self.model.llm.named_buffers()]
 
     def save_result(self, directory: Path) -> None:
         if self.is_sharded:  # every rank comes here: the interfaces and LoRA are gathered whole, rank 0 writes
@@ -168,10 +206,17 @@ class XLLMModule(TrainingModule):
             self.model.save_pretrained(directory, stage=self.stage, trained_on=self.trained_on())
 
     def configure_model(self) -> None:
-        """Under `ShardedStrategy` (FSDP2), shard the model before the optimizer is built (see `sharding.py`)."""
+        """Under `ShardedStrategy` (FSDP2), shard the model before the optimizer is built (see `sharding.py`); then
+        read a meta-device LLM's weights (`meta_llm`): each rank its shards, or the whole LLM without sharding."""
         strategy = self.trainer.strategy
         if isinstance(strategy, ModelParallelStrategy) and not self.is_sharded:
+            if getattr(self.model.llm, "xllm_quantization", None):
+                raise ValueError("llm_quantization under ShardedStrategy: FSDP2 does not shard torchao's or "
+                                 "bitsandbytes' quantised weights here; train a quantised LLM with DDP (each rank "
+                                 "holds the quantised base), or shard the full-precision one")
             shard_model(self.model, strategy.device_mesh["data_parallel"], getattr(strategy, "frozen_dtype", None))
+        if self.meta_llm:
+            self.llm_bytes_read += fill_from_checkpoint(self.model.llm, self.model.llm_path)
 
     def step(self, batch: dict[str, Any] | None, split: str) -> dict[str, Any] | None:
         if batch is None:  # every item of this batch was skipped as bad input

@@ -24,6 +24,9 @@ built after sharding (Lightning calls `configure_model` first), so it holds the 
 
 Checkpoints (for `--ckpt_path`) hold the trainable parameters and the optimizer state only, sharded, in a folder;
 the adapter written at the end holds full tensors, as a one-process run's.
+
+The LLM itself is never whole on a rank: `train.py` has `XLLMModule` build it on the meta device (`meta_llm`), it is
+sharded here, and each rank then reads only its own rows from the safetensors (`xllm.llm.fill_from_checkpoint`).
 """
 
 from __future__ import annotations
