@@ -2,7 +2,7 @@
 and stage 2 with LoRA give a one-process run's losses and adapter on the same global batch, each rank holds half the frozen LLM
 and gradients for half the trained parameters only, and a run killed with SIGKILL resumes on its loss curve from a
 checkpoint that holds no frozen tensor. Sharded, the LLM is built on the meta device and each rank reads only its
-rows (`meta_llm`, tests/test_meta_loading.py); the stage-2 run also checkpoints the LLM's layers' activations."""
+rows (`meta_llm`, tests/test_meta_loading.py)."""
 
 from __future__ import annotations
 
@@ -105,13 +105,13 @@ def trains_as_one_process_and_each_rank_holds_half(tiny: Path, tmp_path: Path, *
 
 @pytest.mark.slow
 def test_sharded_stage2_with_lora_trains_as_one_process_and_each_rank_holds_half(tiny, tmp_path):
-    """Sharded: the LLM built on the meta device and read shard by shard, its layers' activations checkpointed;
-    the one process loads it whole and keeps every activation."""
-    adapter = trains_as_one_process_and_each_rank_holds_half(tiny, tmp_path, stage=2,
-                                                             sharded={"activation_checkpointing": True})
+    """Sharded: the LLM built on the meta device and read shard by shard; the one process loads it whole. (With
+    activation checkpointing too this run took 173 s instead of 49 here, over make test's budget: checkpointing's
+    losses and gradients are checked in one process, tests/test_checkpointing.py.)"""
+    adapter = trains_as_one_process_and_each_rank_holds_half(tiny, tmp_path, stage=2)
     assert any("lora_" in k for k in adapter)
     hparams = [yaml.safe_load(p.read_text()) for p in (tmp_path / "two" / "csv").glob("version_*/hparams.yaml")]
-    assert hparams and all(h["meta_llm"] is True and h["activation_checkpointing"] is True for h in hparams)
+    assert hparams and all(h["meta_llm"] is True for h in hparams)
     # No rank read the whole LLM: each read about half of its bytes from the safetensors (the rest of the frozen
     # bytes are the encoder's, loaded whole and then sharded).
     llm_bytes = sum(f.stat().st_size for f in (tiny / "llama").glob("*.safetensors"))
