@@ -242,7 +242,7 @@ class TrainingModule(pl.LightningModule):
         return 1.0
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = torch.optim.AdamW(self.parameter_groups(), lr=self.lr, betas=self.betas, foreach=True)
+        optimizer = torch.optim.AdamW(self.parameter_groups(), lr=self.lr, betas=self.betas)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = self.warmup_steps
         warmup_steps = int(math.ceil(warmup * total)) if warmup < 1 else int(warmup)
