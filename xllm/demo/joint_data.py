@@ -234,37 +234,25 @@ def held_out_clips(out: Path, split: str, count: int, seed: int, exclude: set, s
 
 
 def spoken_training(out: Path, task: str, media_key: str, count: int, rng: random.Random, speaker: Speaker,
-                    ) -> tuple[list[dict], list[dict]]:
-    """ASR and question records for `count` of the task's training questions whose sentences are not held out."""
-    questions = [r for r in read_jsonl(out / task / "train_yesno.jsonl")
-                 if not held_out(r["category"], r["conversations"][0]["value"].split("\n", 1)[1])]
+                    kind: str = "yesno") -> tuple[list[dict], list[dict]]:
+    """ASR and question records for `count` of the task's training questions of `kind` (`yesno` or `open`) whose
+    sentences are not held out."""
+    def kept(record: dict) -> bool:
+        question = record["conversations"][0]["value"].split("\n", 1)[1]
+        if kind == "open":
+            return not held_out_open(record["category"], question, record["wording"])
+        return not held_out(record["category"], question)
+
+    questions = [r for r in read_jsonl(out / task / f"train_{kind}.jsonl") if kept(r)]
+    infix, name_infix = ("open-", "open_") if kind == "open" else ("", "")  # ids and audio names as before
     asr, asked = [], []
     for number, record in enumerate(rng.sample(questions, min(count, len(questions)))):
         question = record["conversations"][0]["value"].split("\n", 1)[1]
-        audio, voice = speaker.say(question, f"train_{media_key}_{number:05d}", held_out_voice=False)
+        audio, voice = speaker.say(question, f"train_{media_key}_{name_infix}{number:05d}", held_out_voice=False)
         words = spoken_words(question)
-        asr.append({"id": f"train-{media_key}-{number}-asr", "audio": audio, "voice": voice, "conversations": [
+        asr.append({"id": f"train-{media_key}-{infix}{number}-asr", "audio": audio, "voice": voice, "conversations": [
             {"from": "human", "value": f"<audio>\n{TRANSCRIBE}"}, {"from": "gpt", "value": words}]})
-        asked.append({"id": f"train-{media_key}-{number}", "audio": audio, "voice": voice,
-                      media_key: f"{task}/{record[media_key]}", "category": record["category"], "conversations": [
-                          {"from": "human", "value": f"<{media_key}>\n<audio>", "instruction": words},
-                          {"from": "gpt", "value": record["conversations"][1]["value"]}]})
-    return asr, asked
-
-
-def spoken_open_training(out: Path, task: str, media_key: str, count: int, rng: random.Random, speaker: Speaker,
-                         ) -> tuple[list[dict], list[dict]]:
-    """ASR and question records for `count` of the task's training open questions whose sentences are not held out."""
-    questions = [r for r in read_jsonl(out / task / "train_open.jsonl")
-                 if not held_out_open(r["category"], r["conversations"][0]["value"].split("\n", 1)[1], r["wording"])]
-    asr, asked = [], []
-    for number, record in enumerate(rng.sample(questions, min(count, len(questions)))):
-        question = record["conversations"][0]["value"].split("\n", 1)[1]
-        audio, voice = speaker.say(question, f"train_{media_key}_open_{number:05d}", held_out_voice=False)
-        words = spoken_words(question)
-        asr.append({"id": f"train-{media_key}-open-{number}-asr", "audio": audio, "voice": voice, "conversations": [
-            {"from": "human", "value": f"<audio>\n{TRANSCRIBE}"}, {"from": "gpt", "value": words}]})
-        asked.append({"id": f"train-{media_key}-open-{number}", "audio": audio, "voice": voice,
+        asked.append({"id": f"train-{media_key}-{infix}{number}", "audio": audio, "voice": voice,
                       media_key: f"{task}/{record[media_key]}", "category": record["category"], "conversations": [
                           {"from": "human", "value": f"<{media_key}>\n<audio>", "instruction": words},
                           {"from": "gpt", "value": record["conversations"][1]["value"]}]})
@@ -317,8 +305,8 @@ def build_joint_task(out: str | Path, image_data: str | Path, video_data: str | 
     image_asr, image_asked = spoken_training(out, "image_task", "image", train_image, rng, speaker)
     video_asr, video_asked = spoken_training(out, "video_task", "video", train_video, rng, speaker)
     counting = counting_sentences(out, train_counting, rng, speaker)
-    image_open_asr, image_open = spoken_open_training(out, "image_task", "image", train_open_image, rng, speaker)
-    video_open_asr, video_open = spoken_open_training(out, "video_task", "video", train_open_video, rng, speaker)
+    image_open_asr, image_open = spoken_training(out, "image_task", "image", train_open_image, rng, speaker, "open")
+    video_open_asr, video_open = spoken_training(out, "video_task", "video", train_open_video, rng, speaker, "open")
     transcripts = image_asr + video_asr + counting + image_open_asr + video_open_asr
     images.write_jsonl(out / "train_spoken_asr.jsonl", transcripts)
     images.write_jsonl(out / "train_spoken_image.jsonl", image_asked + image_open)

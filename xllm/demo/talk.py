@@ -64,12 +64,14 @@ DESCRIPTION_COLUMNS = (("exact_scene", "exact scene"), ("object_precision", "obj
                        ("bleu4", "BLEU-4"))
 
 
-def format_description_table(scores: dict[str, dict], rows: Sequence[str]) -> str:
-    lines = ["| model | descriptions | " + " | ".join(name for _, name in DESCRIPTION_COLUMNS) + " |",
-             "|---|---:|" + "---:|" * len(DESCRIPTION_COLUMNS)]
+def format_description_table(scores: dict[str, dict], rows: Sequence[str],
+                             columns: Sequence[tuple[str, str]] = DESCRIPTION_COLUMNS) -> str:
+    """A row per model present in `scores` (in `rows`' order), a column per `(key, name)` of `columns`."""
+    lines = ["| model | descriptions | " + " | ".join(name for _, name in columns) + " |",
+             "|---|---:|" + "---:|" * len(columns)]
     for row in rows:
         if row in scores:
             s = scores[row]
-            lines.append(f"| {row} | {s['descriptions']} | " + " | ".join(f"{s[key]:.3f}" for key, _ in DESCRIPTION_COLUMNS)
+            lines.append(f"| {row} | {s['descriptions']} | " + " | ".join(f"{s[key]:.3f}" for key, _ in columns)
                          + " |")
     return "\n".join(lines)

@@ -129,17 +129,6 @@ def chat(model, data: Path, split: str) -> list[tuple[str, str, str, str]]:
     return exchange
 
 
-def format_description_table(scores: dict[str, dict]) -> str:
-    lines = ["| model | descriptions | " + " | ".join(name for _, name in DESCRIPTION_COLUMNS) + " |",
-             "|---|---:|" + "---:|" * len(DESCRIPTION_COLUMNS)]
-    for row in ROWS:
-        if row in scores:
-            s = scores[row]
-            lines.append(f"| {row} | {s['descriptions']} | " + " | ".join(f"{s[k]:.3f}" for k, _ in DESCRIPTION_COLUMNS)
-                         + " |")
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = demo_parser("xllm video demo: a frozen SmolLM2 learns time in videos, on a CPU", "demo_video")
     parser.add_argument("--step_scale", type=float, default=1.0, help="scale every stage's step budget")
@@ -212,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
     for split, what in splits.items():
         clips = scores[split]["trained"]["all"]["questions"] // 10
         report += [f"## {split}: {clips} clips, {what} (none occurs in training)", "", format_table(scores[split]), ""]
-    from xllm.demo.talk import format_open_table
+    from xllm.demo.talk import format_description_table, format_open_table
 
     report += [f"## Open questions about {args.split}'s clips ({talk['trained']['all']['questions']}; untrained on the "
                "first quarter)", "", "Cells are answer accuracy (the reply read back in the world's words) / VQAv2 exact "
@@ -223,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
                "Each description read back into its events (the mover, the colour change, the appearance or "
                "disappearance, the two flashes) in the order told: every event right (and in order, nothing more), "
                "event precision / recall, in order (of those that told every event), CIDEr-D and BLEU-4:", "",
-               format_description_table(described), ""]
+               format_description_table(described, ROWS, DESCRIPTION_COLUMNS), ""]
     report += [f"## Ten exchanges about unseen clips ({args.split}), through `model.chat`", ""]
     report += [f"> **user:** {q}  (`{clip}`)\n>\n> **xllm:** {a}  (reference: {ref})\n" for clip, q, a, ref in exchange]
     report += ["Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())]
