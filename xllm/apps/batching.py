@@ -41,6 +41,15 @@ class QueueFull(RuntimeError):
     """The server has as much queued work as it accepts; the client should retry later."""
 
 
+def enqueue(waiting: "queue.Queue[Generation]", generation: Generation) -> Generation:
+    """Put a request in a scheduler's queue, or refuse it with `QueueFull` (both schedulers' `submit`)."""
+    try:
+        waiting.put_nowait(generation)
+    except queue.Full:
+        raise QueueFull(f"the server has {waiting.maxsize} requests waiting; retry later") from None
+    return generation
+
+
 @dataclass(eq=False)  # one request's state: two are the same only if they are one object
 class Generation:
     """One request's generation: what to generate, and the text as it is produced (read with `pieces()`).
@@ -175,11 +184,7 @@ class BatchGenerator:
         threading.Thread(target=self._loop, daemon=True, name="xllm-batches").start()
 
     def submit(self, generation: Generation) -> Generation:
-        try:
-            self.waiting.put_nowait(generation)
-        except queue.Full:
-            raise QueueFull(f"the server has {self.waiting.maxsize} requests waiting; retry later") from None
-        return generation
+        return enqueue(self.waiting, generation)
 
     def _gather(self) -> list[Generation]:
         batch = [self.waiting.get()]

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from transformers import LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
 
-from xllm.apps.batching import Generation, QueueFull, end_ids
+from xllm.apps.batching import Generation, end_ids, enqueue
 from xllm.generation import BatchCache, PrefixCache, check_joinable
 from xllm.llm import input_embeddings
 from xllm.model import XLLM
@@ -204,11 +204,7 @@ class ContinuousBatcher:
         threading.Thread(target=self._loop, daemon=True, name="xllm-continuous").start()
 
     def submit(self, generation: Generation) -> Generation:
-        try:
-            self.waiting.put_nowait(generation)
-        except queue.Full:
-            raise QueueFull(f"the server has {self.waiting.maxsize} requests waiting; retry later") from None
-        return generation
+        return enqueue(self.waiting, generation)
 
     def _take(self) -> list[Generation]:
         """What waits, up to the free rows; blocks while no row is active (nothing else to do)."""
